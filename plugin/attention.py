@@ -1,0 +1,297 @@
+"""Projected attention for one decoder layer (MatryoshkaKV).
+
+For KV head h with ranks (r_k, r_v) and the query heads of its group:
+    k' = RoPE(k) U_K[:, :r_k],  q' = RoPE(q) U_K[:, :r_k],  v' = (v - mu_V) U_V[:, :r_v]
+    out = softmax(q' k'^T / sqrt(d) + mask) v' U_V[:, :r_v]^T + mu_V    -> o_proj
+Only k' and v' are cached. Heads with equal ranks are processed together as one group.
+
+Three paths:
+- sampled (training): full-width projections with trailing dims masked to the sampled ranks;
+- truncated (training without sampling, or folding disabled): sliced bases, gradients flow;
+- folded (inference): U_V and mu_V folded into v_proj and o_proj, computed once per rank change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+
+from .config import PcaLlamaConfig
+from .projections import KVProjection
+
+Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    heads: tuple[int, ...]
+    key_rank: int
+    value_rank: int
+
+    def select(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        first, last = self.heads[0], self.heads[-1]
+        if last - first + 1 == len(self.heads):  # contiguous: a view, no copy
+            return tensor.narrow(dim, first, len(self.heads))
+        return tensor.index_select(dim, torch.tensor(self.heads, device=tensor.device))
+
+
+def group_heads(key_ranks: list[int], value_ranks: list[int]) -> list[HeadGroup]:
+    """Group KV heads by their (key rank, value rank) pair, in order of first appearance."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for head, pair in enumerate(zip(key_ranks, value_ranks)):
+        groups.setdefault(pair, []).append(head)
+    return [HeadGroup(tuple(heads), rk, rv) for (rk, rv), heads in groups.items()]
+
+
+def prepare_mask(
+    mask: Optional[torch.Tensor], q_len: int, kv_len: int, device: torch.device, dtype: torch.dtype, eager: bool
+) -> tuple[Optional[torch.Tensor], bool]:
+    """Return (mask, is_causal) so that causality always holds, whatever transformers passed.
+
+    transformers may hand SDPA-configured layers no mask at all (it relies on is_causal); this
+    rebuilds the bottom-right aligned causal mask in that case.
+    """
+    if mask is not None:
+        mask = mask[..., :kv_len]
+        if mask.dtype == torch.bool:
+            # Fully masked rows (left padding) would give NaN; let them attend anywhere, they are ignored.
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
+            if eager:
+                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask, False
+    if q_len == 1:
+        return None, False
+    if q_len == kv_len and not eager:
+        return None, True
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+    if eager:
+        causal = torch.zeros(q_len, kv_len, dtype=dtype, device=device).masked_fill(~causal, torch.finfo(dtype).min)
+    return causal, False
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    is_causal: bool,
+    scale: float,
+    eager: bool,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """query [B, G, n_rep, L, r_k], key [B, G, S, r_k], value [B, G, S, r_v] -> [B, G, n_rep, L, r_v].
+
+    Keys and values are shared by the n_rep query heads of their group by broadcasting, never repeated.
+    """
+    batch, groups, n_rep, q_len, _ = query.shape
+    if eager:
+        scores = torch.matmul(query, key.unsqueeze(2).transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores + (mask.unsqueeze(2) if mask.dim() == 4 else mask)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        probs = F.dropout(probs, p=dropout, training=dropout > 0)
+        return torch.matmul(probs, value.unsqueeze(2))
+    out = F.scaled_dot_product_attention(
+        query.reshape(batch, groups * n_rep, q_len, query.shape[-1]),
+        key,
+        value,
+        attn_mask=mask,
+        dropout_p=dropout,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=n_rep > 1,
+    )
+    return out.view(batch, groups, n_rep, q_len, value.shape[-1])
+
+
+class PcaLlamaAttention(LlamaAttention):
+    """LlamaAttention with per-KV-head orthogonal K/V projections truncated to per-head ranks."""
+
+    def __init__(self, config: PcaLlamaConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.num_kv_heads = config.num_key_value_heads
+        self.kv_proj = KVProjection(self.num_kv_heads, self.head_dim)
+        self.key_ranks = [self.head_dim] * self.num_kv_heads
+        self.value_ranks = [self.head_dim] * self.num_kv_heads
+        self.groups = group_heads(self.key_ranks, self.value_ranks)
+        self.sampled_masks: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.observer: Optional[Observer] = None
+        self._inference: Optional[dict[str, Any]] = None
+
+    # -- rank control -------------------------------------------------------------------------
+    def set_ranks(self, key_ranks: list[int], value_ranks: list[int]) -> None:
+        self.key_ranks, self.value_ranks = list(key_ranks), list(value_ranks)
+        self.groups = group_heads(self.key_ranks, self.value_ranks)
+        self.invalidate()
+
+    def set_sampled_ranks(self, key_ranks: Optional[torch.Tensor], value_ranks: Optional[torch.Tensor]) -> None:
+        """Mask trailing dims to these per-head ranks in the next forwards (None clears)."""
+        if key_ranks is None or value_ranks is None:
+            self.sampled_masks = None
+            return
+        dims = torch.arange(self.head_dim, device=self.k_proj.weight.device)
+        self.sampled_masks = (
+            (dims < key_ranks.to(dims.device)[:, None]),
+            (dims < value_ranks.to(dims.device)[:, None]),
+        )
+
+    def invalidate(self) -> None:
+        """Drop bases and folded weights derived for inference (after rank or weight changes)."""
+        self._inference = None
+
+    def signature(self) -> tuple[tuple[int, ...], ...]:
+        return tuple((g.key_rank, g.value_rank, *g.heads) for g in self.groups)
+
+    # -- derived weights for inference ---------------------------------------------------------
+    @torch.no_grad()
+    def _inference_weights(self, dtype: torch.dtype) -> dict[str, Any]:
+        if self._inference is not None and self._inference["dtype"] == dtype:
+            return self._inference
+        key_basis, value_basis, value_mean = self.kv_proj.bases()
+        per_group = []
+        for group in self.groups:
+            per_group.append(
+                {
+                    "key": group.select(key_basis, 0)[..., : group.key_rank].to(dtype),
+                    "value": group.select(value_basis, 0)[..., : group.value_rank],
+                    "mean": group.select(value_mean, 0),
+                }
+            )
+        weights: dict[str, Any] = {"dtype": dtype, "groups": per_group}
+        if self.config.kv_fold:
+            weights.update(self._fold(per_group, dtype))
+        for entry in per_group:
+            entry["value"], entry["mean"] = entry["value"].to(dtype), entry["mean"].to(dtype)
+        self._inference = weights
+        return weights
+
+    def _fold(self, per_group: list[dict[str, torch.Tensor]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """v_proj' = U_V^T (W_v x + b_v - mu_V) per head; o_proj' = W_o U_V with bias W_o mu_V (+ b_o)."""
+        n_rep, d, hidden = self.num_key_value_groups, self.head_dim, self.config.hidden_size
+        w_v = self.v_proj.weight.float().view(self.num_kv_heads, d, hidden)
+        b_v = self.v_proj.bias.float().view(self.num_kv_heads, d) if self.v_proj.bias is not None else None
+        w_o = self.o_proj.weight.float().view(hidden, self.num_kv_heads, n_rep, d)
+        v_weights, v_biases, o_weights = [], [], []
+        all_means = torch.zeros(self.num_kv_heads, d, device=w_v.device)
+        for group, entry in zip(self.groups, per_group):
+            basis, mean = entry["value"], entry["mean"]
+            shift = -mean if b_v is None else group.select(b_v, 0) - mean
+            v_weights.append(torch.einsum("hdr,hdi->hri", basis, group.select(w_v, 0)).reshape(-1, hidden))
+            v_biases.append(torch.einsum("hdr,hd->hr", basis, shift).reshape(-1))
+            o_weights.append(torch.einsum("ohnd,hdr->ohnr", group.select(w_o, 1), basis).reshape(hidden, -1))
+            all_means[list(group.heads)] = mean
+        o_bias = torch.einsum("ohnd,hd->o", w_o, all_means)
+        if self.o_proj.bias is not None:
+            o_bias = o_bias + self.o_proj.bias.float()
+        return {
+            "v_weight": torch.cat(v_weights).to(dtype),
+            "v_bias": torch.cat(v_biases).to(dtype),
+            "v_split": [len(g.heads) * g.value_rank for g in self.groups],
+            "o_weight": torch.cat(o_weights, dim=1).to(dtype),
+            "o_bias": o_bias.to(dtype),
+        }
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor],
+        past_key_values: Any = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        batch, q_len, _ = hidden_states.shape
+        d, n_kv, n_rep = self.head_dim, self.num_kv_heads, self.num_key_value_groups
+        query = self.q_proj(hidden_states).view(batch, q_len, -1, d).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, q_len, n_kv, d).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query = query.reshape(batch, n_kv, n_rep, q_len, d)
+
+        eager = self.config._attn_implementation == "eager"
+        dropout = self.attention_dropout if self.training else 0.0
+        folded = not self.training and self.config.kv_fold and self.sampled_masks is None
+        value = None
+        if not folded or self.observer is not None:
+            value = self.v_proj(hidden_states).view(batch, q_len, n_kv, d).transpose(1, 2)
+        if self.observer is not None:
+            self.observer(self.layer_idx, key, value)
+
+        if self.sampled_masks is not None:
+            out = self._sampled_forward(query, key, value, attention_mask, eager, dropout)
+            return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(batch, q_len, -1)), None
+
+        if self.training:
+            key_basis, value_basis, value_mean = (t.to(query.dtype) for t in self.kv_proj.bases())
+            per_group = [
+                {"key": g.select(key_basis, 0)[..., : g.key_rank], "value": g.select(value_basis, 0)[..., : g.value_rank],
+                 "mean": g.select(value_mean, 0)}
+                for g in self.groups
+            ]
+            weights: dict[str, Any] = {"groups": per_group}
+        else:
+            weights = self._inference_weights(query.dtype)
+
+        key_groups, query_groups, value_groups = [], [], []
+        if folded:
+            value_all = torch.nn.functional.linear(hidden_states, weights["v_weight"], weights["v_bias"])
+            value_parts = value_all.split(weights["v_split"], dim=-1)
+        for index, (group, entry) in enumerate(zip(self.groups, weights["groups"])):
+            key_groups.append(torch.matmul(group.select(key, 1), entry["key"]))
+            query_groups.append(torch.matmul(group.select(query, 1), entry["key"].unsqueeze(1)))
+            if folded:
+                part = value_parts[index].view(batch, q_len, len(group.heads), group.value_rank)
+                value_groups.append(part.transpose(1, 2))
+            else:
+                centred = group.select(value, 1) - entry["mean"].unsqueeze(1)
+                value_groups.append(torch.matmul(centred, entry["value"]))
+
+        if past_key_values is not None:
+            key_groups, value_groups = past_key_values.update(
+                key_groups, value_groups, self.layer_idx, {"signature": self.signature()}
+            )
+        kv_len = key_groups[0].shape[-2]
+        mask, is_causal = prepare_mask(attention_mask, q_len, kv_len, query.device, query.dtype, eager)
+        outputs = [
+            attend(q, k, v, mask, is_causal, self.scaling, eager, dropout)
+            for q, k, v in zip(query_groups, key_groups, value_groups)
+        ]
+
+        if folded:
+            flat = torch.cat([o.permute(0, 3, 1, 2, 4).reshape(batch, q_len, -1) for o in outputs], dim=-1)
+            return torch.nn.functional.linear(flat, weights["o_weight"], weights["o_bias"]), None
+
+        if len(self.groups) == 1 and len(self.groups[0].heads) == n_kv:
+            entry = weights["groups"][0]
+            full = torch.matmul(outputs[0], entry["value"].transpose(-1, -2).unsqueeze(1)) + entry["mean"][:, None, None, :]
+        else:
+            full = query.new_zeros(batch, n_kv, n_rep, q_len, d)
+            for group, entry, out in zip(self.groups, weights["groups"], outputs):
+                back = torch.matmul(out, entry["value"].transpose(-1, -2).unsqueeze(1)) + entry["mean"][:, None, None, :]
+                full = full.index_copy(1, torch.tensor(group.heads, device=full.device), back)
+        return self.o_proj(full.permute(0, 3, 1, 2, 4).reshape(batch, q_len, -1)), None
+
+    def _sampled_forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        eager: bool,
+        dropout: float,
+    ) -> torch.Tensor:
+        """Training path: full-width projections with trailing dimensions zeroed to the sampled ranks."""
+        key_mask, value_mask = self.sampled_masks
+        key_basis, value_basis, value_mean = (t.to(query.dtype) for t in self.kv_proj.bases())
+        key_p = torch.matmul(key, key_basis) * key_mask.unsqueeze(1)
+        query_p = torch.matmul(query, key_basis.unsqueeze(1))
+        value_p = torch.matmul(value - value_mean.unsqueeze(1), value_basis) * value_mask.unsqueeze(1)
+        q_len, kv_len = query.shape[-2], key.shape[-2]
+        mask, is_causal = prepare_mask(attention_mask, q_len, kv_len, query.device, query.dtype, eager)
+        out = attend(query_p, key_p, value_p, mask, is_causal, self.scaling, eager, dropout)
+        return torch.matmul(out, value_basis.transpose(-1, -2).unsqueeze(1)) + value_mean[:, None, None, :]

@@ -1,0 +1,120 @@
+"""A transformers `Cache` that keeps only the projected (kept) dimensions of every KV head.
+
+Each layer stores one tensor per group of KV heads sharing the same (key rank, value rank):
+keys ``[batch, heads_in_group, seq, r_k]`` and values ``[batch, heads_in_group, seq, r_v]``.
+Nothing is padded to the largest rank, so the bytes held are exactly
+sum over heads of (r_k + r_v) x tokens x element size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+GroupSignature = tuple[tuple[int, ...], ...]
+
+
+class PcaCacheLayer(CacheLayerMixin):
+    """One decoder layer's projected keys and values, grouped by rank."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key_groups: list[torch.Tensor] = []
+        self.value_groups: list[torch.Tensor] = []
+        self.signature: Optional[GroupSignature] = None
+
+    def lazy_initialization(self, key_states: list[torch.Tensor]) -> None:
+        self.dtype, self.device = key_states[0].dtype, key_states[0].device
+        self.is_initialized = True
+
+    def update(
+        self,
+        key_states: list[torch.Tensor],
+        value_states: list[torch.Tensor],
+        cache_kwargs: Optional[dict[str, Any]] = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        signature = (cache_kwargs or {}).get("signature")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+            self.signature = signature
+            self.key_groups, self.value_groups = list(key_states), list(value_states)
+        else:
+            if signature != self.signature:
+                raise ValueError(
+                    "the KV ranks changed while this cache was in use; start a new cache "
+                    "(past_key_values=None) after set_kv_ranks / set_kv_budget"
+                )
+            self.key_groups = [torch.cat([old, new], dim=-2) for old, new in zip(self.key_groups, key_states)]
+            self.value_groups = [torch.cat([old, new], dim=-2) for old, new in zip(self.value_groups, value_states)]
+        self.keys, self.values = self.key_groups[0], self.value_groups[0]
+        return self.key_groups, self.value_groups
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized or not self.key_groups:
+            return 0
+        return self.key_groups[0].shape[-2]
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.get_seq_length() + cache_position.shape[0], 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.key_groups, *self.value_groups))
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.get_seq_length() > 0:
+            self.key_groups = [fn(t) for t in self.key_groups]
+            self.value_groups = [fn(t) for t in self.value_groups]
+            self.keys, self.values = self.key_groups[0], self.value_groups[0]
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self.get_seq_length() - abs(max_length)
+        if self.get_seq_length() > max_length:
+            self._map(lambda t: t[..., :max_length, :])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def reset(self) -> None:
+        self.key_groups, self.value_groups, self.signature = [], [], None
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.key_groups and self.key_groups[0].device != self.device:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+
+class PcaCache(Cache):
+    """Projected KV cache for `PcaLlamaForCausalLM`; layers are created lazily on first update."""
+
+    def __init__(self) -> None:
+        super().__init__(layer_class_to_replicate=PcaCacheLayer)
+
+    def nbytes(self) -> int:
+        """Bytes held by all cached keys and values."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def bytes_per_token(self) -> float:
+        """Cached bytes per token per sequence (batch x sequence length divide out)."""
+        if not self.layers or self.get_seq_length() == 0:
+            return 0.0
+        batch = self.layers[0].key_groups[0].shape[0]
+        return self.nbytes() / (batch * self.get_seq_length())

@@ -1,0 +1,236 @@
+"""`PcaLlamaForCausalLM`: a Llama whose keys and values pass through truncatable orthogonal projections."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from transformers import LlamaForCausalLM, LlamaModel, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from .attention import PcaLlamaAttention
+from .cache import PcaCache
+from .config import PcaLlamaConfig
+from .ranks import (
+    RankTable,
+    read_rank_file,
+    table_budget,
+    uniform_ranks,
+    validate_ranks,
+    write_rank_file,
+)
+
+RANK_FILE = "kv_ranks.json"
+CONVERTIBLE = ("llama", "mistral")
+
+
+class PcaLlamaModel(LlamaModel):
+    config_class = PcaLlamaConfig
+
+    def __init__(self, config: PcaLlamaConfig) -> None:
+        super().__init__(config)
+        for index, layer in enumerate(self.layers):
+            layer.self_attn = PcaLlamaAttention(config, index)
+        self.sampling = False
+
+    def forward(self, *args: Any, past_key_values: Any = None, use_cache: Optional[bool] = None, **kwargs: Any) -> Any:
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.sampling:
+            use_cache = False  # sampled ranks are a training device; their masked states are never cached
+        fresh = past_key_values is None or (type(past_key_values) is DynamicCache and past_key_values.get_seq_length() == 0)
+        if use_cache and fresh:
+            past_key_values = PcaCache()
+        elif past_key_values is not None and not isinstance(past_key_values, PcaCache):
+            raise ValueError(
+                f"PcaLlama needs a PcaCache, got {type(past_key_values).__name__}; pass past_key_values=None "
+                "and the model creates one"
+            )
+        return super().forward(*args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+
+class PcaLlamaForCausalLM(LlamaForCausalLM):
+    """Llama causal LM with MatryoshkaKV projections; full rank reproduces the base model."""
+
+    config_class = PcaLlamaConfig
+    _keep_in_fp32_modules = ["kv_proj"]
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+
+    def __init__(self, config: PcaLlamaConfig) -> None:
+        super(LlamaForCausalLM, self).__init__(config)
+        self.model = PcaLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        self._apply_ranks(config.resolved_kv_ranks())
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_llama(
+        cls,
+        model: PreTrainedModel,
+        key_bases: Optional[torch.Tensor] = None,
+        value_bases: Optional[torch.Tensor] = None,
+        value_means: Optional[torch.Tensor] = None,
+        ranks: Optional[RankTable] = None,
+    ) -> "PcaLlamaForCausalLM":
+        """Wrap a LlamaForCausalLM (MHA or GQA) with identity or given bases.
+
+        Bases are ``[n_layers, n_kv_heads, d, d]`` with columns ordered by importance; value means
+        ``[n_layers, n_kv_heads, d]``. The new model shares the base weights' storage with `model`.
+        """
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type == "pcallama":
+            raise ValueError("this model is already a PcaLlama; load it with AutoModelForCausalLM.from_pretrained")
+        if model_type not in CONVERTIBLE or not hasattr(model, "lm_head"):
+            raise ValueError(
+                f"MatryoshkaKV converts Llama-family causal LMs (model_type llama, or mistral without "
+                f"sliding window); got {type(model).__name__} with model_type {model_type!r}. "
+                "Load a LlamaForCausalLM checkpoint instead."
+            )
+        if model_type == "mistral" and getattr(config, "sliding_window", None):
+            raise ValueError(
+                "this Mistral config uses a sliding window, which the Llama attention does not implement; "
+                "set sliding_window=None (e.g. Mistral v0.3) or use a Llama checkpoint"
+            )
+        fields = config.to_dict()
+        for name in ("model_type", "architectures", "auto_map", "sliding_window", "transformers_version"):
+            fields.pop(name, None)
+        pca_config = PcaLlamaConfig(**fields, kv_ranks=ranks)
+        pca_config._attn_implementation = config._attn_implementation
+        pca_config.architectures = [cls.__name__]
+        device = next(model.parameters()).device
+        with torch.device("meta"):
+            pca = cls(pca_config)
+        pca.load_state_dict(model.state_dict(), strict=False, assign=True)
+        # What the state dict does not carry (projections, RoPE frequencies) is built for real.
+        pca.model.rotary_emb = LlamaRotaryEmbedding(config=pca_config, device=device)
+        for layer in pca.model.layers:
+            attn = layer.self_attn
+            attn.kv_proj = type(attn.kv_proj)(attn.num_kv_heads, attn.head_dim).to(device)
+        leftover = [name for name, t in [*pca.named_parameters(), *pca.named_buffers()] if t.device.type == "meta"]
+        if leftover:
+            raise RuntimeError(f"weights missing after conversion: {leftover[:5]}")
+        pca.tie_weights()
+        pca.set_bases(key_bases, value_bases, value_means)
+        pca.train(model.training)
+        return pca
+
+    @torch.no_grad()
+    def set_bases(
+        self,
+        key_bases: Optional[torch.Tensor] = None,
+        value_bases: Optional[torch.Tensor] = None,
+        value_means: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Install per-layer bases ``[L, n_kv, d, d]`` / means ``[L, n_kv, d]`` (None keeps the current ones)."""
+        for index, attn in enumerate(self.attention_layers()):
+            attn.kv_proj.set_bases(
+                None if key_bases is None else key_bases[index],
+                None if value_bases is None else value_bases[index],
+                None if value_means is None else value_means[index],
+            )
+            attn.invalidate()
+
+    # -- ranks -------------------------------------------------------------------------------
+    def attention_layers(self) -> list[PcaLlamaAttention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def _apply_ranks(self, ranks: RankTable) -> None:
+        for attn, keys, values in zip(self.attention_layers(), ranks["key"], ranks["value"]):
+            attn.set_ranks(keys, values)
+
+    def set_kv_ranks(self, key: Union[RankTable, list[list[int]], torch.Tensor], value: Any = None) -> None:
+        """Set per-(layer, KV head) ranks: a dict {"key", "value"} or two [L][n_kv] tables."""
+        table = key if isinstance(key, dict) and value is None else {"key": key, "value": value}
+        cfg = self.config
+        table = validate_ranks(table, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        cfg.kv_ranks = table
+        self._apply_ranks(table)
+
+    def set_kv_budget(self, budget: float) -> None:
+        """Uniform ranks: the largest multiple of kv_rank_step not above budget * head_dim (at least one step)."""
+        cfg = self.config
+        self.set_kv_ranks(uniform_ranks(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, budget, cfg.kv_rank_step))
+
+    def load_rank_file(self, path: Union[str, os.PathLike]) -> None:
+        cfg = self.config
+        self.set_kv_ranks(read_rank_file(path, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim))
+
+    def get_kv_ranks(self) -> RankTable:
+        ranks = self.config.resolved_kv_ranks()
+        return {kind: [list(row) for row in rows] for kind, rows in ranks.items()}
+
+    def kv_budget(self) -> float:
+        return table_budget(self.config.resolved_kv_ranks(), self.config.head_dim)
+
+    def kv_cache_bytes_per_token(self, dtype: Optional[torch.dtype] = None) -> int:
+        """Bytes the cache holds per token of one sequence, all layers, at the current ranks."""
+        dtype = dtype or self.dtype
+        ranks = self.config.resolved_kv_ranks()
+        total = sum(sum(row) for kind in ("key", "value") for row in ranks[kind])
+        return total * torch.finfo(dtype).bits // 8
+
+    def full_cache_bytes_per_token(self, dtype: Optional[torch.dtype] = None) -> int:
+        """Bytes per token of the uncompressed GQA cache of the base model."""
+        cfg, dtype = self.config, dtype or self.dtype
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+    # -- training ----------------------------------------------------------------------------
+    def set_sampled_ranks(self, key: Optional[torch.Tensor], value: Optional[torch.Tensor]) -> None:
+        """Mask trailing dims to these ranks (LongTensor [L, n_kv] each) in the next forwards; None clears."""
+        if key is not None:
+            cfg = self.config
+            shape = (cfg.num_hidden_layers, cfg.num_key_value_heads)
+            for name, t in (("key", key), ("value", value)):
+                if t is None or tuple(t.shape) != shape:
+                    raise ValueError(f"sampled {name} ranks must be a tensor of shape {shape}")
+                if int(t.min()) < 1 or int(t.max()) > cfg.head_dim:
+                    raise ValueError(f"sampled {name} ranks must lie in [1, head_dim={cfg.head_dim}]")
+        for index, attn in enumerate(self.attention_layers()):
+            attn.set_sampled_ranks(None if key is None else key[index], None if value is None else value[index])
+        self.model.sampling = key is not None
+
+    def clear_sampled_ranks(self) -> None:
+        self.set_sampled_ranks(None, None)
+
+    def projection_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable projection parameters (Cayley skews and value means)."""
+        return [p for name, p in self.named_parameters() if ".kv_proj." in name]
+
+    def train(self, mode: bool = True) -> "PcaLlamaForCausalLM":
+        super().train(mode)
+        for attn in self.attention_layers():
+            attn.invalidate()  # weights may have changed: rebuild folded weights on next use
+        return self
+
+    # -- save / load -------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_rank_file(Path(save_directory) / RANK_FILE, self.get_kv_ranks(), self.config.head_dim)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> "PcaLlamaForCausalLM":
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        rank_file = Path(str(pretrained_model_name_or_path)) / RANK_FILE
+        if isinstance(model, PcaLlamaForCausalLM) and rank_file.is_file():
+            model.load_rank_file(rank_file)  # the human-editable rank file wins over config.json
+        return model
+
+    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> None:
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by PcaLlama; "
+                "leave it unset, the model uses its own compressed PcaCache"
+            )
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if type(cache) is DynamicCache and cache.get_seq_length() == 0:
+            model_kwargs["past_key_values"] = PcaCache()
