@@ -13,8 +13,9 @@ Three paths:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,8 @@ def group_heads(key_ranks: list[int], value_ranks: list[int]) -> list[HeadGroup]
 
 
 def prepare_mask(
-    mask: Optional[torch.Tensor], q_len: int, kv_len: int, device: torch.device, dtype: torch.dtype, eager: bool
-) -> tuple[Optional[torch.Tensor], bool]:
+    mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device, dtype: torch.dtype, eager: bool
+) -> tuple[torch.Tensor | None, bool]:
     """Return (mask, is_causal) so that causality always holds, whatever transformers passed.
 
     transformers may hand SDPA-configured layers no mask at all (it relies on is_causal); this
@@ -77,7 +78,7 @@ def attend(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: Optional[torch.Tensor],
+    mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
     eager: bool,
@@ -118,9 +119,9 @@ class PcaLlamaAttention(LlamaAttention):
         self.key_ranks = [self.head_dim] * self.num_kv_heads
         self.value_ranks = [self.head_dim] * self.num_kv_heads
         self.groups = group_heads(self.key_ranks, self.value_ranks)
-        self.sampled_masks: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        self.observer: Optional[Observer] = None
-        self._inference: Optional[dict[str, Any]] = None
+        self.sampled_masks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.observer: Observer | None = None
+        self._inference: dict[str, Any] | None = None
 
     # -- rank control -------------------------------------------------------------------------
     def set_ranks(self, key_ranks: list[int], value_ranks: list[int]) -> None:
@@ -128,7 +129,7 @@ class PcaLlamaAttention(LlamaAttention):
         self.groups = group_heads(self.key_ranks, self.value_ranks)
         self.invalidate()
 
-    def set_sampled_ranks(self, key_ranks: Optional[torch.Tensor], value_ranks: Optional[torch.Tensor]) -> None:
+    def set_sampled_ranks(self, key_ranks: torch.Tensor | None, value_ranks: torch.Tensor | None) -> None:
         """Mask trailing dims to these per-head ranks in the next forwards (None clears)."""
         if key_ranks is None or value_ranks is None:
             self.sampled_masks = None
@@ -200,9 +201,9 @@ class PcaLlamaAttention(LlamaAttention):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: Optional[torch.Tensor],
+        attention_mask: torch.Tensor | None,
         past_key_values: Any = None,
-        cache_position: Optional[torch.LongTensor] = None,
+        cache_position: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         batch, q_len, _ = hidden_states.shape
@@ -281,7 +282,7 @@ class PcaLlamaAttention(LlamaAttention):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
+        attention_mask: torch.Tensor | None,
         eager: bool,
         dropout: float,
     ) -> torch.Tensor:

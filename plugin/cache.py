@@ -8,7 +8,8 @@ sum over heads of (r_k + r_v) x tokens x element size.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -26,7 +27,7 @@ class PcaCacheLayer(CacheLayerMixin):
         super().__init__()
         self.key_groups: list[torch.Tensor] = []
         self.value_groups: list[torch.Tensor] = []
-        self.signature: Optional[GroupSignature] = None
+        self.signature: GroupSignature | None = None
 
     def lazy_initialization(self, key_states: list[torch.Tensor]) -> None:
         self.dtype, self.device = key_states[0].dtype, key_states[0].device
@@ -36,7 +37,7 @@ class PcaCacheLayer(CacheLayerMixin):
         self,
         key_states: list[torch.Tensor],
         value_states: list[torch.Tensor],
-        cache_kwargs: Optional[dict[str, Any]] = None,
+        cache_kwargs: dict[str, Any] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         signature = (cache_kwargs or {}).get("signature")
         if not self.is_initialized:

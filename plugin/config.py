@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from transformers import LlamaConfig
 
@@ -23,8 +23,8 @@ class PcaLlamaConfig(LlamaConfig):
 
     def __init__(
         self,
-        kv_ranks: Optional[RankTable] = None,
-        kv_rank_step: Optional[int] = None,
+        kv_ranks: RankTable | None = None,
+        kv_rank_step: int | None = None,
         kv_fold: bool = True,
         **kwargs: Any,
     ) -> None:

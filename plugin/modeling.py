@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from transformers import LlamaForCausalLM, LlamaModel, PreTrainedModel
@@ -36,7 +36,7 @@ class PcaLlamaModel(LlamaModel):
             layer.self_attn = PcaLlamaAttention(config, index)
         self.sampling = False
 
-    def forward(self, *args: Any, past_key_values: Any = None, use_cache: Optional[bool] = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, past_key_values: Any = None, use_cache: bool | None = None, **kwargs: Any) -> Any:
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.sampling:
             use_cache = False  # sampled ranks are a training device; their masked states are never cached
@@ -55,7 +55,7 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
     """Llama causal LM with MatryoshkaKV projections; full rank reproduces the base model."""
 
     config_class = PcaLlamaConfig
-    _keep_in_fp32_modules = ["kv_proj"]
+    _keep_in_fp32_modules = ["kv_proj"]  # noqa: RUF012 - transformers reads this class attribute
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = False
@@ -74,11 +74,11 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
     def from_llama(
         cls,
         model: PreTrainedModel,
-        key_bases: Optional[torch.Tensor] = None,
-        value_bases: Optional[torch.Tensor] = None,
-        value_means: Optional[torch.Tensor] = None,
-        ranks: Optional[RankTable] = None,
-    ) -> "PcaLlamaForCausalLM":
+        key_bases: torch.Tensor | None = None,
+        value_bases: torch.Tensor | None = None,
+        value_means: torch.Tensor | None = None,
+        ranks: RankTable | None = None,
+    ) -> PcaLlamaForCausalLM:
         """Wrap a LlamaForCausalLM (MHA or GQA) with identity or given bases.
 
         Bases are ``[n_layers, n_kv_heads, d, d]`` with columns ordered by importance; value means
@@ -125,9 +125,9 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
     @torch.no_grad()
     def set_bases(
         self,
-        key_bases: Optional[torch.Tensor] = None,
-        value_bases: Optional[torch.Tensor] = None,
-        value_means: Optional[torch.Tensor] = None,
+        key_bases: torch.Tensor | None = None,
+        value_bases: torch.Tensor | None = None,
+        value_means: torch.Tensor | None = None,
     ) -> None:
         """Install per-layer bases ``[L, n_kv, d, d]`` / means ``[L, n_kv, d]`` (None keeps the current ones)."""
         for index, attn in enumerate(self.attention_layers()):
@@ -146,7 +146,7 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         for attn, keys, values in zip(self.attention_layers(), ranks["key"], ranks["value"]):
             attn.set_ranks(keys, values)
 
-    def set_kv_ranks(self, key: Union[RankTable, list[list[int]], torch.Tensor], value: Any = None) -> None:
+    def set_kv_ranks(self, key: RankTable | list[list[int]] | torch.Tensor, value: Any = None) -> None:
         """Set per-(layer, KV head) ranks: a dict {"key", "value"} or two [L][n_kv] tables."""
         table = key if isinstance(key, dict) and value is None else {"key": key, "value": value}
         cfg = self.config
@@ -159,7 +159,7 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         cfg = self.config
         self.set_kv_ranks(uniform_ranks(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, budget, cfg.kv_rank_step))
 
-    def load_rank_file(self, path: Union[str, os.PathLike]) -> None:
+    def load_rank_file(self, path: str | os.PathLike) -> None:
         cfg = self.config
         self.set_kv_ranks(read_rank_file(path, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim))
 
@@ -170,20 +170,20 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
     def kv_budget(self) -> float:
         return table_budget(self.config.resolved_kv_ranks(), self.config.head_dim)
 
-    def kv_cache_bytes_per_token(self, dtype: Optional[torch.dtype] = None) -> int:
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         """Bytes the cache holds per token of one sequence, all layers, at the current ranks."""
         dtype = dtype or self.dtype
         ranks = self.config.resolved_kv_ranks()
         total = sum(sum(row) for kind in ("key", "value") for row in ranks[kind])
         return total * torch.finfo(dtype).bits // 8
 
-    def full_cache_bytes_per_token(self, dtype: Optional[torch.dtype] = None) -> int:
+    def full_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         """Bytes per token of the uncompressed GQA cache of the base model."""
         cfg, dtype = self.config, dtype or self.dtype
         return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 
     # -- training ----------------------------------------------------------------------------
-    def set_sampled_ranks(self, key: Optional[torch.Tensor], value: Optional[torch.Tensor]) -> None:
+    def set_sampled_ranks(self, key: torch.Tensor | None, value: torch.Tensor | None) -> None:
         """Mask trailing dims to these ranks (LongTensor [L, n_kv] each) in the next forwards; None clears."""
         if key is not None:
             cfg = self.config
@@ -204,20 +204,20 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         """The trainable projection parameters (Cayley skews and value means)."""
         return [p for name, p in self.named_parameters() if ".kv_proj." in name]
 
-    def train(self, mode: bool = True) -> "PcaLlamaForCausalLM":
+    def train(self, mode: bool = True) -> PcaLlamaForCausalLM:
         super().train(mode)
         for attn in self.attention_layers():
             attn.invalidate()  # weights may have changed: rebuild folded weights on next use
         return self
 
     # -- save / load -------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             write_rank_file(Path(save_directory) / RANK_FILE, self.get_kv_ranks(), self.config.head_dim)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> "PcaLlamaForCausalLM":
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> PcaLlamaForCausalLM:
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         rank_file = Path(str(pretrained_model_name_or_path)) / RANK_FILE
         if isinstance(model, PcaLlamaForCausalLM) and rank_file.is_file():

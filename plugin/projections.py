@@ -7,7 +7,7 @@ orthogonal for any A and is computed in float32 whatever dtype the model runs in
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ class KVProjection(nn.Module):
         self.value_skew = nn.Parameter(torch.zeros(num_kv_heads, head_dim, head_dim, dtype=torch.float32))
         self.value_mean = nn.Parameter(torch.zeros(num_kv_heads, head_dim, dtype=torch.float32))
 
-    def _apply(self, fn: Callable, recurse: bool = True) -> "KVProjection":
+    def _apply(self, fn: Callable, recurse: bool = True) -> KVProjection:
         # Model-wide casts (.half(), .to(bfloat16), DeepSpeed's bf16 wrap) would round the fixed bases
         # and break orthogonality; keep them float32, following only device moves.
         bases = {name: self._buffers[name] for name in ("key_base", "value_base")}
@@ -47,9 +47,9 @@ class KVProjection(nn.Module):
     @torch.no_grad()
     def set_bases(
         self,
-        key_basis: Optional[torch.Tensor] = None,
-        value_basis: Optional[torch.Tensor] = None,
-        value_mean: Optional[torch.Tensor] = None,
+        key_basis: torch.Tensor | None = None,
+        value_basis: torch.Tensor | None = None,
+        value_mean: torch.Tensor | None = None,
     ) -> None:
         """Install new bases (orthogonal, columns by importance) and reset the trainable rotations."""
         for name, tensor in (("key_base", key_basis), ("value_base", value_basis)):

@@ -11,8 +11,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ def check_step(head_dim: int, step: int) -> int:
     return step
 
 
-def rank_grid(head_dim: int, step: Optional[int] = None) -> list[int]:
+def rank_grid(head_dim: int, step: int | None = None) -> list[int]:
     """The Matryoshka grid {step, 2 step, ..., head_dim}."""
     step = check_step(head_dim, step or default_step(head_dim))
     return list(range(step, head_dim + 1, step))
@@ -50,14 +51,14 @@ def check_budget(budget: float) -> float:
     return value
 
 
-def budget_to_rank(budget: float, head_dim: int, step: Optional[int] = None) -> int:
+def budget_to_rank(budget: float, head_dim: int, step: int | None = None) -> int:
     """Uniform rank for a budget: the largest grid value not above budget * head_dim, at least one step.
 
     The small epsilon keeps exact grid budgets (0.375 * 64 = 24) from rounding down on float error.
     """
     budget = check_budget(budget)
     step = check_step(head_dim, step or default_step(head_dim))
-    rank = int(math.floor(budget * head_dim / step + 1e-9)) * step
+    rank = math.floor(budget * head_dim / step + 1e-9) * step
     return max(step, rank)
 
 
@@ -65,7 +66,7 @@ def full_ranks(n_layers: int, n_kv_heads: int, head_dim: int) -> RankTable:
     return {kind: [[head_dim] * n_kv_heads for _ in range(n_layers)] for kind in KINDS}
 
 
-def uniform_ranks(n_layers: int, n_kv_heads: int, head_dim: int, budget: float, step: Optional[int] = None) -> RankTable:
+def uniform_ranks(n_layers: int, n_kv_heads: int, head_dim: int, budget: float, step: int | None = None) -> RankTable:
     rank = budget_to_rank(budget, head_dim, step)
     return {kind: [[rank] * n_kv_heads for _ in range(n_layers)] for kind in KINDS}
 
@@ -147,8 +148,8 @@ def sample_ranks(
     n_layers: int,
     n_kv_heads: int,
     choices: Sequence[int],
-    generator: Optional[torch.Generator] = None,
-    weights: Optional[Sequence[float]] = None,
+    generator: torch.Generator | None = None,
+    weights: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw a rank per (layer, KV head), independently for K and V, from `choices`.
 

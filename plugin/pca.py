@@ -1,0 +1,134 @@
+"""PCA initialisation: streaming statistics of post-RoPE keys and of values per (layer, KV head).
+
+Statistics are accumulated in float64 (sum and sum of outer products), so memory does not grow
+with the number of tokens. Keys use the uncentred second moment E[k k^T]: no key mean is
+subtracted at inference (it would be a no-op under softmax), so the rank-r basis that best
+preserves k itself is the top eigenvectors of E[k k^T]. Values use the covariance, since mu_V is
+subtracted before projecting and added back after attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .modeling import PcaLlamaForCausalLM
+
+
+class KVStatistics:
+    """Running sums of x and x x^T for keys and values, per (layer, KV head), in float64."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+        shape = (num_layers, num_kv_heads, head_dim)
+        self.key_sum = torch.zeros(shape, dtype=torch.float64)
+        self.value_sum = torch.zeros(shape, dtype=torch.float64)
+        self.key_outer = torch.zeros((*shape, head_dim), dtype=torch.float64)
+        self.value_outer = torch.zeros((*shape, head_dim), dtype=torch.float64)
+        self.count = torch.zeros(num_layers, dtype=torch.long)
+
+    def observe(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """key, value: ``[batch, n_kv_heads, tokens, head_dim]``."""
+        for x, total, outer in ((key, self.key_sum, self.key_outer), (value, self.value_sum, self.value_outer)):
+            x = x.detach().to("cpu", torch.float64)
+            total[layer] += x.sum(dim=(0, 2))
+            outer[layer] += torch.einsum("bhti,bhtj->hij", x, x)
+        self.count[layer] += key.shape[0] * key.shape[2]
+
+    def moments(self) -> dict[str, torch.Tensor]:
+        """Means, the keys' second moment and the values' covariance."""
+        if int(self.count.min()) == 0:
+            raise ValueError("no tokens were observed in some layer; calibrate on non-empty data")
+        n = self.count.to(torch.float64).view(-1, 1, 1)
+        key_mean, value_mean = self.key_sum / n, self.value_sum / n
+        key_second = self.key_outer / n.unsqueeze(-1)
+        value_cov = self.value_outer / n.unsqueeze(-1) - value_mean.unsqueeze(-1) * value_mean.unsqueeze(-2)
+        return {"key_mean": key_mean, "value_mean": value_mean, "key_second": key_second, "value_cov": value_cov}
+
+
+@dataclass
+class PcaResult:
+    key_bases: torch.Tensor  # [L, H, d, d], columns by decreasing eigenvalue
+    value_bases: torch.Tensor
+    value_means: torch.Tensor  # [L, H, d]
+    key_eigenvalues: torch.Tensor  # [L, H, d], decreasing
+    value_eigenvalues: torch.Tensor
+    tokens: int
+
+    def explained_variance(self) -> dict[str, torch.Tensor]:
+        """Cumulative fraction of energy kept at each rank 1..d, per (layer, head)."""
+        return {
+            kind: eig.clamp_min(0).cumsum(-1) / eig.clamp_min(0).sum(-1, keepdim=True).clamp_min(1e-30)
+            for kind, eig in (("key", self.key_eigenvalues), ("value", self.value_eigenvalues))
+        }
+
+
+def eigenbasis(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (decreasing) and eigenvectors (columns) of symmetric matrices, in float64."""
+    values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.transpose(-1, -2)))
+    return values.flip(-1), vectors.flip(-1)
+
+
+def pca_from_statistics(stats: KVStatistics) -> PcaResult:
+    moments = stats.moments()
+    key_eig, key_vec = eigenbasis(moments["key_second"])
+    value_eig, value_vec = eigenbasis(moments["value_cov"])
+    return PcaResult(
+        key_bases=key_vec.float(),
+        value_bases=value_vec.float(),
+        value_means=moments["value_mean"].float(),
+        key_eigenvalues=key_eig.float(),
+        value_eigenvalues=value_eig.float(),
+        tokens=int(stats.count[0]),
+    )
+
+
+@contextlib.contextmanager
+def observe_kv(model: PcaLlamaForCausalLM, stats: KVStatistics) -> Iterator[KVStatistics]:
+    """Feed every layer's post-RoPE keys and values to `stats` while inside; observers always removed."""
+    layers = model.attention_layers()
+    try:
+        for attn in layers:
+            attn.observer = stats.observe
+        yield stats
+    finally:
+        for attn in layers:
+            attn.observer = None
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: Any, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
+) -> KVStatistics:
+    """Run `model` (a Llama or PcaLlama, at full rank) over token windows and accumulate K/V statistics."""
+    pca_model = model if isinstance(model, PcaLlamaForCausalLM) else PcaLlamaForCausalLM.from_llama(model)
+    saved_ranks = pca_model.get_kv_ranks()
+    pca_model.set_kv_budget(1.0)  # statistics are of the unprojected keys/values: identity truncation
+    cfg = pca_model.config
+    stats = KVStatistics(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    device = next(pca_model.parameters()).device
+    was_training = pca_model.training
+    pca_model.eval()
+    # Bases are rotations: reading keys/values before projection makes the statistics basis-free.
+    with observe_kv(pca_model, stats):
+        for start in tqdm(range(0, windows.shape[0], batch_size), desc="calibrating", disable=not progress):
+            pca_model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+    pca_model.train(was_training)
+    pca_model.set_kv_ranks(saved_ranks)
+    return stats
+
+
+def calibrate(
+    model: Any, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, budget: float | None = None
+) -> tuple[PcaLlamaForCausalLM, PcaResult]:
+    """A PcaLlama with PCA bases from `windows` (the paper's PCA initialisation and baseline)."""
+    pca_model = model if isinstance(model, PcaLlamaForCausalLM) else PcaLlamaForCausalLM.from_llama(model)
+    result = pca_from_statistics(collect_statistics(pca_model, windows, batch_size, progress))
+    pca_model.set_bases(result.key_bases, result.value_bases, result.value_means)
+    if budget is not None:
+        pca_model.set_kv_budget(budget)
+    return pca_model, result
