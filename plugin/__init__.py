@@ -1,11 +1,31 @@
-"""matryoshka-kv core: MatryoshkaKV projections, cache and tools for Llama-family models."""
+"""matryoshka-kv core: MatryoshkaKV projections, cache and tools for Llama-family models.
 
-from .cache import PcaCache
-from .config import PcaLlamaConfig
-from .modeling import PcaLlamaForCausalLM, PcaLlamaModel
-from .registration import register
+The package is imported at every interpreter start by the installed ``.pth`` import hook, so
+its top level stays cheap: the public names load on first access (PEP 562), and ``pcallama``
+is registered with transformers by the hook as soon as transformers' Auto classes load.
+"""
 
-register()
+from __future__ import annotations
 
-__all__ = ["PcaCache", "PcaLlamaConfig", "PcaLlamaForCausalLM", "PcaLlamaModel", "register"]
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "PcaCache": "plugin.cache",
+    "PcaLlamaConfig": "plugin.config",
+    "PcaLlamaForCausalLM": "plugin.modeling",
+    "PcaLlamaModel": "plugin.modeling",
+    "register": "plugin.registration",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'plugin' has no attribute {name!r}")
+    from .registration import register
+
+    register()  # using the model classes implies wanting the Auto classes to know them
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

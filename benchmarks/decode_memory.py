@@ -1,0 +1,160 @@
+"""Memory and decode speed: full cache vs PcaLlama at budgets 1.0 / 0.5 / 0.25.
+
+For each (context, batch, setting) a fresh subprocess fills the cache to the context length and
+then decodes --new-tokens tokens, reporting the cache bytes (read from the cache object), the
+process's peak RSS, and decode tokens/s. Speed figures are ratios to the full-cache baseline
+measured in the same run.
+
+Filling: `--fill real` prefills with real text (exact but slow on CPU); `--fill synthetic` writes
+random states of the exact shapes the prefill would produce (default for contexts above 1k on
+CPU). Decode time and memory depend on the cache's shapes, not its values; the real-prefill row at
+1k checks that both fills give the same cache bytes.
+
+  python benchmarks/decode_memory.py                # full run, writes docs/benchmarks.md section
+  python benchmarks/decode_memory.py --quick        # CI smoke test (tiny sizes, no docs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DOCS, header, markdown_table, write_section  # noqa: E402
+
+SETTINGS = ["full", "1.0", "0.5", "0.25"]
+
+
+def fill_cache(model, batch: int, context: int, fill: str, tokens) -> object:
+    import torch
+
+    from plugin import PcaCache
+
+    if fill == "real":
+        ids = tokens[:context].repeat(batch, 1)
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=True).past_key_values
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    if isinstance(model, __import__("plugin").PcaLlamaForCausalLM):
+        cache = PcaCache()
+        for index, attn in enumerate(model.attention_layers()):
+            keys = [torch.randn(batch, len(g.heads), context, g.key_rank, generator=gen) for g in attn.groups]
+            values = [torch.randn(batch, len(g.heads), context, g.value_rank, generator=gen) for g in attn.groups]
+            cache.update(keys, values, index, {"signature": attn.signature()})
+        return cache
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    shape = (batch, cfg.num_key_value_heads, context, cfg.head_dim)
+    for index in range(cfg.num_hidden_layers):
+        cache.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), index)
+    return cache
+
+
+def worker(args: argparse.Namespace) -> None:
+    import resource
+
+    import torch
+
+    from plugin import PcaLlamaForCausalLM
+    from plugin.loading import load_model
+
+    model, tokenizer = load_model(args.model)
+    if args.setting != "full":
+        model = PcaLlamaForCausalLM.from_llama(model) if not isinstance(model, PcaLlamaForCausalLM) else model
+        model.config.kv_fold = args.fold == "on"
+        model.set_kv_budget(float(args.setting))
+        model.eval()
+    from plugin.data import load_texts
+
+    tokens = torch.tensor(tokenizer(" ".join(load_texts(None, "evaluation")[:3]))["input_ids"])
+    cache = fill_cache(model, args.batch, args.context, args.fill, tokens)
+    cache_bytes = cache.nbytes() if hasattr(cache, "nbytes") else sum(
+        layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step = torch.full((args.batch, 1), int(tokens[0]))
+    times = []
+    with torch.no_grad():
+        for index in range(args.new_tokens + 1):
+            position = torch.full((args.batch, 1), args.context + index)
+            start = time.perf_counter()
+            out = model(input_ids=step, past_key_values=cache, position_ids=position, use_cache=True)
+            times.append(time.perf_counter() - start)
+            cache = out.past_key_values
+            step = out.logits[:, -1:].argmax(-1)
+    decode = sorted(times[1:])  # first step warms up; median resists the noise of a shared machine
+    median = decode[len(decode) // 2]
+    print(json.dumps({"cache_bytes": cache_bytes, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "rss_before_decode": rss_before, "step_seconds": median,
+                      "tokens_per_s": args.batch / median}))
+
+
+def run_one(args: argparse.Namespace, setting: str, context: int, batch: int, fill: str, fold: str = "on") -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--setting", setting, "--context", str(context),
+           "--batch", str(batch), "--fill", fill, "--new-tokens", str(args.new_tokens), "--fold", fold]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--contexts", default="1024,4096,8192")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--fill", default="auto", choices=["auto", "real", "synthetic"])
+    parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny sizes, nothing written to docs")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", default="full", help=argparse.SUPPRESS)
+    parser.add_argument("--context", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--fold", default="on", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.quick:
+        args.contexts, args.batches, args.new_tokens = "64", "1", 2
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+
+    rows, speed_rows = [], []
+    for batch in batches:
+        for context in contexts:
+            fill = args.fill if args.fill != "auto" else ("real" if context <= 1024 and batch == 1 else "synthetic")
+            results = {s: run_one(args, s, context, batch, fill) for s in SETTINGS}
+            base = results["full"]
+            for setting in SETTINGS:
+                r = results[setting]
+                rows.append([context, batch, setting, fill, f"{r['cache_bytes'] / 2**20:.1f}",
+                             f"{r['cache_bytes'] / base['cache_bytes']:.3f}", f"{r['peak_rss'] / 2**20:.0f}",
+                             f"{r['tokens_per_s']:.2f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}"])
+            print(rows[-4:], flush=True)
+    if not args.quick:
+        context = max(contexts)
+        for fold in ("on", "off"):
+            base = run_one(args, "full", context, 1, "synthetic")
+            half = run_one(args, "0.5", context, 1, "synthetic", fold)
+            speed_rows.append([context, fold, f"{base['tokens_per_s']:.2f}", f"{half['tokens_per_s']:.2f}",
+                               f"{half['tokens_per_s'] / base['tokens_per_s']:.2f}"])
+    if args.quick:
+        print("decode_memory quick run ok")
+        return
+    body = header("python benchmarks/decode_memory.py") + "\n" + markdown_table(
+        ["context", "batch", "setting", "fill", "cache MiB", "cache / full", "peak RSS MiB", "tokens/s", "speed / full"],
+        rows) + "\n\nFold of U_V into v_proj/o_proj on and off, 50% budget, batch 1 (ratio to the full cache, same run):\n\n"
+    body += markdown_table(["context", "fold", "full tokens/s", "50% tokens/s", "ratio"], speed_rows)
+    body += ("\n\n`full` is the unmodified LlamaForCausalLM with transformers' DynamicCache; `1.0` is PcaLlama at full "
+             "rank (projection overhead, no saving). Peak RSS includes the model weights (float32) and the Python "
+             "process; the cache column is read from the cache object.\n")
+    write_section("decode_memory", "Memory and decode speed", body)
+    (DOCS / "decode_memory.json").write_text(json.dumps({"rows": rows, "fold": speed_rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

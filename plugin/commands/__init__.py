@@ -1,0 +1,1 @@
+"""Sub-commands of ``mkv`` (one module each; registered in ``plugin.cli.COMMANDS``)."""

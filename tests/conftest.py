@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random Llama models (MHA and GQA) for fast unit tests.
+
+* ``make_tiny_llama_config(kind, **overrides)`` / fixture ``tiny_llama_config`` (the factory):
+  ``kind`` is ``"mha"`` (4 heads, 4 KV heads) or ``"gqa"`` (4 heads, 2 KV heads); hidden 64,
+  head_dim 16, 2 layers, vocab 128, intermediate 128, 256 positions, RoPE theta 1e4.
+* ``make_tiny_llama(kind, attn_implementation="eager", **overrides)``: a
+  ``LlamaForCausalLM`` in float32 eval mode, weights drawn after ``torch.manual_seed(0)``.
+* fixtures ``tiny_llama_mha``, ``tiny_llama_gqa`` and ``tiny_llama`` (parametrised over both).
+
+Tests that load the real embedded model are marked ``slow`` (they still run in CI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TINY_KINDS: dict[str, dict[str, int]] = {
+    "mha": {"num_attention_heads": 4, "num_key_value_heads": 4},
+    "gqa": {"num_attention_heads": 4, "num_key_value_heads": 2},
+}
+
+
+def make_tiny_llama_config(kind: str = "mha", **overrides: Any) -> LlamaConfig:
+    """A tiny random-model LlamaConfig of the given kind ("mha" or "gqa")."""
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny llama kind {kind!r}; valid: {', '.join(TINY_KINDS)}")
+    kwargs: dict[str, Any] = {
+        "hidden_size": 64,
+        "head_dim": 16,
+        "num_hidden_layers": 2,
+        "vocab_size": 128,
+        "intermediate_size": 128,
+        "max_position_embeddings": 256,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        **TINY_KINDS[kind],
+    }
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def make_tiny_llama(
+    kind: str = "mha", attn_implementation: str = "eager", **overrides: Any
+) -> LlamaForCausalLM:
+    """A tiny LlamaForCausalLM (float32, eval mode, seed 0)."""
+    config = make_tiny_llama_config(kind, **overrides)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    return model.to(torch.float32).eval()
+
+
+@pytest.fixture
+def tiny_llama_config() -> Callable[..., LlamaConfig]:
+    """The factory ``tiny_llama_config(kind, **overrides) -> LlamaConfig``."""
+    return make_tiny_llama_config
+
+
+@pytest.fixture
+def tiny_llama_mha() -> LlamaForCausalLM:
+    return make_tiny_llama("mha")
+
+
+@pytest.fixture
+def tiny_llama_gqa() -> LlamaForCausalLM:
+    return make_tiny_llama("gqa")
+
+
+@pytest.fixture(params=["mha", "gqa"])
+def tiny_llama(request: pytest.FixtureRequest) -> LlamaForCausalLM:
+    return make_tiny_llama(request.param)
