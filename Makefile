@@ -10,10 +10,14 @@ all: demo
 install:
 	scripts/install.sh
 
-demo: install
+demo: install data/sotu_train.jsonl
 	$(VENV)/bin/mkv demo
 
-test: install
+# The training split of the embedded corpus as a LLaMA-Factory dataset (generated, not committed).
+data/sotu_train.jsonl: | install
+	$(PY) -m llamafactory_ext.prepare_data
+
+test: install data/sotu_train.jsonl
 	$(PY) -m pytest -q tests
 
 lint: install

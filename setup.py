@@ -29,8 +29,12 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
-PTH_NAME = "matryoshka_kv_hook.pth"
-PTH_LINE = "import plugin._import_hook as _h; _h.install()\n"
+# .pth files installed at the site-packages root: the core hook (registers pcallama with
+# transformers) and the LLaMA-Factory hook (Matryoshka arguments and trainers).
+PTH_FILES = {
+    "matryoshka_kv_hook.pth": "import plugin._import_hook as _h; _h.install()\n",
+    "matryoshka_kv_llamafactory.pth": (HERE / "llamafactory_ext" / "matryoshka_kv_llamafactory.pth").read_text(),
+}
 
 
 def read_requirements(path: Path) -> tuple[list[str], list[str]]:
@@ -66,15 +70,14 @@ class BuildPyWithPth(build_py):
         else:
             target_dir = self.build_lib
         os.makedirs(target_dir, exist_ok=True)
-        target = os.path.join(target_dir, PTH_NAME)
-        with open(target, "w", encoding="utf-8") as fh:
-            fh.write(PTH_LINE)
-        self._pth_output = target
+        for name, line in PTH_FILES.items():
+            with open(os.path.join(target_dir, name), "w", encoding="utf-8") as fh:
+                fh.write(line)
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
         outputs = list(super().get_outputs(include_bytecode))
         if not getattr(self, "editable_mode", False):
-            outputs.append(os.path.join(self.build_lib, PTH_NAME))
+            outputs += [os.path.join(self.build_lib, name) for name in PTH_FILES]
         return outputs
 
 

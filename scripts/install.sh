@@ -28,6 +28,7 @@ STAMP="$VENV/.mkv-installed"
 VPY="$VENV/bin/python"
 PTH_NAME="matryoshka_kv_hook.pth"
 PTH_LINE="import plugin._import_hook as _h; _h.install()"
+LF_PTH_NAME="matryoshka_kv_llamafactory.pth"
 
 say() { printf 'mkv install: %s\n' "$*"; }
 die() { printf 'mkv install: error: %s\n' "$*" >&2; exit 1; }
@@ -40,7 +41,7 @@ pip_q() {
 # Inputs of the install: the files below plus which top-level packages exist (the editable
 # install maps packages known at install time, so a newly created package re-installs).
 inputs_hash() {
-    { cat requirements.txt setup.py pyproject.toml scripts/install.sh 2>/dev/null
+    { cat requirements.txt setup.py pyproject.toml scripts/install.sh "llamafactory_ext/$LF_PTH_NAME" 2>/dev/null
       ls -d plugin/__init__.py llamafactory_ext/__init__.py opencompass_ext/__init__.py 2>/dev/null
     } | "$PY" -c "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"
 }
@@ -51,7 +52,8 @@ site_packages() {
 
 # Fast-path check without starting the venv's interpreter: the hook file is in place.
 pth_present() {
-    compgen -G "$VENV/lib/python3*/site-packages/$PTH_NAME" >/dev/null
+    compgen -G "$VENV/lib/python3*/site-packages/$PTH_NAME" >/dev/null \
+        && compgen -G "$VENV/lib/python3*/site-packages/$LF_PTH_NAME" >/dev/null
 }
 
 WANT="$(inputs_hash)"
@@ -65,7 +67,7 @@ start=$SECONDS
 # The hook stays off while installing: it imports `plugin` (so torch / transformers) at every
 # interpreter start, pip's included, and the stack is not sound until step 6 (pip may bring
 # torchvision back in step 3).  Step 7 puts it back.
-rm -f "$VENV"/lib/python3*/site-packages/"$PTH_NAME"
+rm -f "$VENV"/lib/python3*/site-packages/"$PTH_NAME" "$VENV"/lib/python3*/site-packages/"$LF_PTH_NAME"
 
 # 1. the venv
 if [[ ! -x "$VPY" ]]; then
@@ -157,6 +159,10 @@ if [[ "$(cat "$SITE/$PTH_NAME" 2>/dev/null)" != "$PTH_LINE" ]]; then
     say "writing $PTH_NAME into $SITE"
     printf '%s\n' "$PTH_LINE" >"$SITE/$PTH_NAME"
 fi
+if ! cmp -s "llamafactory_ext/$LF_PTH_NAME" "$SITE/$LF_PTH_NAME"; then
+    say "writing $LF_PTH_NAME into $SITE"
+    cp "llamafactory_ext/$LF_PTH_NAME" "$SITE/$LF_PTH_NAME"
+fi
 
 # 8. check what the traps used to break
 say "checking imports"
@@ -166,6 +172,7 @@ from transformers import PreTrainedModel  # noqa: F401  (torchvision trap)
 import llamafactory.data.mm_plugin  # noqa: F401  (torchaudio trap)
 import opencompass  # noqa: F401
 assert "plugin._import_hook" in sys.modules, "matryoshka_kv_hook.pth is not active"
+assert "llamafactory_ext._import_hook" in sys.modules, "matryoshka_kv_llamafactory.pth is not active"
 PYEOF
 ) || die "import check failed (see the traceback above)"
 

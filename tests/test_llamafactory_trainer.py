@@ -1,0 +1,321 @@
+"""In-process tests of the LLaMA-Factory integration: hook, YAML options, trainers, loss.
+
+The subprocess runs of the real ``llamafactory-cli`` are in test_llamafactory_cli.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("llamafactory")
+
+from llamafactory_ext import _import_hook
+from llamafactory_ext.arguments import MatryoshkaArguments, get_active
+from llamafactory_ext.testing import build_tiny_llama, build_tiny_pcallama, write_tiny_datasets
+
+_import_hook.install()  # patches the LLaMA-Factory modules even if the .pth is not installed
+
+from llamafactory.hparams import FinetuningArguments, TrainingArguments, get_train_args
+from llamafactory.train.pt import workflow as pt_workflow
+from llamafactory.train.sft import workflow as sft_workflow
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
+
+from llamafactory_ext import patches
+from llamafactory_ext.trainers import (
+    PcaLlamaDistillationTrainer,
+    PcaLlamaSeq2SeqDistillationTrainer,
+    PcaLlamaTrainer,
+    distillation_terms,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lf_tiny")
+    model_dir = build_tiny_pcallama(root / "model")
+    llama_dir = build_tiny_llama(root / "llama")
+    data_dir = write_tiny_datasets(root / "data")
+    return {"root": root, "model": model_dir, "llama": llama_dir, "data": data_dir}
+
+
+def _load(path):
+    model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def _trainer(cls, model, tokenizer, tmp_path, margs, eval_dataset=None, **train_kwargs):
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        learning_rate=train_kwargs.pop("learning_rate", 1e-4),
+        report_to="none",
+        save_strategy="no",
+        remove_unused_columns=False,
+        seed=0,
+        **train_kwargs,
+    )
+    finetuning_args = FinetuningArguments(stage="pt", finetuning_type="full")
+    return cls(
+        model=model,
+        args=args,
+        finetuning_args=finetuning_args,
+        processor=None,
+        tokenizer=tokenizer,
+        data_collator=DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False),
+        eval_dataset=eval_dataset,
+        matryoshka_args=margs,
+    )
+
+
+def _batch(tokenizer):
+    texts = [
+        "the president spoke to the congress about the state of the union . the nation is strong",
+        "we must build roads and schools for our children",
+    ]
+    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    return collator([tokenizer(t) for t in texts])
+
+
+def _attn_layers(model):
+    return [layer.self_attn for layer in model.model.layers]
+
+
+# ----------------------------------------------------------------------------------- hook
+def test_hook_is_cheap_and_idempotent():
+    """install() imports neither torch nor llamafactory and can be called twice (run without site)."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+        "import llamafactory_ext._import_hook as h\n"
+        "h.install(); h.install()\n"
+        "n = sum(type(f).__name__ == '_LlamaFactoryFinder' for f in sys.meta_path)\n"
+        "print(n, 'torch' in sys.modules, 'llamafactory' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "False", "False"]
+
+
+def test_modules_are_patched():
+    from llamafactory.hparams import parser
+    from llamafactory.model import loader
+
+    assert getattr(parser._parse_train_args, "_mkv_wrapped", False)
+    assert getattr(loader.init_adapter, "_mkv_wrapped", False)
+    assert getattr(pt_workflow.CustomTrainer, "_mkv_stock", None) is not None
+    assert getattr(sft_workflow.CustomSeq2SeqTrainer, "_mkv_stock", None) is not None
+    _import_hook.install()  # idempotent: no double wrapping
+    assert not hasattr(pt_workflow.CustomTrainer._mkv_stock, "_mkv_stock")
+
+
+# ----------------------------------------------------------------------------------- YAML options
+def _train_dict(tiny, tmp_path, **extra):
+    base = {
+        "model_name_or_path": str(tiny["model"]),
+        "stage": "pt",
+        "do_train": True,
+        "finetuning_type": "full",
+        "dataset": "tiny_pt",
+        "dataset_dir": str(tiny["data"]),
+        "output_dir": str(tmp_path / "out"),
+        "report_to": "none",
+    }
+    base.update(extra)
+    return base
+
+
+def test_yaml_options_are_parsed(tiny, tmp_path):
+    parsed = get_train_args(
+        _train_dict(tiny, tmp_path, matryoshka_trainer="plain", matryoshka_rank_choices="4,8,16",
+                    matryoshka_alpha=0.5, matryoshka_eval_budget=0.25, matryoshka_projection_lr=3e-3)
+    )
+    assert len(parsed) == 5  # LLaMA-Factory's own tuple, unchanged
+    margs = get_active()
+    assert margs.matryoshka_trainer == "plain"
+    assert margs.matryoshka_rank_choices == [4, 8, 16]
+    assert margs.matryoshka_alpha == 0.5 and margs.matryoshka_eval_budget == 0.25
+    assert margs.matryoshka_projection_lr == 3e-3
+
+
+def test_misspelled_key_fails_clearly(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALLOW_EXTRA_ARGS", "1")  # even when LLaMA-Factory would let it through
+    with pytest.raises(ValueError, match="did you mean `matryoshka_alpha`"):
+        get_train_args(_train_dict(tiny, tmp_path, matryoshka_alfa=0.3))
+
+
+def test_rank_grid_above_head_dim_fails(tiny, tmp_path):
+    with pytest.raises(ValueError, match="above head_dim = 16"):
+        get_train_args(_train_dict(tiny, tmp_path, matryoshka_rank_choices=[4, 8, 32]))
+
+
+def test_non_pcallama_with_matryoshka_trainer_fails_at_start(tiny, tmp_path):
+    with pytest.raises(ValueError, match="needs a PcaLlama checkpoint"):
+        get_train_args(_train_dict(tiny, tmp_path, model_name_or_path=str(tiny["llama"]), matryoshka_trainer="distill"))
+    # auto (the default) leaves a plain Llama to LLaMA-Factory's own trainer
+    get_train_args(_train_dict(tiny, tmp_path, model_name_or_path=str(tiny["llama"])))
+    assert get_active().matryoshka_trainer == "auto"
+
+
+def test_bad_values_fail():
+    with pytest.raises(ValueError, match="matryoshka_alpha"):
+        MatryoshkaArguments(matryoshka_alpha=1.5)
+    with pytest.raises(ValueError, match="matryoshka_rank_probs"):
+        MatryoshkaArguments(matryoshka_rank_choices=[4, 8], matryoshka_rank_probs=[1.0])
+    with pytest.raises(ValueError, match="matryoshka_trainer"):
+        MatryoshkaArguments(matryoshka_trainer="distil")
+
+
+# ----------------------------------------------------------------------------------- trainer selection
+def test_trainer_selection(tiny):
+    pca, _ = _load(tiny["model"])
+    llama, _ = _load(tiny["llama"])
+    stock = pt_workflow.CustomTrainer._mkv_stock
+    select = patches.select_trainer_class
+    assert select("pt", stock, pca, MatryoshkaArguments()) is PcaLlamaDistillationTrainer
+    assert select("pt", stock, pca, MatryoshkaArguments(matryoshka_trainer="plain")) is PcaLlamaTrainer
+    assert select("pt", stock, pca, MatryoshkaArguments(matryoshka_trainer="none")) is stock
+    assert select("sft", object, pca, MatryoshkaArguments()) is PcaLlamaSeq2SeqDistillationTrainer
+    assert select("pt", stock, llama, MatryoshkaArguments()) is stock
+    with pytest.raises(ValueError, match="needs a PcaLlama model"):
+        select("pt", stock, llama, MatryoshkaArguments(matryoshka_trainer="distill"))
+
+
+def test_direct_construction_on_llama_fails(tiny, tmp_path):
+    llama, tokenizer = _load(tiny["llama"])
+    with pytest.raises(ValueError, match="needs a PcaLlama model"):
+        _trainer(PcaLlamaTrainer, llama, tokenizer, tmp_path, MatryoshkaArguments(matryoshka_trainer="plain"))
+
+
+# ----------------------------------------------------------------------------------- loss
+def test_kl_is_zero_at_full_rank(tiny, tmp_path):
+    model, tokenizer = _load(tiny["model"])
+    margs = MatryoshkaArguments(matryoshka_trainer="distill", matryoshka_rank_choices=[16])
+    trainer = _trainer(PcaLlamaDistillationTrainer, model, tokenizer, tmp_path, margs)
+    batch = _batch(tokenizer)
+    model.train()
+    key, value = trainer.draw_ranks()
+    assert int(key.min()) == 16 and int(value.max()) == 16
+    with trainer.sampled_ranks(key, value):
+        loss = trainer.compute_loss(model, dict(batch))
+    kl, ce = trainer._loss_parts["kl"][-1], trainer._loss_parts["ce"][-1]
+    assert float(kl) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(0.75 * float(ce), rel=1e-5)
+    with torch.no_grad():
+        reference = model(**batch).loss  # full rank, HF's own CE
+    assert float(ce) == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_distillation_terms_masking():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = torch.tensor([[1, 2, 3, -100, -100], [-100, 4, 5, 6, 1]])
+    kl_sum, _, count = distillation_terms(student, teacher, labels)
+    assert int(count) == 6  # shifted labels != -100
+    mask = labels[:, 1:] != -100
+    p_t = teacher[:, :-1].softmax(-1)[mask]
+    expected = (p_t * (p_t.log() - student[:, :-1].log_softmax(-1)[mask])).sum()
+    assert float(kl_sum) == pytest.approx(float(expected), rel=1e-5)
+    kl_same, _, _ = distillation_terms(teacher, teacher, labels)
+    assert float(kl_same) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_training_steps_decrease_loss_and_keep_base(tiny, tmp_path):
+    model, tokenizer = _load(tiny["model"])
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".kv_proj." not in n}
+    proj_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".kv_proj." in n}
+    margs = MatryoshkaArguments(matryoshka_trainer="distill", matryoshka_rank_choices=[4], matryoshka_projection_lr=3e-2)
+    trainer = _trainer(PcaLlamaDistillationTrainer, model, tokenizer, tmp_path, margs)
+    optimizer = trainer.create_optimizer()
+    groups = [g for g in optimizer.param_groups if g["params"]]
+    assert len(groups) == 1 and groups[0]["lr"] == 3e-2  # only the projections, at their own lr
+    batch = _batch(tokenizer)
+    trainer.current_gradient_accumulation_steps = 1  # normally set by Trainer.train()
+    losses = []
+    for _ in range(8):
+        loss = trainer.training_step(model, dict(batch))
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+        assert all(attn.sampled_masks is None for attn in _attn_layers(model))  # cleared after each step
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    for name, param in model.named_parameters():
+        if ".kv_proj." in name:
+            continue
+        assert torch.equal(param, base_before[name]), name  # bit-identical
+        assert not param.requires_grad
+    assert any(not torch.equal(p, proj_before[n]) for n, p in model.named_parameters() if ".kv_proj." in n)
+    for attn in _attn_layers(model):
+        for basis in (attn.kv_proj.key_basis(), attn.kv_proj.value_basis()):
+            eye = torch.eye(basis.shape[-1]).expand_as(basis)
+            assert torch.allclose(basis.transpose(-1, -2) @ basis, eye, atol=1e-5)
+
+
+def test_ranks_cleared_on_exception(tiny, tmp_path):
+    model, tokenizer = _load(tiny["model"])
+    trainer = _trainer(PcaLlamaTrainer, model, tokenizer, tmp_path, MatryoshkaArguments(matryoshka_trainer="plain"))
+    trainer.current_gradient_accumulation_steps = 1
+    bad = dict(_batch(tokenizer))
+    bad["labels"] = bad["labels"][:, :3]  # shape mismatch -> the forward raises
+    with pytest.raises((ValueError, RuntimeError)):
+        trainer.training_step(model, bad)
+    assert all(attn.sampled_masks is None for attn in _attn_layers(model))
+
+
+def test_evaluation_at_fixed_budget(tiny, tmp_path):
+    model, tokenizer = _load(tiny["model"])
+    rows = [tokenizer(t) for t in ["the nation is strong and the people are free"] * 4]
+    trainer = _trainer(PcaLlamaDistillationTrainer, model, tokenizer, tmp_path,
+                       MatryoshkaArguments(matryoshka_eval_budget=0.25), eval_dataset=rows)
+    assert model.kv_budget() == 1.0
+    metrics = trainer.evaluate()
+    assert metrics["eval_kv_budget"] == 0.25
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert model.kv_budget() == 1.0  # restored
+    # the same evaluation by LLaMA-Factory's own trainer with the ranks set by hand
+    model.set_kv_budget(0.25)
+    stock = pt_workflow.CustomTrainer._mkv_stock
+    args = TrainingArguments(output_dir=str(tmp_path / "stock"), per_device_eval_batch_size=2, report_to="none",
+                             remove_unused_columns=False)
+    reference = stock(model=model, args=args, finetuning_args=FinetuningArguments(stage="pt"), processor=None,
+                      tokenizer=tokenizer, eval_dataset=rows,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)).evaluate()
+    assert metrics["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
+    model.set_kv_budget(1.0)
+    full = stock(model=model, args=args, finetuning_args=FinetuningArguments(stage="pt"), processor=None,
+                 tokenizer=tokenizer, eval_dataset=rows,
+                 data_collator=DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)).evaluate()
+    assert full["eval_loss"] != pytest.approx(metrics["eval_loss"], rel=1e-6)  # the budget made a difference
+
+
+def test_rank_sampling_covers_grid(tiny, tmp_path):
+    model, tokenizer = _load(tiny["model"])
+    trainer = _trainer(PcaLlamaTrainer, model, tokenizer, tmp_path, MatryoshkaArguments(matryoshka_trainer="plain"))
+    seen = set()
+    for _ in range(20):
+        key, value = trainer.draw_ranks()
+        assert key.shape == (2, 2) and value.shape == (2, 2)
+        seen.update(key.flatten().tolist() + value.flatten().tolist())
+    assert seen == {2, 4, 6, 8, 10, 12, 14, 16}  # head_dim 16, step 2
+
+
+
+
+def test_rank_choices_and_weights(tiny, tmp_path):
+    model, tokenizer = _load(tiny["model"])
+    margs = MatryoshkaArguments(matryoshka_trainer="plain", matryoshka_rank_choices="12,4,8",
+                                matryoshka_rank_probs=[0.0, 0.0, 1.0])  # all weight on rank 8
+    trainer = _trainer(PcaLlamaTrainer, model, tokenizer, tmp_path, margs)
+    for _ in range(5):
+        key, value = trainer.draw_ranks()
+        assert set(key.flatten().tolist()) | set(value.flatten().tolist()) == {8}
