@@ -10,8 +10,21 @@ all: demo
 install:
 	scripts/install.sh
 
-demo: install data/sotu_train.jsonl
-	$(VENV)/bin/mkv demo
+# The main job on the embedded default: PCA-calibrate SmolLM2-135M, Matryoshka-train its
+# projections through llamafactory-cli, then compare both across KV budgets on held-out text.
+# Finished steps are reused on a second run (delete outputs/demo to start over).
+DEMO := outputs/demo
+demo: install data/sotu_train.jsonl $(DEMO)/matryoshka/config.json
+	$(VENV)/bin/mkv eval --model $(DEMO)/pca --model $(DEMO)/matryoshka --label pca --label matryoshka \
+		--tokens 8192 --out $(DEMO)/eval
+
+$(DEMO)/pca/config.json: | install
+	$(VENV)/bin/mkv calibrate --out $(DEMO)/pca --tokens 16384
+
+$(DEMO)/matryoshka/config.json: $(DEMO)/pca/config.json | data/sotu_train.jsonl
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/llamafactory-cli train scripts/matryoshka_pt.yaml \
+		model_name_or_path=$(DEMO)/pca output_dir=$(DEMO)/matryoshka.tmp
+	rm -rf $(DEMO)/matryoshka && mv $(DEMO)/matryoshka.tmp $(DEMO)/matryoshka
 
 # The training split of the embedded corpus as a LLaMA-Factory dataset (generated, not committed).
 data/sotu_train.jsonl: | install

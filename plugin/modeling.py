@@ -234,3 +234,12 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         cache = model_kwargs.get("past_key_values")
         if type(cache) is DynamicCache and cache.get_seq_length() == 0:
             model_kwargs["past_key_values"] = PcaCache()
+
+
+def _register() -> None:
+    from .registration import register
+
+    register()
+
+
+_register()
