@@ -16,6 +16,7 @@ from .cache import PcaCache
 from .config import PcaLlamaConfig
 from .ranks import (
     RankTable,
+    check_budget,
     read_rank_file,
     table_budget,
     uniform_ranks,
@@ -218,10 +219,27 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> PcaLlamaForCausalLM:
+        """transformers' loader, plus the checkpoint's kv_ranks.json and two optional keywords.
+
+        kv_budget (uniform ranks) or kv_rank_file (per-head ranks) override the saved ranks; being
+        keywords, they also pass through tools that forward model kwargs (OpenCompass --model-kwargs).
+        """
+        budget, rank_file = kwargs.pop("kv_budget", None), kwargs.pop("kv_rank_file", None)
+        if budget is not None and rank_file is not None:
+            raise ValueError("give kv_budget or kv_rank_file, not both")
+        if budget is not None:
+            check_budget(budget)  # before the weights load
+        if rank_file is not None and not Path(rank_file).is_file():
+            raise FileNotFoundError(f"kv_rank_file {str(rank_file)!r} does not exist; create one with `mkv search-budget`")
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        rank_file = Path(str(pretrained_model_name_or_path)) / RANK_FILE
-        if isinstance(model, PcaLlamaForCausalLM) and rank_file.is_file():
-            model.load_rank_file(rank_file)  # the human-editable rank file wins over config.json
+        saved = Path(str(pretrained_model_name_or_path)) / RANK_FILE
+        if isinstance(model, PcaLlamaForCausalLM):
+            if saved.is_file():
+                model.load_rank_file(saved)  # the human-editable rank file wins over config.json
+            if budget is not None:
+                model.set_kv_budget(float(budget))
+            elif rank_file is not None:
+                model.load_rank_file(rank_file)
         return model
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> None:

@@ -236,6 +236,20 @@ def test_edited_rank_file_wins_over_config(tmp_path, tiny_llama_mha) -> None:
     assert PcaLlamaForCausalLM.from_pretrained(tmp_path).get_kv_ranks()["key"][0][0] == 4
 
 
+def test_from_pretrained_budget_keywords(tmp_path, tiny_llama_gqa) -> None:
+    to_pca(tiny_llama_gqa).save_pretrained(tmp_path)
+    assert PcaLlamaForCausalLM.from_pretrained(tmp_path, kv_budget="0.375").kv_budget() == 0.375
+    ranks = {"key": [[4, 16], [8, 12]], "value": [[16, 2], [6, 10]]}
+    from plugin.ranks import write_rank_file
+
+    write_rank_file(tmp_path / "r.json", ranks, 16)
+    assert PcaLlamaForCausalLM.from_pretrained(tmp_path, kv_rank_file=str(tmp_path / "r.json")).get_kv_ranks() == ranks
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        PcaLlamaForCausalLM.from_pretrained(tmp_path, kv_budget=37.5)
+    with pytest.raises(FileNotFoundError, match="search-budget"):
+        PcaLlamaForCausalLM.from_pretrained(tmp_path, kv_rank_file=str(tmp_path / "missing.json"))
+
+
 def test_bad_input_errors(tmp_path, tiny_llama_gqa) -> None:
     pca = to_pca(tiny_llama_gqa)
     for budget in (0, -0.5, 1.5, float("nan")):

@@ -1,0 +1,111 @@
+"""A transformers `Cache` holding one shared latent vector per token and layer (the svd-latent baseline).
+
+Layer l stores ``[batch, seq, r_l]``: the down-projected hidden state from which keys and values of
+all KV heads are rebuilt at attention time. Nothing else is stored (no positions: keys are re-rotated
+by their index in the cache), so the bytes held are exactly sum_l r_l x tokens x element size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class LatentCacheLayer(CacheLayerMixin):
+    """One decoder layer's cached latents ``[batch, seq, r]``."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latent: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor | None = None,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """Append new latents (passed as ``key_states``; values are rebuilt from them) and return all."""
+        if not self.is_initialized or self.latent is None:
+            self.lazy_initialization(key_states)
+            self.latent = key_states
+        else:
+            if key_states.shape[-1] != self.latent.shape[-1]:
+                raise ValueError(
+                    f"latent width changed from {self.latent.shape[-1]} to {key_states.shape[-1]} while this "
+                    "cache was in use; start a new cache (past_key_values=None) for a model of another rank"
+                )
+            self.latent = torch.cat([self.latent, key_states], dim=-2)
+        # Generic transformers code reads `.keys`; there are no separate values to show.
+        self.keys, self.values = self.latent, None
+        return self.latent, None
+
+    def get_seq_length(self) -> int:
+        return 0 if self.latent is None else self.latent.shape[-2]
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.get_seq_length() + cache_position.shape[0], 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        return 0 if self.latent is None else self.latent.numel() * self.latent.element_size()
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.latent is not None:
+            self.latent = fn(self.latent)
+            self.keys = self.latent
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self.get_seq_length() - abs(max_length)
+        if self.get_seq_length() > max_length:
+            self._map(lambda t: t[:, :max_length, :])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def reset(self) -> None:
+        self.latent = self.keys = self.values = None
+        self.is_initialized = False
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.latent is not None and self.latent.device != self.device:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+
+class LatentCache(Cache):
+    """Latent KV cache for `LatentLlamaForCausalLM`; layers are created lazily on first update."""
+
+    def __init__(self) -> None:
+        super().__init__(layer_class_to_replicate=LatentCacheLayer)
+
+    def nbytes(self) -> int:
+        """Bytes held by all cached latents."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def bytes_per_token(self) -> float:
+        """Cached bytes per token per sequence (batch x sequence length divide out)."""
+        if not self.layers or self.get_seq_length() == 0:
+            return 0.0
+        batch = self.layers[0].latent.shape[0]
+        return self.nbytes() / (batch * self.get_seq_length())
