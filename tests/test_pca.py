@@ -139,5 +139,19 @@ def test_calibrate_and_eval_commands_on_a_tiny_checkpoint(tmp_path, tiny_llama_g
     by = {(r["model"], r["setting"]): r for r in rows}
     assert by[("pca", "1")]["perplexity"] == pytest.approx(by[("base", "full")]["perplexity"], rel=1e-5)
     assert by[("pca", "0.5")]["cache_bytes_per_token"] * 2 == by[("base", "full")]["cache_bytes_per_token"]
+    assert main(["eval", "--model", str(out), "--label", "pca", "--baselines", "svd-latent,weight-pca-shared",
+                 "--base-model", str(base_dir), "--data", str(text), "--tokens", "256", "--seq-len", "32",
+                 "--budgets", "1,0.5", "--out", str(tmp_path / "eval2")]) == 0
+    rows = json.loads((tmp_path / "eval2.json").read_text())["rows"]
+    by = {(r["model"], r["setting"]): r for r in rows}
+    for method in ("svd-latent", "weight-pca-shared"):
+        assert by[(method, "1")]["perplexity"] == pytest.approx(by[("pca", "1")]["perplexity"], rel=1e-4)
+        assert by[(method, "0.5")]["cache_ratio"] == 0.5  # measured from the method's own cache
+    weight_dir = tmp_path / "wpca"
+    assert main(["calibrate", "--method", "weight-pca", "--model", str(base_dir), "--budget", "0.5",
+                 "--out", str(weight_dir)]) == 0
+    assert PcaLlamaForCausalLM.from_pretrained(weight_dir).kv_budget() == 0.5
+    assert main(["calibrate", "--method", "svd-latent", "--out", str(tmp_path / "svd")]) == 2
+    assert not (tmp_path / "svd").exists()
     png = (tmp_path / "eval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

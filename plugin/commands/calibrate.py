@@ -18,11 +18,22 @@ examples:
       embedded SmolLM2-135M, calibration split of the embedded corpus, 32k tokens
   mkv calibrate --model path/to/llama --data calib.jsonl --tokens 262144 --seq-len 2048 --out pca-7b
   mkv calibrate --out outputs/pca --budget 0.5      also store ranks for a 50% budget
+  mkv calibrate --method weight-pca --variance 0.9 --out outputs/weight-pca
+      training-free baseline from the k_proj/v_proj weights (no data needed)
 """
+
+METHODS = ("pca", "weight-pca", "weight-pca-shared", "svd-latent")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="embedded", help="'embedded' or a local Llama/PcaLlama directory")
+    parser.add_argument("--method", default="pca", choices=METHODS,
+                        help="pca (activation PCA, MatryoshkaKV's initialisation; default), weight-pca, "
+                             "weight-pca-shared (seed baselines from the weights; PcaLlama checkpoints); "
+                             "svd-latent has no checkpoint format: evaluate it with `mkv eval --baselines`")
+    parser.add_argument("--variance", type=float, default=None,
+                        help="weight-pca*: keep the smallest per-head rank reaching this explained variance")
+    parser.add_argument("--rank", type=int, default=None, help="weight-pca*: one rank for every KV head")
     parser.add_argument("--out", required=True, help="output checkpoint directory")
     parser.add_argument("--data", default=None,
                         help="text source: .txt/.jsonl file, saved datasets dir, or sotu:<split> "
@@ -45,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.budget is not None:
         check_budget(args.budget)
+    if args.method == "svd-latent":
+        raise ValueError("svd-latent keeps its own cache and has no checkpoint format; compare it with "
+                         "`mkv eval --model <pca dir> --baselines svd-latent`, which builds it from the base model")
+    if args.method != "pca":
+        return run_weight_pca(args)
     if args.tokens <= 0:
         raise ValueError(f"--tokens must be positive, got {args.tokens}")
     texts = load_texts(args.data, split="calibration")
@@ -72,4 +88,25 @@ def run(args: argparse.Namespace) -> int:
     for r in grid:
         print(f"  r={r:>4}: {summary['explained_variance']['key'][str(r)]:.4f} / "
               f"{summary['explained_variance']['value'][str(r)]:.4f}")
+    return 0
+
+
+def run_weight_pca(args: argparse.Namespace) -> int:
+    """The seed's weight-space PCA baselines: a PcaLlama whose bases come from k_proj / v_proj."""
+    import torch
+
+    from ..baselines import build
+    from ..loading import load_model, save_checkpoint
+    from ..modeling import PcaLlamaForCausalLM
+
+    model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
+    if isinstance(model, PcaLlamaForCausalLM):
+        raise ValueError(  # noqa: TRY004 - bad user input, reported by the CLI as one line
+            f"{args.method} starts from the base Llama weights; give the base model, not a PcaLlama")
+    pca_model = build(args.method, model, budget=args.budget, variance=args.variance, rank=args.rank)
+    save_checkpoint(pca_model, tokenizer, args.out, extra={"pca_summary.json": {
+        "method": args.method, "source_model": args.model, "budget": pca_model.kv_budget(),
+        "variance": args.variance, "rank": args.rank}})
+    print(f"{args.method}: budget {pca_model.kv_budget():.4f}, "
+          f"{pca_model.kv_cache_bytes_per_token()} cache bytes/token -> {args.out}")
     return 0

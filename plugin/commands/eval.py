@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import os
+import time
 from pathlib import Path
 
 EXAMPLES = """\
@@ -18,6 +19,8 @@ examples:
   mkv eval --model outputs/pca
   mkv eval --model outputs/pca --model outputs/trained --label pca --label trained --out outputs/eval
   mkv eval --model outputs/pca --budgets 0.5 --rank-file ranks.json --data heldout.txt
+  mkv eval --model outputs/pca --baselines weight-pca,weight-pca-shared,svd-latent
+      the seed baselines, built from the base model at each budget, in the same table and plot
 """
 
 DEFAULT_BUDGETS = "1,0.875,0.75,0.625,0.5,0.375,0.25"
@@ -28,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", action="append", default=None, help="name for each --model (repeatable)")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated budgets (default {DEFAULT_BUDGETS})")
     parser.add_argument("--rank-file", action="append", default=[], help="per-head rank file (repeatable)")
+    parser.add_argument("--baselines", default="",
+                        help="comma-separated training-free baselines built from --base-model at every budget: "
+                             "weight-pca, weight-pca-shared, svd-latent")
+    parser.add_argument("--base-model", default="embedded", help="base Llama for --baselines (default embedded)")
     parser.add_argument("--data", default=None, help="text source (default: sotu:evaluation)")
     parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (default 16384)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
@@ -49,6 +56,7 @@ def parse_budgets(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..baselines import METHODS, build, measure_cache_bytes_per_token
     from ..data import load_texts, token_windows
     from ..evaluate import budget_sweep, perplexity
     from ..loading import load_model
@@ -56,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     from ..plotting import plot_sweep
 
     budgets = parse_budgets(args.budgets)
+    methods = [m.strip() for m in args.baselines.split(",") if m.strip()]
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"unknown baseline {method!r} in --baselines; choose from {', '.join(METHODS)}")
     for path in args.rank_file:
         if not Path(path).is_file():
             raise FileNotFoundError(f"rank file {path!r} does not exist; create one with `mkv search-budget`")
@@ -79,6 +91,21 @@ def run(args: argparse.Namespace) -> int:
             rows.append({"model": label, "setting": "full", "budget": 1.0,
                          "perplexity": perplexity(model, windows, args.batch_size, desc=label),
                          "cache_bytes_per_token": full, "full_cache_bytes_per_token": full, "cache_ratio": 1.0})
+    if methods:
+        base, tokenizer = load_model(args.base_model, device=args.device)
+        if windows is None:
+            windows = token_windows(tokenizer, texts, args.seq_len, args.tokens)
+        full = measure_cache_bytes_per_token(base, windows[:1, :16])
+        for method in methods:
+            for budget in budgets:
+                model = build(method, base, budget=budget)
+                start = time.perf_counter()
+                ppl = perplexity(model, windows, args.batch_size, desc=f"{method} @ {budget:g}")
+                measured = measure_cache_bytes_per_token(model, windows[:1, :16])  # read from the real cache
+                rows.append({"model": method, "setting": f"{budget:g}", "budget": round(measured / full, 6),
+                             "perplexity": ppl, "cache_bytes_per_token": int(measured),
+                             "full_cache_bytes_per_token": int(full), "cache_ratio": measured / full,
+                             "seconds": time.perf_counter() - start})
     print_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
