@@ -41,7 +41,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
                 "models (llama, mistral without sliding window, pcallama)"
             )
         AutoConfig.from_pretrained(path)  # fail early with transformers' own message on a broken config
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
