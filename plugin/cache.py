@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 GroupSignature = tuple[tuple[int, ...], ...]
 
@@ -103,19 +103,51 @@ class PcaCacheLayer(CacheLayerMixin):
             self._map(lambda t: t.to(self.device, non_blocking=True))
 
 
-class PcaCache(Cache):
-    """Projected KV cache for `PcaLlamaForCausalLM`; layers are created lazily on first update."""
-
-    def __init__(self) -> None:
-        super().__init__(layer_class_to_replicate=PcaCacheLayer)
+class CompressedCache(Cache):
+    """A Cache whose layers report `nbytes()` and keep the batch on dim 0 of their `keys`."""
 
     def nbytes(self) -> int:
-        """Bytes held by all cached keys and values."""
+        """Bytes held by everything cached."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def bytes_per_token(self) -> float:
         """Cached bytes per token per sequence (batch x sequence length divide out)."""
         if not self.layers or self.get_seq_length() == 0:
             return 0.0
-        batch = self.layers[0].key_groups[0].shape[0]
-        return self.nbytes() / (batch * self.get_seq_length())
+        return self.nbytes() / (self.layers[0].keys.shape[0] * self.get_seq_length())
+
+
+class PcaCache(CompressedCache):
+    """Projected KV cache for `PcaLlamaForCausalLM`; layers are created lazily on first update."""
+
+    def __init__(self) -> None:
+        super().__init__(layer_class_to_replicate=PcaCacheLayer)
+
+
+def own_cache(past_key_values: Any, use_cache: bool, cache_class: type[Cache]) -> Any:
+    """The cache a model with its own cache class should use for this forward.
+
+    transformers (and `generate`) hand in None or an empty DynamicCache when nothing is cached
+    yet; both are replaced by `cache_class`. A filled cache of another class cannot be converted.
+    """
+    fresh = past_key_values is None or (type(past_key_values) is DynamicCache and past_key_values.get_seq_length() == 0)
+    if use_cache and fresh:
+        return cache_class()
+    if past_key_values is not None and not isinstance(past_key_values, cache_class):
+        raise ValueError(
+            f"this model needs a {cache_class.__name__}, got {type(past_key_values).__name__}; pass "
+            "past_key_values=None and the model creates one"
+        )
+    return past_key_values
+
+
+def prepare_generation_cache(generation_config: Any, model_kwargs: dict, cache_class: type[Cache]) -> None:
+    """Check `generate`'s cache settings and swap the empty DynamicCache it made for `cache_class`."""
+    if generation_config.cache_implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"cache_implementation={generation_config.cache_implementation!r} is not supported; leave it "
+            f"unset, the model uses its own {cache_class.__name__}"
+        )
+    cache = model_kwargs.get("past_key_values")
+    if type(cache) is DynamicCache and cache.get_seq_length() == 0:
+        model_kwargs["past_key_values"] = cache_class()

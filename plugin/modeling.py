@@ -8,11 +8,10 @@ from typing import Any
 
 import torch
 from transformers import LlamaForCausalLM, LlamaModel, PreTrainedModel
-from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .attention import PcaLlamaAttention
-from .cache import PcaCache
+from .cache import PcaCache, own_cache, prepare_generation_cache
 from .config import PcaLlamaConfig
 from .ranks import (
     RankTable,
@@ -41,14 +40,7 @@ class PcaLlamaModel(LlamaModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.sampling:
             use_cache = False  # sampled ranks are a training device; their masked states are never cached
-        fresh = past_key_values is None or (type(past_key_values) is DynamicCache and past_key_values.get_seq_length() == 0)
-        if use_cache and fresh:
-            past_key_values = PcaCache()
-        elif past_key_values is not None and not isinstance(past_key_values, PcaCache):
-            raise ValueError(
-                f"PcaLlama needs a PcaCache, got {type(past_key_values).__name__}; pass past_key_values=None "
-                "and the model creates one"
-            )
+        past_key_values = own_cache(past_key_values, use_cache, PcaCache)
         return super().forward(*args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
 
 
@@ -243,15 +235,9 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         return model
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> None:
-        if generation_config.cache_implementation not in (None, "dynamic"):
-            raise ValueError(
-                f"cache_implementation={generation_config.cache_implementation!r} is not supported by PcaLlama; "
-                "leave it unset, the model uses its own compressed PcaCache"
-            )
+        prepare_generation_cache(generation_config, model_kwargs, PcaCache)  # refuses static caches early
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if type(cache) is DynamicCache and cache.get_seq_length() == 0:
-            model_kwargs["past_key_values"] = PcaCache()
+        prepare_generation_cache(generation_config, model_kwargs, PcaCache)
 
 
 def _register() -> None:

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
+
+from ..cache import CompressedCache
 
 
 class LatentCacheLayer(CacheLayerMixin):
@@ -93,19 +95,8 @@ class LatentCacheLayer(CacheLayerMixin):
             self._map(lambda t: t.to(self.device, non_blocking=True))
 
 
-class LatentCache(Cache):
+class LatentCache(CompressedCache):
     """Latent KV cache for `LatentLlamaForCausalLM`; layers are created lazily on first update."""
 
     def __init__(self) -> None:
         super().__init__(layer_class_to_replicate=LatentCacheLayer)
-
-    def nbytes(self) -> int:
-        """Bytes held by all cached latents."""
-        return sum(layer.nbytes() for layer in self.layers)
-
-    def bytes_per_token(self) -> float:
-        """Cached bytes per token per sequence (batch x sequence length divide out)."""
-        if not self.layers or self.get_seq_length() == 0:
-            return 0.0
-        batch = self.layers[0].latent.shape[0]
-        return self.nbytes() / (batch * self.get_seq_length())

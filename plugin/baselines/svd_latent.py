@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 from transformers import LlamaForCausalLM, LlamaModel, PreTrainedModel
-from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from ..cache import own_cache, prepare_generation_cache
 from ..ranks import check_budget
 from .latent_attention import LatentLlamaAttention
 from .latent_cache import LatentCache
@@ -104,15 +104,7 @@ class LatentLlamaModel(LlamaModel):
 
     def forward(self, *args: Any, past_key_values: Any = None, use_cache: bool | None = None, **kwargs: Any) -> Any:
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        empty_dynamic = type(past_key_values) is DynamicCache and past_key_values.get_seq_length() == 0
-        fresh = past_key_values is None or empty_dynamic
-        if use_cache and fresh:
-            past_key_values = LatentCache()
-        elif past_key_values is not None and not isinstance(past_key_values, LatentCache):
-            raise ValueError(
-                f"the svd-latent model needs a LatentCache, got {type(past_key_values).__name__}; pass "
-                "past_key_values=None and the model creates one"
-            )
+        past_key_values = own_cache(past_key_values, use_cache, LatentCache)
         return super().forward(*args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
 
 
@@ -180,15 +172,9 @@ class LatentLlamaForCausalLM(LlamaForCausalLM):
     def _prepare_cache_for_generation(
         self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any
     ) -> None:
-        if generation_config.cache_implementation not in (None, "dynamic"):
-            raise ValueError(
-                f"cache_implementation={generation_config.cache_implementation!r} is not supported by the "
-                "svd-latent model; leave it unset, the model uses its own LatentCache"
-            )
+        prepare_generation_cache(generation_config, model_kwargs, LatentCache)  # refuses static caches early
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if type(cache) is DynamicCache and cache.get_seq_length() == 0:
-            model_kwargs["past_key_values"] = LatentCache()
+        prepare_generation_cache(generation_config, model_kwargs, LatentCache)
 
 
 def build_svd_latent(
