@@ -1,9 +1,11 @@
 """Memory and decode speed: full cache vs PcaLlama at budgets 1.0 / 0.5 / 0.25.
 
-For each (context, batch, setting) a fresh subprocess fills the cache to the context length and
-then decodes --new-tokens tokens, reporting the cache bytes (read from the cache object), the
-process's peak RSS, and decode tokens/s. Speed figures are ratios to the full-cache baseline
-measured in the same run.
+Memory: for each (context, batch, setting) a fresh subprocess fills the cache to the context length
+and decodes --new-tokens tokens, reporting the cache bytes (read from the cache object) and the
+process's peak RSS. Speed: one subprocess per (context, batch) holds every setting at once (the
+PcaLlama variants share the base model's weights) and decodes them in interleaved rounds, so a
+busy shared machine slows all settings alike; the figures are median step times as ratios to the
+full-cache baseline measured in the same process.
 
 Filling: `--fill real` prefills with real text (exact but slow on CPU); `--fill synthetic` writes
 random states of the exact shapes the prefill would produce (default for contexts above 1k on
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, header, markdown_table, write_section  # noqa: E402
+from common import DOCS, header, markdown_table, write_section
 
 SETTINGS = ["full", "1.0", "0.5", "0.25"]
 
@@ -90,8 +92,48 @@ def worker(args: argparse.Namespace) -> None:
     decode = sorted(times[1:])  # first step warms up; median resists the noise of a shared machine
     median = decode[len(decode) // 2]
     print(json.dumps({"cache_bytes": cache_bytes, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "rss_before_decode": rss_before, "step_seconds": median,
-                      "tokens_per_s": args.batch / median}))
+                      "rss_before_decode": rss_before, "step_seconds": median}))
+
+
+def speed_worker(args: argparse.Namespace) -> None:
+    """Interleaved decode timing of every setting in one process (robust to a noisy machine)."""
+    import torch
+
+    from plugin import PcaLlamaForCausalLM
+    from plugin.data import load_texts
+    from plugin.loading import load_model
+
+    base, tokenizer = load_model(args.model)
+    tokens = torch.tensor(tokenizer(" ".join(load_texts(None, "evaluation")[:3]))["input_ids"])
+    models = {"full": base}
+    for setting in args.settings.split(","):
+        if setting != "full":
+            model = PcaLlamaForCausalLM.from_llama(base).eval()
+            model.config.kv_fold = args.fold == "on"
+            model.set_kv_budget(float(setting))
+            models[setting] = model
+    caches = {name: fill_cache(m, args.batch, args.context, "synthetic", tokens) for name, m in models.items()}
+    steps = {name: torch.full((args.batch, 1), int(tokens[0])) for name in models}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for index in range(args.new_tokens + 1):
+            position = torch.full((args.batch, 1), args.context + index)
+            for name, model in models.items():
+                start = time.perf_counter()
+                out = model(input_ids=steps[name], past_key_values=caches[name], position_ids=position, use_cache=True)
+                elapsed = time.perf_counter() - start
+                if index:  # the first round warms up
+                    times[name].append(elapsed)
+                caches[name], steps[name] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    print(json.dumps({name: {"tokens_per_s": args.batch / m, "ratio": medians["full"] / m} for name, m in medians.items()}))
+
+
+def run_speed(args: argparse.Namespace, context: int, batch: int, settings: list[str], fold: str = "on") -> dict:
+    cmd = [sys.executable, __file__, "--speed-worker", "--model", args.model, "--settings", ",".join(settings),
+           "--context", str(context), "--batch", str(batch), "--new-tokens", str(args.new_tokens), "--fold", fold]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_one(args: argparse.Namespace, setting: str, context: int, batch: int, fill: str, fold: str = "on") -> dict:
@@ -110,6 +152,8 @@ def main() -> None:
     parser.add_argument("--fill", default="auto", choices=["auto", "real", "synthetic"])
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny sizes, nothing written to docs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--speed-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", default="full", help=argparse.SUPPRESS)
     parser.add_argument("--setting", default="full", help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -117,6 +161,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.speed_worker:
+        speed_worker(args)
         return
     if args.quick:
         args.contexts, args.batches, args.new_tokens = "64", "1", 2
@@ -128,25 +175,26 @@ def main() -> None:
         for context in contexts:
             fill = args.fill if args.fill != "auto" else ("real" if context <= 1024 and batch == 1 else "synthetic")
             results = {s: run_one(args, s, context, batch, fill) for s in SETTINGS}
+            speed = run_speed(args, context, batch, SETTINGS)
             base = results["full"]
             for setting in SETTINGS:
                 r = results[setting]
                 rows.append([context, batch, setting, fill, f"{r['cache_bytes'] / 2**20:.1f}",
                              f"{r['cache_bytes'] / base['cache_bytes']:.3f}", f"{r['peak_rss'] / 2**20:.0f}",
-                             f"{r['tokens_per_s']:.2f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}"])
+                             f"{speed[setting]['tokens_per_s']:.2f}", f"{speed[setting]['ratio']:.2f}"])
             print(rows[-4:], flush=True)
     if not args.quick:
         context = max(contexts)
         for fold in ("on", "off"):
-            base = run_one(args, "full", context, 1, "synthetic")
-            half = run_one(args, "0.5", context, 1, "synthetic", fold)
-            speed_rows.append([context, fold, f"{base['tokens_per_s']:.2f}", f"{half['tokens_per_s']:.2f}",
-                               f"{half['tokens_per_s'] / base['tokens_per_s']:.2f}"])
+            speed = run_speed(args, context, 1, ["full", "0.5"], fold)
+            speed_rows.append([context, fold, f"{speed['full']['tokens_per_s']:.2f}",
+                               f"{speed['0.5']['tokens_per_s']:.2f}", f"{speed['0.5']['ratio']:.2f}"])
     if args.quick:
         print("decode_memory quick run ok")
         return
     body = header("python benchmarks/decode_memory.py") + "\n" + markdown_table(
-        ["context", "batch", "setting", "fill", "cache MiB", "cache / full", "peak RSS MiB", "tokens/s", "speed / full"],
+        ["context", "batch", "setting", "fill", "cache MiB", "cache / full", "peak RSS MiB", "tokens/s",
+         "speed / full (interleaved)"],
         rows) + "\n\nFold of U_V into v_proj/o_proj on and off, 50% budget, batch 1 (ratio to the full cache, same run):\n\n"
     body += markdown_table(["context", "fold", "full tokens/s", "50% tokens/s", "ratio"], speed_rows)
     body += ("\n\n`full` is the unmodified LlamaForCausalLM with transformers' DynamicCache; `1.0` is PcaLlama at full "
