@@ -16,6 +16,8 @@
 #   MKV_SUITE        quick (8 items/set) | cpu (fixed <=500-item subsets) | full.
 #                    Default: full on a CUDA machine, cpu otherwise.
 #   MKV_DATASETS     comma list out of csqa,piqa,obqa,siqa,boolq (default all).
+#   MKV_TEST_RANGE   e.g. "[0:64]": score only that slice of every set (of the MKV_SUITE files,
+#                    which are in source order), the same items for every model row.
 #   MKV_BATCH_SIZE   prompts per forward (default 16).
 #   MKV_MAX_SEQ_LEN  default 2048.
 #   MKV_CACHE_DIR    data cache (default ~/.cache/matryoshka-kv/opencompass).
@@ -37,6 +39,9 @@ _suite = __import__('opencompass_ext.suite', fromlist=['suite'])
 _env = _suite.config_from_env()
 
 datasets = _suite.offline_datasets(_env['suite'], names=_env['datasets'])
+if os.environ.get('MKV_TEST_RANGE'):  # e.g. "[0:64]": score a fixed prefix of every set
+    for _d in datasets:
+        _d['reader_cfg']['test_range'] = os.environ['MKV_TEST_RANGE']
 models = _suite.model_entries(
     _env['model'], budgets=_env['budgets'], rank_files=_env['rank_files'],
     base_model_path=_env['base_model'], batch_size=_env['batch_size'],
