@@ -130,14 +130,14 @@ def speed_worker(args: argparse.Namespace) -> None:
 
 
 def run_speed(args: argparse.Namespace, context: int, batch: int, settings: list[str], fold: str = "on") -> dict:
-    cmd = [sys.executable, __file__, "--speed-worker", "--model", args.model, "--settings", ",".join(settings),
+    cmd = [sys.executable, __file__, "--speed-worker", "--threads", str(args.threads), "--model", args.model, "--settings", ",".join(settings),
            "--context", str(context), "--batch", str(batch), "--new-tokens", str(args.new_tokens), "--fold", fold]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_one(args: argparse.Namespace, setting: str, context: int, batch: int, fill: str, fold: str = "on") -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--setting", setting, "--context", str(context),
+    cmd = [sys.executable, __file__, "--worker", "--threads", str(args.threads), "--model", args.model, "--setting", setting, "--context", str(context),
            "--batch", str(batch), "--fill", fill, "--new-tokens", str(args.new_tokens), "--fold", fold]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -150,6 +150,9 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--fill", default="auto", choices=["auto", "real", "synthetic"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process (default 1: on a small shared CPU, OpenMP threads of "
+                             "concurrent processes oversubscribe the cores and swamp decode timings)")
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny sizes, nothing written to docs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--speed-worker", action="store_true", help=argparse.SUPPRESS)
@@ -159,6 +162,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--fold", default="on", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.worker:
         worker(args)
         return
@@ -192,7 +199,7 @@ def main() -> None:
     if args.quick:
         print("decode_memory quick run ok")
         return
-    body = header("python benchmarks/decode_memory.py") + "\n" + markdown_table(
+    body = header(f"python benchmarks/decode_memory.py --new-tokens {args.new_tokens} --threads {args.threads}") + "\n" + markdown_table(
         ["context", "batch", "setting", "fill", "cache MiB", "cache / full", "peak RSS MiB", "tokens/s",
          "speed / full (interleaved)"],
         rows) + "\n\nFold of U_V into v_proj/o_proj on and off, 50% budget, batch 1 (ratio to the full cache, same run):\n\n"
