@@ -50,7 +50,7 @@ def write_section(key: str, title: str, body: str) -> None:
     DOCS.mkdir(exist_ok=True)
     text = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n\nEvery figure below is produced by a script in `benchmarks/` (`make bench` runs them all).\n"
     block = f"<!-- {key}:start -->\n## {title}\n\n{body.rstrip()}\n<!-- {key}:end -->"
-    pattern = re.compile(rf"<!-- {re.escape(key)}:start -->.*?<!-- {re.escape(key)}:end -->", re.S)
+    pattern = re.compile(rf"<!-- {re.escape(key)}:start -->.*?<!-- {re.escape(key)}:end -->", re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     BENCH_MD.write_text(text)
 
