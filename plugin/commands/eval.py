@@ -56,7 +56,7 @@ def parse_budgets(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..baselines import METHODS, build, measure_cache_bytes_per_token
+    from ..baselines import METHODS, build, full_cache_bytes_per_token, measure_cache_bytes_per_token
     from ..data import load_texts, token_windows
     from ..evaluate import budget_sweep, perplexity
     from ..loading import load_model
@@ -85,9 +85,7 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(model, PcaLlamaForCausalLM):
             rows += budget_sweep(model, windows, budgets, args.rank_file, args.batch_size, label=label)
         else:
-            cfg = model.config
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
+            full = full_cache_bytes_per_token(model)
             rows.append({"model": label, "setting": "full", "budget": 1.0,
                          "perplexity": perplexity(model, windows, args.batch_size, desc=label),
                          "cache_bytes_per_token": full, "full_cache_bytes_per_token": full, "cache_ratio": 1.0})
