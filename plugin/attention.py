@@ -152,23 +152,28 @@ class PcaLlamaAttention(LlamaAttention):
     def _inference_weights(self, dtype: torch.dtype) -> dict[str, Any]:
         if self._inference is not None and self._inference["dtype"] == dtype:
             return self._inference
-        key_basis, value_basis, value_mean = self.kv_proj.bases()
-        per_group = []
-        for group in self.groups:
-            per_group.append(
-                {
-                    "key": group.select(key_basis, 0)[..., : group.key_rank].to(dtype),
-                    "value": group.select(value_basis, 0)[..., : group.value_rank],
-                    "mean": group.select(value_mean, 0),
-                }
-            )
+        per_group = self._group_bases(*self.kv_proj.bases())
         weights: dict[str, Any] = {"dtype": dtype, "groups": per_group}
         if self.config.kv_fold:
-            weights.update(self._fold(per_group, dtype))
+            weights.update(self._fold(per_group, dtype))  # folded in float32, then cast
         for entry in per_group:
-            entry["value"], entry["mean"] = entry["value"].to(dtype), entry["mean"].to(dtype)
+            for name in entry:
+                entry[name] = entry[name].to(dtype)
         self._inference = weights
         return weights
+
+    def _group_bases(
+        self, key_basis: torch.Tensor, value_basis: torch.Tensor, value_mean: torch.Tensor
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per head group: U_K[:, :r_k], U_V[:, :r_v] and mu_V of its heads."""
+        return [
+            {
+                "key": g.select(key_basis, 0)[..., : g.key_rank],
+                "value": g.select(value_basis, 0)[..., : g.value_rank],
+                "mean": g.select(value_mean, 0),
+            }
+            for g in self.groups
+        ]
 
     def _fold(self, per_group: list[dict[str, torch.Tensor]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """v_proj' = U_V^T (W_v x + b_v - mu_V) per head; o_proj' = W_o U_V with bias W_o mu_V (+ b_o)."""
@@ -228,13 +233,8 @@ class PcaLlamaAttention(LlamaAttention):
             return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(batch, q_len, -1)), None
 
         if self.training:
-            key_basis, value_basis, value_mean = (t.to(query.dtype) for t in self.kv_proj.bases())
-            per_group = [
-                {"key": g.select(key_basis, 0)[..., : g.key_rank], "value": g.select(value_basis, 0)[..., : g.value_rank],
-                 "mean": g.select(value_mean, 0)}
-                for g in self.groups
-            ]
-            weights: dict[str, Any] = {"groups": per_group}
+            bases = (t.to(query.dtype) for t in self.kv_proj.bases())
+            weights: dict[str, Any] = {"groups": self._group_bases(*bases)}
         else:
             weights = self._inference_weights(query.dtype)
 
