@@ -110,6 +110,8 @@ def run_variant(name: str, overrides: dict[str, str], base: dict[str, str], yaml
         raise SystemExit(f"{name}: llamafactory-cli failed (exit {usage.get('rc')}); log {work / f'{name}.log'}")
     steps = int(args["max_steps"])
     steady, mean = per_step_seconds(out_dir, steps)
+    # The trainer log has 1-second timestamps: sub-second steps (tiny models) give a 0 s span, not a 0 s step.
+    steady = steady or mean
     row = {"variant": name, "command": shown, "steps": steps, "s_per_step": steady, "runtime_per_step": mean,
            "wall_s": usage["wall_s"], "peak_rss_mib": usage["max_rss_kib"] / 1024,
            "trainable": trainable_line(proc.stdout + proc.stderr)}
