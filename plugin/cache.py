@@ -17,7 +17,35 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 GroupSignature = tuple[tuple[int, ...], ...]
 
 
-class PcaCacheLayer(CacheLayerMixin):
+class TensorMapLayer(CacheLayerMixin):
+    """Batch and length operations of a cache layer, expressed once over its `_map` of every stored tensor.
+
+    Stored tensors keep the batch on dim 0 and the sequence on dim -2.
+    """
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self.get_seq_length() - abs(max_length)
+        if self.get_seq_length() > max_length:
+            self._map(lambda t: t[..., :max_length, :])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+
+class PcaCacheLayer(TensorMapLayer):
     """One decoder layer's projected keys and values, grouped by rank."""
 
     is_sliding = False
@@ -75,28 +103,11 @@ class PcaCacheLayer(CacheLayerMixin):
             self.value_groups = [fn(t) for t in self.value_groups]
             self.keys, self.values = self.key_groups[0], self.value_groups[0]
 
-    def crop(self, max_length: int) -> None:
-        if max_length < 0:
-            max_length = self.get_seq_length() - abs(max_length)
-        if self.get_seq_length() > max_length:
-            self._map(lambda t: t[..., :max_length, :])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
-
     def reset(self) -> None:
         self.key_groups, self.value_groups, self.signature = [], [], None
         self.keys = self.values = None
         self.is_initialized = False
 
-    def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:
         if self.is_initialized and self.key_groups and self.key_groups[0].device != self.device:

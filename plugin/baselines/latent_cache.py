@@ -11,12 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
-from ..cache import CompressedCache
+from ..cache import CompressedCache, TensorMapLayer
 
 
-class LatentCacheLayer(CacheLayerMixin):
+class LatentCacheLayer(TensorMapLayer):
     """One decoder layer's cached latents ``[batch, seq, r]``."""
 
     is_sliding = False
@@ -68,27 +67,10 @@ class LatentCacheLayer(CacheLayerMixin):
             self.latent = fn(self.latent)
             self.keys = self.latent
 
-    def crop(self, max_length: int) -> None:
-        if max_length < 0:
-            max_length = self.get_seq_length() - abs(max_length)
-        if self.get_seq_length() > max_length:
-            self._map(lambda t: t[:, :max_length, :])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
-
     def reset(self) -> None:
         self.latent = self.keys = self.values = None
         self.is_initialized = False
 
-    def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:
         if self.latent is not None and self.latent.device != self.device:
