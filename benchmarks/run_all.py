@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["decode_memory", "quality", "accuracy", "training_cost"]
+# timing-sensitive ones first; accuracy reads the rank files that quality writes
+SCRIPTS = ["decode_memory", "training_cost", "quality", "accuracy"]
 
 
 def main() -> int:

@@ -38,10 +38,7 @@ if os.path.isdir(os.path.join(_repo, 'opencompass_ext')) and _repo not in sys.pa
 _suite = __import__('opencompass_ext.suite', fromlist=['suite'])
 _env = _suite.config_from_env()
 
-datasets = _suite.offline_datasets(_env['suite'], names=_env['datasets'])
-if os.environ.get('MKV_TEST_RANGE'):  # e.g. "[0:64]": score a fixed prefix of every set
-    for _d in datasets:
-        _d['reader_cfg']['test_range'] = os.environ['MKV_TEST_RANGE']
+datasets = _suite.apply_env(_suite.offline_datasets(_env['suite'], names=_env['datasets']))
 models = _suite.model_entries(
     _env['model'], budgets=_env['budgets'], rank_files=_env['rank_files'],
     base_model_path=_env['base_model'], batch_size=_env['batch_size'],

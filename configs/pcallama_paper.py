@@ -42,9 +42,7 @@ if _os.environ.get('MKV_CSQA_FIXED_SHOTS', '') not in ('', '0'):
             _d['infer_cfg']['retriever'] = {
                 'type': 'opencompass.openicl.icl_retriever.FixKRetriever',
                 'fix_id_list': list(range(8))}
-if _os.environ.get('MKV_TEST_RANGE'):
-    for _d in datasets:
-        _d['reader_cfg']['test_range'] = _os.environ['MKV_TEST_RANGE']
+_suite.apply_env(datasets)  # MKV_TEST_RANGE; PPLInferencer -> PrefixSharingPPLInferencer
 
 models = _suite.model_entries(
     _env['model'], budgets=_env['budgets'], rank_files=_env['rank_files'],

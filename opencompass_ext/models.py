@@ -175,7 +175,10 @@ class PcaLlamaBaseModel(HuggingFaceBaseModel):
     def get_ppl(self, inputs, mask_length=None):
         """Per-prompt mean token loss, like HuggingFaceBaseModel.get_ppl, but batch-invariant.
 
-        OpenCompass pads on the left and scores every label that is not the pad token, so
+        OpenCompass pads on the left and numbers positions from the first pad (harmless for
+        the base model, whose RoPE scores depend only on distances, but not for projected keys
+        below full rank); here positions start at each prompt's first real token. It also
+        scores every label that is not the pad token, so
         for each padded prompt it also scores the first real token (BOS) as predicted from
         the last *pad* position, whose output is meaningless and differs between models
         and batch compositions (a ~1e-3 shift of the mean loss on a tiny model; enough to
@@ -198,8 +201,12 @@ class PcaLlamaBaseModel(HuggingFaceBaseModel):
             add_special_tokens=True, max_length=self.max_seq_len)
         tokens = {k: v.to(self.model.device) for k, v in tokens.items()}
         attn = tokens["attention_mask"].bool()
+        # positions count from each prompt's first real token: below full rank the projected keys
+        # are not shift-invariant under RoPE, so a left-padded prompt must see the positions it
+        # would have alone
+        position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = self.model(**tokens)[0]
+            logits = self.model(**tokens, position_ids=position_ids)[0]
         bsz, seq_len, _vocab = logits.shape
         labels = tokens["input_ids"][:, 1:]
         valid = attn[:, 1:] & attn[:, :-1]
@@ -218,6 +225,29 @@ class PcaLlamaBaseModel(HuggingFaceBaseModel):
         if mask_length is not None:
             lens = lens - np.asarray(mask_length)
         return loss / lens
+
+
+    def get_ppl_grouped(self, groups: list[list[str]]) -> list[list[float]]:
+        """get_ppl's number for every prompt of every group, running shared token prefixes once.
+
+        A group is the prompts of one item (one per choice). Each prompt is tokenized exactly
+        as get_ppl tokenizes it; its summed loss comes from ``PrefixScorer`` (the shared prefix
+        and the cache of the previous group reused), and is divided, as in get_ppl, by its
+        number of tokens. Used by ``PrefixSharingPPLInferencer``.
+        """
+        from opencompass.models.huggingface_above_v4_33 import _convert_base_messages
+        from tqdm import tqdm
+
+        from .scoring import PrefixScorer
+
+        scorer = PrefixScorer(self.model)
+        out = []
+        for group in tqdm(groups, desc="items", unit="item", mininterval=5, disable=len(groups) < 2):
+            ids = [self.tokenizer(m, truncation=True, add_special_tokens=True,
+                                  max_length=self.max_seq_len)["input_ids"]
+                   for m in _convert_base_messages(group)]
+            out.append([total / len(seq) for total, seq in zip(scorer.score(ids), ids)])
+        return out
 
 
 def _cuda_available() -> bool:

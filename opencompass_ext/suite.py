@@ -26,7 +26,7 @@ from . import datasets as _ds
 PROMPT_TEMPLATE = "opencompass.openicl.icl_prompt_template.PromptTemplate"
 ZERO_RETRIEVER = "opencompass.openicl.icl_retriever.ZeroRetriever"
 FIXK_RETRIEVER = "opencompass.openicl.icl_retriever.FixKRetriever"
-PPL_INFERENCER = "opencompass.openicl.icl_inferencer.PPLInferencer"
+PPL_INFERENCER = "opencompass_ext.inferencer.PrefixSharingPPLInferencer"
 ACC_EVALUATOR = "opencompass.openicl.icl_evaluator.AccEvaluator"
 MKV_DATASET = "opencompass_ext.datasets.MKVJsonlDataset"
 PCALLAMA_MODEL = "opencompass_ext.models.PcaLlamaBaseModel"
@@ -107,6 +107,23 @@ def offline_datasets(suite: str = "cpu", names: Iterable[str] | None = None,
             out.append(_dataset(name, suite, root, "AB", ["passage", "question"], tpl,
                                 retriever={"type": ZERO_RETRIEVER}))
     return out
+
+
+def apply_env(datasets: list[dict]) -> list[dict]:
+    """What the configs do to their dataset entries, in place: MKV_TEST_RANGE (e.g. "[0:500]")
+    becomes every set's test_range, and OpenCompass's PPLInferencer becomes
+    PrefixSharingPPLInferencer (same prompts and scores, shared prefixes run once)."""
+    test_range = os.environ.get("MKV_TEST_RANGE", "").strip()
+    for d in datasets:
+        if test_range:
+            d["reader_cfg"]["test_range"] = test_range
+        inferencer = d["infer_cfg"]["inferencer"]
+        kind = inferencer["type"]
+        # a dotted string, a class, or (a config read in mmengine's lazy-import mode) a LazyAttr whose str() is its name
+        name = kind.__name__ if isinstance(kind, type) else str(kind)
+        if name.rsplit(".", 1)[-1] == "PPLInferencer":
+            inferencer["type"] = PPL_INFERENCER
+    return datasets
 
 
 # --------------------------------------------------------------------------- models

@@ -197,3 +197,8 @@ def test_configs_parse(manifest, tmp_path, monkeypatch):
     assert [d["abbr"] for d in paper.datasets] == [
         "hellaswag", "ARC-c", "ARC-e", "piqa", "winogrande", "commonsense_qa"]
     assert [m["abbr"] for m in paper.models] == [m["abbr"] for m in cfg.models]
+    # every ppl-scored set of both configs goes through the prefix-sharing inferencer
+    sharing = "opencompass_ext.inferencer.PrefixSharingPPLInferencer"
+    assert all(d["infer_cfg"]["inferencer"]["type"] == sharing for d in cfg.datasets)
+    kinds = {d["abbr"]: str(d["infer_cfg"]["inferencer"]["type"]) for d in paper.datasets}
+    assert "LLInferencer" in kinds.pop("winogrande") and set(kinds.values()) == {sharing}
