@@ -41,7 +41,28 @@ class PcaLlamaModel(LlamaModel):
         if self.sampling:
             use_cache = False  # sampled ranks are a training device; their masked states are never cached
         past_key_values = own_cache(past_key_values, use_cache, PcaCache)
+        if not args:
+            kwargs["position_ids"] = positions_from_mask(kwargs)
         return super().forward(*args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+
+def positions_from_mask(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """Positions counted from each row's first real token, when a padded 2-D mask comes without them.
+
+    Below full rank the projected keys are not shift-invariant under RoPE (the plain model's
+    scores depend only on distances), so a left-padded row numbered from its first pad, as a
+    bare forward does, would be scored differently than alone. generate() already passes
+    these positions; this gives every other caller (evaluation harnesses) the same.
+    """
+    position_ids, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+    if position_ids is not None or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.all()):
+        return position_ids
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None or mask.shape[-1] < tokens.shape[1]:
+        return position_ids
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tokens.shape[1]:]
 
 
 class PcaLlamaForCausalLM(LlamaForCausalLM):

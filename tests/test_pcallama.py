@@ -58,6 +58,27 @@ def test_generate_identical_tokens_with_left_padding(kind: str) -> None:
     assert torch.equal(sampled_base, sampled_pca)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_left_padded_rows_score_as_if_alone_below_full_rank(impl: str) -> None:
+    """A bare forward with a padded mask numbers positions from each row's first real token."""
+    pca = to_pca(make_tiny_llama("gqa", attn_implementation=impl))
+    pca.set_kv_budget(0.375)
+    tokens = ids(2, 10)
+    mask = torch.ones_like(tokens)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        padded = pca(tokens, attention_mask=mask, use_cache=False).logits
+        alone = pca(tokens[:1, 4:], use_cache=False).logits
+        shifted = pca(tokens[:1], attention_mask=mask[:1], position_ids=torch.arange(10)[None], use_cache=False).logits
+        # prefill a padded batch, then decode one token: the cache keeps the shifted positions
+        out = pca(tokens[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        step = pca(tokens[:, -1:], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(padded[:1, 4:], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[:1, 0], alone[:, -1], atol=1e-5, rtol=0)
+    # the positions matter below full rank: numbered from the first pad the row scores differently
+    assert (shifted[:, 4:] - alone).abs().max() > 1e-4  # float round-off here is ~1e-7
+
+
 def reference_attention(attn, hidden, cos, sin, key_ranks, value_ranks):
     """Direct computation of the MatryoshkaKV formulas for one layer, head by head."""
     from transformers.models.llama.modeling_llama import rotate_half
