@@ -170,7 +170,12 @@ def main() -> None:
         llama, pca = build_tiny_checkpoints(str(tmp / "ckpt"))
         args.pca = args.trained = pca
         args.base_model, args.suite, args.items, args.datasets, args.budgets = llama, "quick", 2, "piqa,obqa", "100,50"
-        args.rank_files, args.speed_items = "", 2
+        from plugin.ranks import write_rank_file
+
+        # a mixed per-head table on the tiny model (2 layers, 2 KV heads, head_dim 16) at 50%
+        ranks = {"key": [[4, 12], [8, 8]], "value": [[16, 4], [2, 10]]}
+        args.rank_files = str(write_rank_file(tmp / "ranks-quick.json", ranks, 16))
+        args.speed_items = 2
         work = tmp
     else:
         work = Path(args.work_dir or ROOT / "outputs/bench/accuracy")

@@ -45,13 +45,21 @@ def header(command: str) -> str:
     return f"Command: `{command}`  \nMachine: {machine()}  \nDate: {today}  \nVersions: {versions()}\n"
 
 
-def write_section(key: str, title: str, body: str) -> None:
-    """Replace (or append) the section delimited by <!-- key:start --> / <!-- key:end --> in docs/benchmarks.md."""
+def write_section(key: str, title: str, body: str, first: bool = False) -> None:
+    """Replace the section delimited by <!-- key:start --> / <!-- key:end --> in docs/benchmarks.md.
+
+    A new section is appended, or with `first` placed before all others."""
     DOCS.mkdir(exist_ok=True)
     text = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n\nEvery figure below is produced by a script in `benchmarks/` (`make bench` runs them all).\n"
     block = f"<!-- {key}:start -->\n## {title}\n\n{body.rstrip()}\n<!-- {key}:end -->"
     pattern = re.compile(rf"<!-- {re.escape(key)}:start -->.*?<!-- {re.escape(key)}:end -->", re.DOTALL)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    elif first and "<!-- " in text:
+        at = text.index("<!-- ")
+        text = text[:at] + block + "\n\n" + text[at:]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
     BENCH_MD.write_text(text)
 
 

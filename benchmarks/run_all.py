@@ -8,14 +8,20 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import header, markdown_table, write_section
+
 # timing-sensitive ones first; accuracy reads the rank files that quality writes
 SCRIPTS = ["decode_memory", "training_cost", "quality", "accuracy"]
+# a full pass recomputes everything (quality would otherwise reuse `make demo`'s uniform sweep)
+FULL_ARGS = {"quality": ["--no-reuse"]}
 
 
 def main() -> int:
@@ -28,13 +34,16 @@ def main() -> int:
     unknown = [n for n in names if n not in SCRIPTS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {SCRIPTS}")
-    failed = []
+    failed, times = [], []
+    began = datetime.datetime.now()
     for name in names:
-        cmd = [sys.executable, str(HERE / f"{name}.py")] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, str(HERE / f"{name}.py")] + (["--quick"] if args.quick else FULL_ARGS.get(name, []))
         print(f"=== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
         rc = subprocess.run(cmd, check=False).returncode
-        print(f"=== {name}: exit {rc} after {time.perf_counter() - start:.0f} s", flush=True)
+        seconds = time.perf_counter() - start
+        times.append([f"`python benchmarks/{' '.join([name + '.py'] + cmd[2:])}`", f"{seconds / 60:.1f}", rc])
+        print(f"=== {name}: exit {rc} after {seconds:.0f} s", flush=True)
         if rc != 0:
             failed.append(name)
             if not args.keep_going:
@@ -42,6 +51,13 @@ def main() -> int:
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
+    if not args.quick and names == SCRIPTS:
+        ended = datetime.datetime.now()
+        body = header("python benchmarks/run_all.py") + (
+            f"\nEvery section below was written by this one pass (`make bench`), "
+            f"{began:%Y-%m-%d %H:%M} to {ended:%H:%M} UTC, in this order:\n\n")
+        body += markdown_table(["script", "minutes", "exit"], times) + "\n"
+        write_section("run_all", "How this file was produced", body, first=True)
     return 0
 
 

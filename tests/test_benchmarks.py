@@ -67,7 +67,9 @@ def test_accuracy_quick(tmp_path, docs_untouched):
     result = json.loads((tmp_path / "accuracy.json").read_text())
     assert result["meta"]["items"] == {"piqa": 2, "obqa": 2}
     models = {row["model"] for row in result["rows"]}
-    assert models == {"base-uncompressed", "pca-100%", "pca-50%", "matryoshka-100%", "matryoshka-50%"}
+    assert models == {"base-uncompressed", "pca-100%", "pca-50%", "matryoshka-100%", "matryoshka-50%",
+                      "matryoshka-searched-50%"}
+    assert {r["dataset"] for r in result["meta"]["speed"]} == {"piqa-quick"}
     for row in result["rows"]:
         assert 0 <= row["accuracy"] <= 100 and row["stderr"] >= 0 and row["n"] == 2
     summary = {(r["model"], r["dataset"]): r["accuracy"] for r in result["rows"]}
