@@ -5,10 +5,9 @@
 
     import llamafactory_ext._import_hook as _h; _h.install()
 
-:func:`install` puts a :class:`_LlamaFactoryFinder` at the front of ``sys.meta_path``.  It
-ignores every module except the few LLaMA-Factory modules listed in :data:`TARGETS`; for those
-it wraps the real loader's ``exec_module`` so that, right after the module has executed,
-:func:`llamafactory_ext.patches.apply` patches it:
+:func:`install` puts a :class:`~plugin.post_import.PostImportFinder` at the front of
+``sys.meta_path``, watching only the few LLaMA-Factory modules listed in :data:`TARGETS`: right
+after one has executed, :func:`llamafactory_ext.patches.apply` patches it:
 
 * ``llamafactory.hparams.parser``: the train / infer / eval parsers also parse
   :class:`~llamafactory_ext.arguments.MatryoshkaArguments` (``matryoshka_*`` YAML keys);
@@ -24,7 +23,7 @@ So plain ``llamafactory-cli train x.yaml`` uses the Matryoshka trainers, also in
 interpreters of ``FORCE_TORCHRUN=1`` and the ``deepspeed`` launcher, without a fork of
 LLaMA-Factory and without a wrapper command.
 
-Rules: only ``sys`` and ``os`` are imported at interpreter start (no torch, no llamafactory);
+Rules: only standard-library modules are imported at interpreter start (no torch, no llamafactory);
 ``install()`` is idempotent and never raises; a failing patch is reported as one warning line
 and never breaks the import of the LLaMA-Factory module.  ``MKV_DISABLE_LLAMAFACTORY_HOOK=1``
 switches the hook off.
@@ -35,6 +34,8 @@ from __future__ import annotations
 import os
 import sys
 
+from plugin.post_import import PostImportFinder, module_executed
+
 TARGETS = (
     "llamafactory.hparams.parser",
     "llamafactory.model.loader",
@@ -44,7 +45,6 @@ TARGETS = (
 
 _state = {"installed": False}
 _patched: set[str] = set()
-_in_find_spec: set[str] = set()
 
 
 def _warn(message: str) -> None:
@@ -69,58 +69,6 @@ def _patch(fullname: str) -> None:
         _warn(f"patching {fullname} failed: {type(exc).__name__}: {exc}")
 
 
-def _wrap_loader(fullname: str, loader: object) -> None:
-    original = getattr(loader, "exec_module", None)
-    if original is None or getattr(original, "_mkv_lf_wrapped", False):
-        return
-
-    def exec_module(module: object) -> None:
-        original(module)
-        _patch(fullname)
-
-    exec_module._mkv_lf_wrapped = True  # type: ignore[attr-defined]
-    try:
-        loader.exec_module = exec_module  # type: ignore[attr-defined]
-    except (AttributeError, TypeError):
-        _warn(f"cannot wrap the loader of {fullname} ({type(loader).__name__})")
-
-
-class _LlamaFactoryFinder:
-    """Meta-path finder that only watches :data:`TARGETS`."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in TARGETS or fullname in _in_find_spec or fullname in _patched:
-            return None
-        _in_find_spec.add(fullname)
-        try:
-            spec = None
-            for finder in sys.meta_path:
-                if finder is self or isinstance(finder, _LlamaFactoryFinder):
-                    continue
-                find_spec = getattr(finder, "find_spec", None)
-                if find_spec is None:
-                    continue
-                spec = find_spec(fullname, path, target)
-                if spec is not None:
-                    break
-        finally:
-            _in_find_spec.discard(fullname)
-        if spec is not None and spec.loader is not None:
-            _wrap_loader(fullname, spec.loader)
-        return spec
-
-    def invalidate_caches(self) -> None:
-        pass
-
-
-def _module_executed(name: str) -> bool:
-    module = sys.modules.get(name)
-    if module is None:
-        return False
-    spec = getattr(module, "__spec__", None)
-    return not getattr(spec, "_initializing", False)
-
-
 def install() -> None:
     """Install the finder (idempotent, never raises).  Called from the .pth file.
 
@@ -132,9 +80,9 @@ def install() -> None:
             return
         if not _state["installed"]:
             _state["installed"] = True
-            sys.meta_path.insert(0, _LlamaFactoryFinder())
+            sys.meta_path.insert(0, PostImportFinder(TARGETS, _patch, _warn))
         for name in TARGETS:
-            if _module_executed(name):
+            if module_executed(name):
                 _patch(name)
     except Exception as exc:  # noqa: BLE001 - must never break interpreter start
         try:
