@@ -118,6 +118,23 @@ def build_tiny_llama(path: str | os.PathLike, seed: int = 0) -> Path:
     return path
 
 
+def pt_config(model: str | os.PathLike, data_dir: str | os.PathLike, output_dir: str | os.PathLike,
+              **extra: Any) -> dict[str, Any]:
+    """The smallest LLaMA-Factory pre-training config over write_tiny_datasets' ``tiny_pt``; `extra` overrides."""
+    config: dict[str, Any] = {
+        "model_name_or_path": str(model),
+        "stage": "pt",
+        "do_train": True,
+        "finetuning_type": "full",
+        "dataset": "tiny_pt",
+        "dataset_dir": str(data_dir),
+        "output_dir": str(output_dir),
+        "report_to": "none",
+    }
+    config.update(extra)
+    return config
+
+
 def write_tiny_datasets(directory: str | os.PathLike, repeat: int = 6) -> Path:
     """``tiny_pt`` (text) and ``tiny_sft`` (alpaca) datasets plus their ``dataset_info.json``."""
     directory = Path(directory)

@@ -31,6 +31,8 @@ import os
 from opencompass.models import HuggingFaceBaseModel
 from opencompass.registry import MODELS
 
+from .suite import has_cuda
+
 __all__ = ["PcaLlamaBaseModel", "budget_abbr", "format_budget", "parse_budget"]
 
 PCALLAMA_MODEL_TYPE = "pcallama"
@@ -138,7 +140,7 @@ class PcaLlamaBaseModel(HuggingFaceBaseModel):
 
         # 2. CPU-friendly defaults ------------------------------------------------
         model_kwargs = dict(model_kwargs or {})
-        if not _cuda_available():
+        if not has_cuda():
             model_kwargs.setdefault("torch_dtype", "float32")
             model_kwargs.setdefault("device_map", "cpu")
 
@@ -248,11 +250,3 @@ class PcaLlamaBaseModel(HuggingFaceBaseModel):
                    for m in _convert_base_messages(group)]
             out.append([total / len(seq) for total, seq in zip(scorer.score(ids), ids)])
         return out
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False

@@ -164,7 +164,7 @@ def model_entries(model_path: str, budgets: Sequence[float] = DEFAULT_BUDGETS,
     """One PcaLlamaBaseModel entry per budget and per rank file, plus the base model."""
     from .models import budget_abbr
     if num_gpus is None:
-        num_gpus = int(os.environ.get("MKV_NUM_GPUS", "1" if _has_cuda() else "0"))
+        num_gpus = int(os.environ.get("MKV_NUM_GPUS", "1" if has_cuda() else "0"))
     common = {"type": PCALLAMA_MODEL, "max_seq_len": max_seq_len,
                   "batch_size": batch_size or _default_batch_size(),
                   "run_cfg": {"num_gpus": num_gpus, "num_procs": 1}}
@@ -182,7 +182,7 @@ def model_entries(model_path: str, budgets: Sequence[float] = DEFAULT_BUDGETS,
     return models
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
     try:
         import torch
         return torch.cuda.is_available()
@@ -207,7 +207,7 @@ def _env_list(name: str) -> list[str] | None:
 
 
 def default_suite() -> str:
-    return "full" if _has_cuda() else "cpu"
+    return "full" if has_cuda() else "cpu"
 
 
 def config_from_env(need_suite: bool = True) -> dict:

@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:
 torch = pytest.importorskip("torch")
 pytest.importorskip("llamafactory")
 
-from llamafactory_ext.testing import build_tiny_pcallama, write_tiny_datasets
+from llamafactory_ext.testing import build_tiny_pcallama, pt_config, write_tiny_datasets
 
 BIN = Path(sys.executable).parent
 CLI = BIN / "llamafactory-cli"
@@ -78,18 +78,11 @@ def tiny(tmp_path_factory):
 
 
 def _yaml(tiny, output_dir: Path, **extra) -> dict:
-    config = {
-        "model_name_or_path": str(tiny["model"]),
-        "stage": "pt",
-        "do_train": True,
-        "finetuning_type": "full",
-        "dataset": "tiny_pt",
-        "dataset_dir": str(tiny["data"]),
+    settings = {
         "cutoff_len": 64,
         "overwrite_cache": True,
         "preprocessing_num_workers": 1,
         "dataloader_num_workers": 0,
-        "output_dir": str(output_dir),
         "overwrite_output_dir": True,
         "logging_steps": 1,
         "save_strategy": "no",
@@ -97,7 +90,6 @@ def _yaml(tiny, output_dir: Path, **extra) -> dict:
         "gradient_accumulation_steps": 2,
         "learning_rate": 1.0e-3,
         "max_steps": 4,
-        "report_to": "none",
         "val_size": 0.2,
         "eval_strategy": "steps",
         "eval_steps": 2,
@@ -105,8 +97,8 @@ def _yaml(tiny, output_dir: Path, **extra) -> dict:
         "matryoshka_trainer": "distill",
         "matryoshka_projection_lr": 1.0e-2,
     }
-    config.update(extra)
-    return config
+    settings.update(extra)
+    return pt_config(tiny["model"], tiny["data"], output_dir, **settings)
 
 
 def _run(env, config: dict, path: Path, extra_env: dict | None = None, timeout: int = 400):

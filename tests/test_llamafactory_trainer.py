@@ -20,7 +20,7 @@ pytest.importorskip("llamafactory")
 
 from llamafactory_ext import _import_hook
 from llamafactory_ext.arguments import MatryoshkaArguments, get_active
-from llamafactory_ext.testing import build_tiny_llama, build_tiny_pcallama, write_tiny_datasets
+from llamafactory_ext.testing import build_tiny_llama, build_tiny_pcallama, pt_config, write_tiny_datasets
 
 _import_hook.install()  # patches the LLaMA-Factory modules even if the .pth is not installed
 
@@ -120,18 +120,7 @@ def test_modules_are_patched():
 
 # ----------------------------------------------------------------------------------- YAML options
 def _train_dict(tiny, tmp_path, **extra):
-    base = {
-        "model_name_or_path": str(tiny["model"]),
-        "stage": "pt",
-        "do_train": True,
-        "finetuning_type": "full",
-        "dataset": "tiny_pt",
-        "dataset_dir": str(tiny["data"]),
-        "output_dir": str(tmp_path / "out"),
-        "report_to": "none",
-    }
-    base.update(extra)
-    return base
+    return pt_config(tiny["model"], tiny["data"], tmp_path / "out", **extra)
 
 
 def test_yaml_options_are_parsed(tiny, tmp_path):
