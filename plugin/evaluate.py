@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def perplexity(
+def token_nll(
     model: Any, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, desc: str = "perplexity"
-) -> float:
-    """exp(mean next-token NLL) over every predicted token of every window."""
+) -> tuple[float, int]:
+    """(summed next-token NLL, number of predicted tokens) over every window (rows of one length)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -30,6 +30,14 @@ def perplexity(
         total_nll += float(nll)
         total_tokens += batch[:, 1:].numel()
     model.train(was_training)
+    return total_nll, total_tokens
+
+
+def perplexity(
+    model: Any, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, desc: str = "perplexity"
+) -> float:
+    """exp(mean next-token NLL) over every predicted token of every window."""
+    total_nll, total_tokens = token_nll(model, windows, batch_size, progress, desc)
     return math.exp(total_nll / total_tokens)
 
 

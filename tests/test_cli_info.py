@@ -62,3 +62,26 @@ def test_import_hook_pth_is_active(tmp_path):
     res = _run([sys.executable, "-c", code], tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "True"
+
+
+def test_demo_perplexity_scores_whole_and_partial_windows() -> None:
+    import math
+
+    import torch
+    from conftest import make_tiny_llama
+
+    from plugin.commands.demo import windowed_perplexity
+
+    model = make_tiny_llama("gqa").eval()
+    ids = torch.randint(0, 128, (23,), generator=torch.Generator().manual_seed(0))
+    ppl, scored = windowed_perplexity(model, ids, window=8)  # windows of 8, 8 and a partial 7
+    nll = 0.0
+    with torch.no_grad():
+        for start in (0, 8, 16):
+            chunk = ids[start:start + 8][None]
+            logits = model(chunk).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
+    assert scored == 7 + 7 + 6
+    assert math.isclose(ppl, math.exp(nll / scored), rel_tol=1e-5)
+    with pytest.raises(ValueError, match="increase --tokens"):
+        windowed_perplexity(model, ids[:1], window=8)

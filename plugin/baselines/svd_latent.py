@@ -26,6 +26,7 @@ from ..cache import own_cache, prepare_generation_cache
 from ..ranks import check_budget
 from .latent_attention import LatentLlamaAttention
 from .latent_cache import LatentCache
+from .measure import full_cache_bytes_per_token
 from .rope import RopeTable
 from .selection import check_choice, variance_count
 
@@ -160,10 +161,7 @@ class LatentLlamaForCausalLM(LlamaForCausalLM):
 
     def full_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         """Bytes per token of the uncompressed GQA cache of the base model."""
-        cfg = self.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        numbers = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim
-        return numbers * torch.finfo(dtype or self.dtype).bits // 8
+        return full_cache_bytes_per_token(self, dtype or self.dtype)
 
     def kv_budget(self) -> float:
         """Cache bytes relative to the uncompressed cache."""

@@ -43,41 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "available, else cpu)")
 
 
-def kv_bytes_per_token(config: object, bytes_per_element: int) -> int:
-    """Full-cache bytes per token: 2 * layers * KV heads * head_dim * bytes per element."""
-    n_layers = config.num_hidden_layers  # type: ignore[attr-defined]
-    n_heads = config.num_attention_heads  # type: ignore[attr-defined]
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads  # type: ignore
+def windowed_perplexity(model: object, ids: torch.Tensor, window: int) -> tuple[float, int]:
+    """(perplexity, scored tokens) over non-overlapping windows of a 1-D id tensor; a last partial
+    window of at least 2 tokens is scored too."""
+    from plugin.evaluate import token_nll
 
-    return 2 * n_layers * n_kv * head_dim * bytes_per_element
-
-
-def windowed_perplexity(model: object, ids: torch.Tensor, window: int,
-                        desc: str = "perplexity") -> tuple[float, int]:
-    """(perplexity, scored tokens) over non-overlapping windows of a 1-D id tensor."""
-    import torch
-    from tqdm import tqdm
-
-    device = next(model.parameters()).device  # type: ignore[attr-defined]
-    total_nll = 0.0
-    scored = 0
-    starts = range(0, ids.numel(), window)
-    with torch.inference_mode():
-        for start in tqdm(starts, desc=desc, unit="win", leave=False):
-            chunk = ids[start:start + window]
-            if chunk.numel() < 2:
-                continue
-            batch = chunk.unsqueeze(0).to(device)
-            logits = model(input_ids=batch, use_cache=False).logits.float()  # type: ignore[operator]
-            nll = torch.nn.functional.cross_entropy(
-                logits[0, :-1], batch[0, 1:], reduction="sum"
-            )
-            total_nll += float(nll)
-            scored += chunk.numel() - 1
-    if scored == 0:
+    whole = ids.numel() // window * window
+    parts = [ids[:whole].view(-1, window)] if whole else []
+    if ids.numel() - whole >= 2:
+        parts.append(ids[whole:].unsqueeze(0))
+    if not parts:
         raise ValueError("no tokens to score: increase --tokens")
-    return math.exp(total_nll / scored), scored
+    sums = [token_nll(model, part, batch_size=1, desc="perplexity") for part in parts]
+    return math.exp(sum(s[0] for s in sums) / sum(s[1] for s in sums)), sum(s[1] for s in sums)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,10 +91,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"perplexity {ppl:.2f} over {scored} predicted tokens "
           f"({n_windows} windows of {args.window}, {elapsed:.1f} s)")
 
-    element = model.dtype.itemsize if hasattr(model.dtype, "itemsize") else 4
+    from plugin.baselines.measure import full_cache_bytes_per_token
+
+    element = model.dtype.itemsize
     cfg = model.config
-    full = kv_bytes_per_token(cfg, element)
-    half = kv_bytes_per_token(cfg, 2)
+    full = full_cache_bytes_per_token(model)
+    half = full_cache_bytes_per_token(model, torch.float16)
     n_kv = cfg.num_key_value_heads
     print(f"kv cache   {full} bytes/token in {model.dtype} ({half} in 16-bit) = 2 x "
           f"{cfg.num_hidden_layers} layers x {n_kv} KV heads x {cfg.head_dim} dims x "
