@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCS, ROOT, header, markdown_table, write_section
+from plots import accuracy_png
 
 from opencompass_ext.models import budget_abbr, format_budget
 
@@ -241,10 +242,12 @@ def main() -> None:
     headers = ["model"] + [set_abbrs[n] for n in names] + ["average", "same prediction as base, %"]
     if args.quick:
         (work / "accuracy.json").write_text(json.dumps(result, indent=1))
+        accuracy_png(result, work / "accuracy.png")
         print(markdown_table(headers, table_rows))
         print(f"accuracy quick run ok: {work / 'accuracy.json'}")
         return
     (DOCS / "accuracy.json").write_text(json.dumps(result, indent=1))
+    accuracy_png(result, DOCS / "accuracy.png")
     cmd = "python benchmarks/accuracy.py"
     defaults = {"--items": (args.items, 500), "--datasets": (args.datasets, "csqa,piqa,obqa,siqa,boolq")}
     cmd += "".join(f" {flag} {value}" for flag, (value, default) in defaults.items() if value != default)
@@ -257,7 +260,7 @@ def main() -> None:
              "section (`mkv search-budget`); `base-uncompressed` = the embedded SmolLM2-135M with its full cache. "
              "Cells: accuracy in % ± its standard error sqrt(p(1-p)/n) in points. The last column: the share of all "
              "scored items on which the row predicts the same answer as the base model.\n\n")
-    body += markdown_table(headers, table_rows) + "\n\n"
+    body += markdown_table(headers, table_rows) + "\n\n![accuracy by model row](accuracy.png)\n\n"
     chance = ", ".join(f"{set_abbrs[n]} {100 * CHANCE[n]:.0f}%" for n in names if CHANCE.get(n))
     worst = max(stderr_points(50, c) for c in counts.values())
     body += (f"Chance level: {chance} (boolq: the majority answer). With n = {min(counts.values())}-"

@@ -22,11 +22,13 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCS, header, markdown_table, write_section
+from plots import decode_memory_png
 
 SETTINGS = ["full", "1.0", "0.5", "0.25"]
 
@@ -197,18 +199,22 @@ def main() -> None:
             speed_rows.append([context, fold, f"{speed['full']['tokens_per_s']:.2f}",
                                f"{speed['0.5']['tokens_per_s']:.2f}", f"{speed['0.5']['ratio']:.2f}"])
     if args.quick:
-        print("decode_memory quick run ok")
+        out = Path(tempfile.mkdtemp(prefix="mkv-decode-quick-")) / "decode_memory.png"
+        decode_memory_png({"rows": rows}, out)
+        print(f"decode_memory quick run ok: {out}")
         return
     body = header(f"python benchmarks/decode_memory.py --new-tokens {args.new_tokens} --threads {args.threads}") + "\n" + markdown_table(
         ["context", "batch", "setting", "fill", "cache MiB", "cache / full", "peak RSS MiB", "tokens/s",
          "speed / full (interleaved)"],
         rows) + "\n\nFold of U_V into v_proj/o_proj on and off, 50% budget, batch 1 (ratio to the full cache, same run):\n\n"
     body += markdown_table(["context", "fold", "full tokens/s", "50% tokens/s", "ratio"], speed_rows)
+    body += "\n\n![decode speed and peak memory](decode_memory.png)"
     body += ("\n\n`full` is the unmodified LlamaForCausalLM with transformers' DynamicCache; `1.0` is PcaLlama at full "
              "rank (projection overhead, no saving). Peak RSS includes the model weights (float32) and the Python "
              "process; the cache column is read from the cache object.\n")
     write_section("decode_memory", "Memory and decode speed", body)
     (DOCS / "decode_memory.json").write_text(json.dumps({"rows": rows, "fold": speed_rows}, indent=1))
+    decode_memory_png({"rows": rows}, DOCS / "decode_memory.png")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCS, ROOT, header, markdown_table, write_section
+from plots import training_cost_png
 
 BIN = Path(sys.executable).parent
 VARIANTS = {
@@ -124,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="outputs/demo/pca", help="PCA-calibrated PcaLlama checkpoint")
     parser.add_argument("--yaml", default="scripts/matryoshka_pt.yaml")
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     parser.add_argument("--work-dir", default=None, help="run outputs (default: a temp dir, removed at the end)")
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny checkpoint and dataset, no docs")
@@ -166,13 +167,15 @@ def main() -> None:
               "rows": rows}
     if args.quick:
         (work / "training_cost.json").write_text(json.dumps(result, indent=1))
-        print(f"training_cost quick run ok: {work / 'training_cost.json'}")
+        training_cost_png(result, work / "training_cost.png")
+        print(f"training_cost quick run ok: {work / 'training_cost.json'} {work / 'training_cost.png'}")
         return
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
     (DOCS / "training_cost.json").write_text(json.dumps(result, indent=1))
+    training_cost_png(result, DOCS / "training_cost.png")
     write_section("training_cost", "Training cost (LLaMA-Factory)", render(rows, base, args))
-    print(f"wrote {DOCS / 'training_cost.json'} and the 'training_cost' section of docs/benchmarks.md")
+    print(f"wrote {DOCS / 'training_cost.json'}, training_cost.png and the 'training_cost' section of docs/benchmarks.md")
 
 
 def render(rows: list[dict], base: dict[str, str], args: argparse.Namespace) -> str:
@@ -189,6 +192,7 @@ def render(rows: list[dict], base: dict[str, str], args: argparse.Namespace) -> 
               num(r["ratio_to_distill"], ".2f"), f"{r['peak_rss_mib']:.0f}", r["trainable"] or "-"] for r in rows]
     body += markdown_table(["variant", "s / step (steady)", "train_runtime / steps", "s/step vs distill",
                             "peak RSS MiB", "trainable parameters (LLaMA-Factory's log)"], table) + "\n\n"
+    body += "![training cost](training_cost.png)\n\n"
     body += ("What is compared: `distill` and `plain` train only the KV projections (743k parameters) with the "
              "base frozen; `distill` adds a no-grad full-rank teacher forward per micro-batch. `stock-freeze` is "
              "LLaMA-Factory's own trainer (`matryoshka_trainer: none`) with `finetuning_type: freeze` over all "

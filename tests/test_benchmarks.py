@@ -42,6 +42,8 @@ def docs_untouched():
 def test_decode_memory_quick(docs_untouched):
     proc = _run("decode_memory.py")
     assert "decode_memory quick run ok" in proc.stdout
+    png = Path(proc.stdout.split("decode_memory quick run ok: ")[1].split()[0])
+    assert png.read_bytes()[:8] == PNG_MAGIC
 
 
 def test_quality_quick(tmp_path, docs_untouched):
@@ -75,6 +77,7 @@ def test_accuracy_quick(tmp_path, docs_untouched):
     summary = {(r["model"], r["dataset"]): r["accuracy"] for r in result["rows"]}
     for dataset in ("piqa", "obqa"):  # full rank computes the base model's function
         assert summary[("pca-100%", dataset)] == summary[("base-uncompressed", dataset)]
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_training_cost_quick(tmp_path, docs_untouched):
@@ -86,6 +89,7 @@ def test_training_cost_quick(tmp_path, docs_untouched):
     for row in rows.values():
         assert row["s_per_step"] and row["s_per_step"] > 0 and row["peak_rss_mib"] > 50
     assert rows["distill"]["ratio_to_distill"] == 1.0
+    assert (tmp_path / "training_cost.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_run_all_rejects_unknown_benchmark():
