@@ -242,6 +242,8 @@ class PcaLlamaBaseModel(HuggingFaceBaseModel):
 
         from .scoring import PrefixScorer
 
+        if self.drop_middle:  # truncation from the middle changes the prefixes: score prompt by prompt
+            return [list(self.get_ppl(group)) for group in groups]
         scorer = PrefixScorer(self.model)
         out = []
         for group in tqdm(groups, desc="items", unit="item", mininterval=5, disable=len(groups) < 2):
