@@ -21,6 +21,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path, title: str) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def decode_memory_png(data: dict[str, Any], path: str | Path) -> Path:
     """Decode speed relative to the full cache, and peak RSS, against context (batch 1 solid, 8 dashed)."""
     plt = _pyplot()
@@ -43,11 +51,7 @@ def decode_memory_png(data: dict[str, Any], path: str | Path) -> Path:
         ax.grid(True, alpha=0.3)
     left.axhline(1.0, color="black", linewidth=0.8)
     right.legend(fontsize=7)
-    fig.suptitle("Decode speed and memory by KV budget (CPU)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, "Decode speed and memory by KV budget (CPU)")
 
 
 def training_cost_png(data: dict[str, Any], path: str | Path) -> Path:
@@ -63,11 +67,7 @@ def training_cost_png(data: dict[str, Any], path: str | Path) -> Path:
     for ax in (left, right):
         ax.grid(True, axis="y", alpha=0.3)
         ax.tick_params(axis="x", labelrotation=15)
-    fig.suptitle("Training cost: Matryoshka trainers vs LLaMA-Factory's own (same model and data)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, "Training cost: Matryoshka trainers vs LLaMA-Factory's own (same model and data)")
 
 
 def accuracy_png(data: dict[str, Any], path: str | Path) -> Path:
@@ -88,11 +88,7 @@ def accuracy_png(data: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("accuracy (%), bars: ± 1 standard error")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title("OpenCompass accuracy by KV budget (same items for every row)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, "OpenCompass accuracy by KV budget (same items for every row)")
 
 
 PLOTS = {"decode_memory": decode_memory_png, "training_cost": training_cost_png, "accuracy": accuracy_png}
