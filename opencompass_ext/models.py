@@ -177,11 +177,9 @@ class PcaLlamaBaseModel(HuggingFaceBaseModel):
     def get_ppl(self, inputs, mask_length=None):
         """Per-prompt mean token loss, like HuggingFaceBaseModel.get_ppl, but batch-invariant.
 
-        OpenCompass pads on the left and numbers positions from the first pad (harmless for
-        the base model, whose RoPE scores depend only on distances, but not for projected keys
-        below full rank); here positions start at each prompt's first real token. It also
-        scores every label that is not the pad token, so
-        for each padded prompt it also scores the first real token (BOS) as predicted from
+        OpenCompass pads on the left (a PcaLlama model numbers each row's positions from its
+        first real token itself, see plugin.modeling.positions_from_mask) and scores every
+        label that is not the pad token, so for each padded prompt it also scores the first real token (BOS) as predicted from
         the last *pad* position, whose output is meaningless and differs between models
         and batch compositions (a ~1e-3 shift of the mean loss on a tiny model; enough to
         flip near-tied choices). Here a label is scored only when the position predicting
@@ -203,12 +201,8 @@ class PcaLlamaBaseModel(HuggingFaceBaseModel):
             add_special_tokens=True, max_length=self.max_seq_len)
         tokens = {k: v.to(self.model.device) for k, v in tokens.items()}
         attn = tokens["attention_mask"].bool()
-        # positions count from each prompt's first real token: below full rank the projected keys
-        # are not shift-invariant under RoPE, so a left-padded prompt must see the positions it
-        # would have alone
-        position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = self.model(**tokens, position_ids=position_ids)[0]
+            logits = self.model(**tokens)[0]
         bsz, seq_len, _vocab = logits.shape
         labels = tokens["input_ids"][:, 1:]
         valid = attn[:, 1:] & attn[:, :-1]

@@ -54,8 +54,8 @@ def windowed_perplexity(model: object, ids: torch.Tensor, window: int) -> tuple[
         parts.append(ids[whole:].unsqueeze(0))
     if not parts:
         raise ValueError("no tokens to score: increase --tokens")
-    sums = [token_nll(model, part, batch_size=1, desc="perplexity") for part in parts]
-    return math.exp(sum(s[0] for s in sums) / sum(s[1] for s in sums)), sum(s[1] for s in sums)
+    nll, scored = (sum(column) for column in zip(*(token_nll(model, part, batch_size=1) for part in parts)))
+    return math.exp(nll / scored), scored
 
 
 def run(args: argparse.Namespace) -> int:
