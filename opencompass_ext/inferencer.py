@@ -36,16 +36,10 @@ class PrefixSharingPPLInferencer(PPLInferencer):
         labels = self.labels or retriever.get_labels(ice_template=ice_template, prompt_template=prompt_template)
         ice = [retriever.generate_ice(ids, ice_template=ice_template) for ids in ice_ids]
 
-        templates = []  # per item, one prompt template per label
-        for idx in range(len(ice_ids)):
-            item = []
-            for label in labels:
-                prompt = self._label_prompt(retriever, idx, ice, ice_ids, label, ice_template, prompt_template)
-                item.append(prompt)
-            templates.append(item)
-        handler.save_ice(self.model.parse_template(ice, mode="ppl"))
-
-        texts = [[self.model.parse_template(p, mode="ppl") for p in item] for item in templates]
+        texts = [[self.model.parse_template(
+                      self._label_prompt(retriever, idx, ice, ice_ids, label, ice_template, prompt_template), mode="ppl")
+                  for label in labels] for idx in range(len(ice_ids))]  # per item, one prompt per label
+        handler.save_ice(self.model.parse_template(ice, mode="ppl"))  # after any shortening of the examples
         scores = self.model.get_ppl_grouped(texts)
 
         for idx, (item, item_scores) in enumerate(zip(texts, scores)):
