@@ -36,7 +36,8 @@ test: install data/sotu_train.jsonl
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: install
+# training_cost needs $(DEMO)/pca; quality and accuracy also need $(DEMO)/matryoshka (built as in `make demo`).
+bench: install data/sotu_train.jsonl $(DEMO)/pca/config.json $(DEMO)/matryoshka/config.json
 	$(PY) benchmarks/run_all.py
 
 clean:

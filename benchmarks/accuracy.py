@@ -20,16 +20,23 @@ Every model row scores the same items: the first --items rows (MKV_TEST_RANGE) o
   python benchmarks/accuracy.py                   # full run: 500 items of each of the five sets
   python benchmarks/accuracy.py --items 64 --datasets piqa,obqa     # a smaller run
   python benchmarks/accuracy.py --quick           # CI smoke test: tiny checkpoints, quick suite, temp dir
+  python benchmarks/accuracy.py --patch-rates     # add chance / majority rows to the docs table, scoring nothing
+
+Beside the model rows the table shows each set's chance rate and majority-class rate on the same items
+(benchmarks/chance.py), and says which sets carry signal on this model: only where the base model is
+clearly above both can a compressed row's drop be read as lost ability.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import glob
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -39,14 +46,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, ROOT, header, markdown_table, write_section
+from chance import subset_rates
+from common import BENCH_MD, DOCS, ROOT, header, markdown_table, write_section
 from plots import accuracy_png
 
 from opencompass_ext.models import budget_abbr, format_budget
 
 BIN = Path(sys.executable).parent
 ABBR = {"csqa": "csqa-8shot", "piqa": "piqa", "obqa": "obqa", "siqa": "siqa", "boolq": "boolq"}
-CHANCE = {"csqa": 0.2, "piqa": 0.5, "obqa": 0.25, "siqa": 1 / 3, "boolq": None}
+RATE_ROWS = {"chance": "chance (random option)", "majority": "majority answer"}
+SIGNAL_SE = 2.0  # base accuracy this many standard errors above max(chance, majority) counts as signal
 
 
 def rel(path: str | Path) -> str:
@@ -145,6 +154,97 @@ def speed_check(model: str, budget: float, items: int, names: list[str]) -> list
     return run(model, budget, names, items, [16], suite="cpu" if items > 8 else "quick")
 
 
+def rate_rows(rates: dict[str, dict], names: list[str]) -> list[list[str]]:
+    """Table rows of the chance and majority-class rates (%), laid out like the model rows."""
+    rows = []
+    for key, label in RATE_ROWS.items():
+        cells = [label]
+        for name in names:
+            value = f"{100 * rates[name][key]:.1f}"
+            cells.append(value + (f" ({rates[name]['majority_answer']})" if key == "majority" else ""))
+        cells += [f"{100 * sum(rates[n][key] for n in names) / len(names):.1f}", "-"]
+        rows.append(cells)
+    return rows
+
+
+def signal_sets(rates: dict[str, dict], base: dict[str, float | None], counts: dict[str, int]) -> dict[str, bool]:
+    """{set: base accuracy >= max(chance, majority) + SIGNAL_SE standard errors}."""
+    out = {}
+    for name, r in rates.items():
+        acc = base.get(name)
+        floor = 100 * max(r["chance"], r["majority"])
+        out[name] = acc is not None and acc >= floor + SIGNAL_SE * stderr_points(acc, counts[name])
+    return out
+
+
+def reading_note(rates: dict[str, dict], base: dict[str, float | None], counts: dict[str, int],
+                 set_abbrs: dict[str, str], patched: str | None = None) -> str:
+    """The paragraph under the table: reference rates, which sets carry signal, noise level."""
+    signal = signal_sets(rates, base, counts)
+
+    def describe(name: str) -> str:
+        floor = 100 * max(rates[name]["chance"], rates[name]["majority"])
+        acc = base.get(name)
+        return f"{set_abbrs[name]} ({acc:.1f} vs {floor:.1f})" if acc is not None else set_abbrs[name]
+
+    yes = [describe(n) for n in rates if signal[n]]
+    no = [describe(n) for n in rates if not signal[n]]
+    worst = max(stderr_points(50, c) for c in counts.values())
+    text = ("Reference rows, computed from the same items (benchmarks/chance.py): `chance (random option)` = the "
+            "expected accuracy of picking one of each item's options at random; `majority answer` = the accuracy "
+            "of always giving "
+            "the most frequent gold answer (its letter in brackets). A set carries signal on this model when the "
+            f"base model is at least {SIGNAL_SE:g} standard errors above both (base vs the higher of the two): ")
+    text += (", ".join(yes) if yes else "none") + " do"
+    if no:
+        text += "; " + ", ".join(no) + (" do not, so on those sets a compressed row's accuracy says little about "
+                                       "what compression costs")
+    low, high = min(counts.values()), max(counts.values())
+    text += (f". With n = {low if low == high else f'{low}-{high}'} items per set the standard error of one "
+             f"accuracy is up to {worst:.1f} points; differences between two rows on the same items are less noisy "
+             "than that, as their errors are correlated (the agreement column shows how many answers actually "
+             "change). At 100 % the PcaLlama rows compute the same function as the base model (orthogonal bases "
+             "at full rank), so they must match it up to float round-off.")
+    if patched:
+        text += (f" The two reference rows and this paragraph were added on {patched} by `python benchmarks/accuracy.py "
+                 "--patch-rates`, which reads the scored items and scores no model; the model rows are from the "
+                 "run dated above.")
+    return text
+
+
+def patch_rates() -> None:
+    """Add the rate rows and reading note to the existing docs table and docs/accuracy.json, scoring nothing."""
+    result = json.loads((DOCS / "accuracy.json").read_text())
+    suite, counts = result["meta"]["suite"], result["meta"]["items"]
+    names = list(counts)
+    # counts[name] = min(set size, --items): the first counts[name] rows are exactly the scored items
+    rates = {name: subset_rates([name], suite, counts[name])[name] for name in names}
+    base = {r["dataset"]: r["accuracy"] for r in result["rows"] if r["model"] == "base-uncompressed"}
+    result["meta"]["rates"] = rates
+    result["meta"]["signal"] = signal_sets(rates, base, counts)
+    suffix = "" if suite == "full" else f"-{suite}"
+    set_abbrs = {n: ABBR[n] + suffix for n in names}
+    text = BENCH_MD.read_text()
+    section = re.search(r"<!-- accuracy:start -->.*?<!-- accuracy:end -->", text, re.DOTALL)
+    if not section:
+        raise SystemExit(f"no accuracy section in {BENCH_MD}")
+    lines = section.group(0).split("\n")
+    labels = tuple(f"| {label} |" for label in RATE_ROWS.values())
+    lines = [ln for ln in lines if not ln.startswith(labels)]
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("| model |")) + 2  # after the header and ---
+    new_rows = ["| " + " | ".join(row) + " |" for row in rate_rows(rates, names)]
+    lines[at:at] = new_rows
+    note = reading_note(rates, base, counts, set_abbrs, patched=datetime.date.today().isoformat())
+    lines = [note if ln.startswith(("Chance level:", "Reference rows,")) else ln for ln in lines]
+    BENCH_MD.write_text(text.replace(section.group(0), "\n".join(lines)))
+    (DOCS / "accuracy.json").write_text(json.dumps(result, indent=1))
+    for name in names:
+        r = rates[name]
+        print(f"{set_abbrs[name]}: n = {r['n']}, chance {100 * r['chance']:.1f}, majority {100 * r['majority']:.1f} "
+              f"({r['majority_answer']}), base {base.get(name)}, signal {result['meta']['signal'][name]}")
+    print(f"patched the accuracy table in {BENCH_MD} and {DOCS / 'accuracy.json'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pca", default="outputs/demo/pca")
@@ -162,7 +262,12 @@ def main() -> None:
                         help="items per set of the prefix-sharing vs PPLInferencer timing; 0 skips it")
     parser.add_argument("--work-dir", default=None, help="default outputs/bench/accuracy (--quick: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny checkpoints, 2 items, no docs")
+    parser.add_argument("--patch-rates", action="store_true",
+                        help="only add the chance / majority rows to docs/benchmarks.md and docs/accuracy.json")
     args = parser.parse_args()
+    if args.patch_rates:
+        patch_rates()
+        return
 
     if args.quick:
         tmp = Path(args.work_dir or tempfile.mkdtemp(prefix="mkv-accuracy-quick-"))
@@ -237,8 +342,12 @@ def main() -> None:
             total += min(len(preds), len(ref))
         cells.append(f"{100 * same / total:.1f}" if total else "-")
         table_rows.append(cells)
+    rates = {name: subset_rates([name], args.suite, counts[name])[name] for name in names}
+    base_scores = {r["dataset"]: r["accuracy"] for r in records if r["model"] == "base-uncompressed"}
+    table_rows = rate_rows(rates, names) + table_rows
     result = {"meta": {"suite": args.suite, "items": counts, "budgets": args.budgets, "rank_files": rank_budgets,
-                       "commands": log, "speed": speed}, "rows": records}
+                       "commands": log, "speed": speed, "rates": rates,
+                       "signal": signal_sets(rates, base_scores, counts)}, "rows": records}
     headers = ["model"] + [set_abbrs[n] for n in names] + ["average", "same prediction as base, %"]
     if args.quick:
         (work / "accuracy.json").write_text(json.dumps(result, indent=1))
@@ -261,14 +370,7 @@ def main() -> None:
              "Cells: accuracy in % ± its standard error sqrt(p(1-p)/n) in points. The last column: the share of all "
              "scored items on which the row predicts the same answer as the base model.\n\n")
     body += markdown_table(headers, table_rows) + "\n\n![accuracy by model row](accuracy.png)\n\n"
-    chance = ", ".join(f"{set_abbrs[n]} {100 * CHANCE[n]:.0f}%" for n in names if CHANCE.get(n))
-    worst = max(stderr_points(50, c) for c in counts.values())
-    body += (f"Chance level: {chance} (boolq: the majority answer). With n = {min(counts.values())}-"
-             f"{max(counts.values())} items per set the standard error of one accuracy is up to {worst:.1f} points; "
-             "differences between two rows on the same items are less noisy than that, as their errors are "
-             "correlated (the agreement column shows how many answers actually change). At 100 % the PcaLlama rows "
-             "compute the same function as the base model (orthogonal bases at full rank), so they must match it "
-             "up to float round-off.\n\n")
+    body += reading_note(rates, base_scores, counts, set_abbrs) + "\n\n"
     if speed:
         body += ("Evaluation speed: the configs use `PrefixSharingPPLInferencer` (opencompass_ext/inferencer.py): "
                  "the choices of an item are scored together, and the token prefix they share (and, for the 8-shot "

@@ -30,44 +30,64 @@ def _save(plt: Any, fig: Any, path: str | Path, title: str) -> Path:
 
 
 def decode_memory_png(data: dict[str, Any], path: str | Path) -> Path:
-    """Decode speed relative to the full cache, and peak RSS, against context (batch 1 solid, 8 dashed)."""
+    """Cache size against context (batch 1 solid, 8 dashed) and batch-1 decode speed relative to the full cache."""
     plt = _pyplot()
-    speed: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
-    rss: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
-    for context, batch, setting, _fill, _mib, _share, peak, _tps, ratio in data["rows"]:
-        speed[(setting, int(batch))].append((int(context), float(ratio)))
-        rss[(setting, int(batch))].append((int(context), float(peak)))
+    size: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
+    speed: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for row in data["cache"]:
+        size[(row["setting"], int(row["batch"]))].append((int(row["context"]), float(row["cache_mib"])))
+    for row in data["speed"]:
+        speed[row["setting"]].append((int(row["context"]), float(row["speed_ratio"])))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = {"full": "black", "1.0": "tab:gray", "0.5": "tab:blue", "0.25": "tab:green"}
-    for ax, series, label in ((left, speed, "decode tokens/s relative to the full cache"), (right, rss, "peak RSS (MiB)")):
-        for (setting, batch), points in sorted(series.items()):
-            xs, ys = zip(*sorted(points))
-            name = "full cache" if setting == "full" else f"PcaLlama {setting}"
-            ax.plot(xs, ys, marker="o", color=colours.get(setting), linestyle="-" if batch == 1 else "--",
-                    label=f"{name}, batch {batch}")
+
+    def name(setting: str) -> str:
+        return "full cache" if setting == "full" else f"PcaLlama {setting}"
+
+    for (setting, batch), points in sorted(size.items()):
+        xs, ys = zip(*sorted(points))
+        left.plot(xs, ys, marker="o", color=colours.get(setting), linestyle="-" if batch == 1 else "--",
+                  label=f"{name(setting)}, batch {batch}")
+    for setting, points in sorted(speed.items()):
+        xs, ys = zip(*sorted(points))
+        right.plot(xs, ys, marker="o", color=colours.get(setting), label=f"{name(setting)}, batch 1")
+    left.set_yscale("log", base=2)
+    left.set_ylabel("KV cache (MiB, read from the cache object)")
+    right.set_ylabel("decode tokens/s relative to the full cache")
+    right.axhline(1.0, color="black", linewidth=0.8)
+    for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
-        ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-    left.axhline(1.0, color="black", linewidth=0.8)
-    right.legend(fontsize=7)
-    return _save(plt, fig, path, "Decode speed and memory by KV budget (CPU)")
+        ax.legend(fontsize=7, loc="upper left")
+    return _save(plt, fig, path, "KV cache size by budget, and batch-1 decode speed (CPU, random-state caches)")
 
 
 def training_cost_png(data: dict[str, Any], path: str | Path) -> Path:
-    """Seconds per optimizer step and peak RSS of each training variant."""
+    """Seconds per optimizer step and peak RSS of each training variant.
+
+    distill and plain (same trainable parameters and tokens) are the comparison; any stock LLaMA-Factory
+    rows are drawn grey and hatched because they train other parameters and are context only."""
     plt = _pyplot()
     rows = data["rows"]
     names = [r["variant"] for r in rows]
+    headline = {"distill": "tab:blue", "plain": "tab:cyan"}
+    colours = [headline.get(n, "lightgray") for n in names]
+    hatches = ["" if n in headline else "//" for n in names]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    left.bar(names, [r["s_per_step"] for r in rows], color="tab:blue")
-    left.set_ylabel("seconds per optimizer step")
-    right.bar(names, [r["peak_rss_mib"] for r in rows], color="tab:orange")
-    right.set_ylabel("peak RSS (MiB)")
-    for ax in (left, right):
+    for ax, key, label in ((left, "s_per_step", "seconds per optimizer step"), (right, "peak_rss_mib", "peak RSS (MiB)")):
+        bars = ax.bar(names, [r[key] or 0 for r in rows], color=colours, edgecolor="black", linewidth=0.5)
+        for bar, hatch in zip(bars, hatches):
+            bar.set_hatch(hatch)
+        ax.set_ylabel(label)
         ax.grid(True, axis="y", alpha=0.3)
         ax.tick_params(axis="x", labelrotation=15)
-    return _save(plt, fig, path, "Training cost: Matryoshka trainers vs LLaMA-Factory's own (same model and data)")
+    for bar, row in zip(left.patches, rows):
+        if row.get("ratio_to_plain"):
+            left.annotate(f"{row['ratio_to_plain']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                          ha="center", va="bottom", fontsize=8)
+    return _save(plt, fig, path, "Training cost: distillation vs plain Matryoshka training\n"
+                                 "(hatched: LLaMA-Factory's stock trainer, other parameters, context only)")
 
 
 def accuracy_png(data: dict[str, Any], path: str | Path) -> Path:

@@ -1,8 +1,14 @@
-"""Smoke tests of the benchmark scripts: each runs with --quick as a subprocess (tiny checkpoints in
-temp dirs, nothing written to docs/) and must exit 0 and write well-formed JSON / PNG files."""
+"""Tests of the benchmark scripts.
+
+The slow ones run each script with --quick as a subprocess (tiny checkpoints or tiny sizes in temp dirs,
+nothing written to docs/) and check the figures against values computed here independently: cache bytes
+from the model's shape (2 x layers x KV heads x rank x 4 bytes per token), ratios from the two runs' own
+times, trainable parameters from the projection shapes. The fast ones test the chance / majority helpers.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,9 +19,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FLOAT32 = 4
 
-pytestmark = pytest.mark.slow
+
+def _load_chance():
+    spec = importlib.util.spec_from_file_location("mkv_bench_chance", BENCH / "chance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+chance = _load_chance()
 
 
 def _run(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -29,6 +43,23 @@ def _run(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedPro
     return proc
 
 
+def _assert_png(path: Path) -> None:
+    """A decodable PNG with a real image in it (not just the 8 magic bytes)."""
+    import matplotlib.image
+
+    assert path.stat().st_size > 1000
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image.std() > 0  # not a blank canvas
+
+
+def _shape(config_path: Path) -> tuple[int, int, int]:
+    """(layers, KV heads, head_dim) read from a checkpoint's config.json."""
+    cfg = json.loads(config_path.read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"], cfg["num_key_value_heads"], head_dim
+
+
 @pytest.fixture
 def docs_untouched():
     """--quick must not write into docs/."""
@@ -39,13 +70,32 @@ def docs_untouched():
     assert after == before, "a --quick run changed docs/"
 
 
-def test_decode_memory_quick(docs_untouched):
-    proc = _run("decode_memory.py")
+@pytest.mark.slow
+def test_decode_memory_quick(tmp_path, docs_untouched):
+    proc = _run("decode_memory.py", "--work-dir", str(tmp_path))
     assert "decode_memory quick run ok" in proc.stdout
-    png = Path(proc.stdout.split("decode_memory quick run ok: ")[1].split()[0])
-    assert png.read_bytes()[:8] == PNG_MAGIC
+    result = json.loads((tmp_path / "decode_memory.json").read_text())
+    from plugin import assets
+
+    layers, kv_heads, head_dim = _shape(Path(assets.embedded_model_dir()) / "config.json")
+    cache = {row["setting"]: row for row in result["cache"]}
+    assert set(cache) == {"full", "1.0", "0.5", "0.25"}
+    context, batch = cache["full"]["context"], cache["full"]["batch"]
+    full = 2 * layers * kv_heads * head_dim * FLOAT32 * context * batch
+    assert cache["full"]["cache_bytes"] == full
+    for budget in (1.0, 0.5, 0.25):
+        row = cache[str(budget)]
+        rank = int(budget * head_dim)  # 1/2 and 1/4 of head_dim are multiples of the d/8 grid step
+        assert row["cache_bytes"] == 2 * layers * kv_heads * rank * FLOAT32 * context * batch
+        assert row["cache_bytes"] == budget * full
+    speed = {row["setting"]: row for row in result["speed"]}
+    assert set(speed) == set(cache) and all(row["fill"] == "synthetic" for row in speed.values())
+    for row in speed.values():  # each ratio is that setting's speed over the full cache's, same run
+        assert row["speed_ratio"] == pytest.approx(row["tokens_per_s"] / speed["full"]["tokens_per_s"], rel=1e-9)
+    _assert_png(tmp_path / "decode_memory.png")
 
 
+@pytest.mark.slow
 def test_quality_quick(tmp_path, docs_untouched):
     proc = _run("quality.py", "--work-dir", str(tmp_path))
     assert "quality quick run ok" in proc.stdout
@@ -53,16 +103,24 @@ def test_quality_quick(tmp_path, docs_untouched):
     models = {row["model"] for row in result["rows"]}
     assert {"full", "pca", "matryoshka", "matryoshka-searched", "weight-pca", "weight-pca-shared",
             "svd-latent"} <= models
+    layers, kv_heads, head_dim = _shape(tmp_path / "pcallama" / "config.json")
+    full = 2 * layers * kv_heads * head_dim * FLOAT32
     for row in result["rows"]:
-        assert row["perplexity"] > 1 and row["cache_bytes_per_token"] > 0
-        assert abs(row["cache_ratio"] - row["cache_bytes_per_token"] / row["full_cache_bytes_per_token"]) < 1e-9
+        assert row["perplexity"] > 1
+        assert row["full_cache_bytes_per_token"] == full
+        # every method, baselines included, must hold exactly the budget's share of the full cache
+        assert row["cache_bytes_per_token"] == pytest.approx(row["budget"] * full, abs=1e-6), row
+        if row["model"] in ("pca", "matryoshka") and not str(row["setting"]).endswith(".json"):
+            rank = round(row["budget"] * head_dim)
+            assert row["cache_bytes_per_token"] == 2 * layers * kv_heads * rank * FLOAT32
     searched = [r for r in result["rows"] if r["model"] == "matryoshka-searched" and r["setting"].endswith(".json")]
     assert sorted(round(r["budget"], 3) for r in searched) == [0.375, 0.5]
-    assert (tmp_path / "quality.png").read_bytes()[:8] == PNG_MAGIC
+    _assert_png(tmp_path / "quality.png")
     for name in ("ranks-0.5.json", "ranks-0.375.json"):
         assert (tmp_path / name).is_file()
 
 
+@pytest.mark.slow
 def test_accuracy_quick(tmp_path, docs_untouched):
     proc = _run("accuracy.py", "--work-dir", str(tmp_path))
     assert "accuracy quick run ok" in proc.stdout
@@ -77,22 +135,62 @@ def test_accuracy_quick(tmp_path, docs_untouched):
     summary = {(r["model"], r["dataset"]): r["accuracy"] for r in result["rows"]}
     for dataset in ("piqa", "obqa"):  # full rank computes the base model's function
         assert summary[("pca-100%", dataset)] == summary[("base-uncompressed", dataset)]
-    assert (tmp_path / "accuracy.png").read_bytes()[:8] == PNG_MAGIC
+    rates = result["meta"]["rates"]
+    assert rates["piqa"]["n"] == rates["obqa"]["n"] == 2
+    assert rates["piqa"]["chance"] == 0.5 and rates["obqa"]["chance"] == 0.25  # 2 and 4 options per item
+    assert rates["piqa"]["majority"] in (0.5, 1.0) and rates["obqa"]["majority"] in (0.5, 1.0)
+    assert "| majority answer |" in proc.stdout
+    _assert_png(tmp_path / "accuracy.png")
 
 
+@pytest.mark.slow
 def test_training_cost_quick(tmp_path, docs_untouched):
     proc = _run("training_cost.py", "--work-dir", str(tmp_path))
     assert "training_cost quick run ok" in proc.stdout
     result = json.loads((tmp_path / "training_cost.json").read_text())
     rows = {row["variant"]: row for row in result["rows"]}
-    assert set(rows) == {"distill", "stock-full"}
-    for row in rows.values():
-        assert row["s_per_step"] and row["s_per_step"] > 0 and row["peak_rss_mib"] > 50
-    assert rows["distill"]["ratio_to_distill"] == 1.0
-    assert (tmp_path / "training_cost.png").read_bytes()[:8] == PNG_MAGIC
+    assert set(rows) == {"distill", "plain"}
+    layers, kv_heads, head_dim = _shape(tmp_path / "model" / "config.json")
+    # the same workload: per (layer, KV head) a d x d Cayley generator for K and for V, plus mu_V
+    projections = layers * kv_heads * (2 * head_dim * head_dim + head_dim)
+    for name, row in rows.items():
+        assert row["trainable"].startswith(f"{projections:,} of "), (name, row["trainable"])
+        assert row["steps"] == 3 and row["s_per_step"] > 0 and row["peak_rss_mib"] > 50
+        runtime = json.loads((tmp_path / name / "train_results.json").read_text())["train_runtime"]
+        assert row["runtime_per_step"] == pytest.approx(runtime / 3)
+    # the headline ratio is distill's time over plain's, not a row over itself
+    assert rows["distill"]["ratio_to_plain"] == pytest.approx(rows["distill"]["s_per_step"] / rows["plain"]["s_per_step"])
+    _assert_png(tmp_path / "training_cost.png")
 
 
+@pytest.mark.slow
 def test_run_all_rejects_unknown_benchmark():
     proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--only", "nope"], cwd=REPO,
                           capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and "unknown benchmark" in proc.stderr
+
+
+def test_majority_rate_of_a_known_list():
+    assert chance.majority_rate(["A", "B", "B", "C"]) == 0.5
+    assert chance.majority_rate(["B", "A", "B", "B", "A"]) == 0.6
+    assert chance.majority_rate(["A"]) == 1.0
+    with pytest.raises(ValueError):
+        chance.majority_rate([])
+
+
+def test_chance_rate_averages_over_items():
+    assert chance.chance_rate([2, 2]) == 0.5
+    assert chance.chance_rate([2, 4]) == pytest.approx(0.375)
+    with pytest.raises(ValueError):
+        chance.chance_rate([])
+
+
+def test_item_rates_read_options_and_answers():
+    rows = [{"question": "q1", "A": "x", "B": "y", "answer": "B"},
+            {"question": "q2", "A": "x", "B": "y", "C": "z", "answer": "B"},
+            {"question": "q3", "A": "x", "B": "y", "answer": "A"},
+            {"question": "q4", "A": "x", "B": "y", "answer": "B"}]
+    rates = chance.item_rates(rows)
+    assert rates["n"] == 4 and rates["majority"] == 0.75 and rates["majority_answer"] == "B"
+    assert rates["chance"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2 + 1 / 2) / 4)
+    assert rates["options"] == [2, 3]
