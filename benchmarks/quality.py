@@ -90,13 +90,10 @@ def training_summary(ckpt: Path, yaml_path: Path) -> dict | None:
     state = json.loads(state_file.read_text())
     results = json.loads(results_file.read_text())
     cfg = yaml.safe_load(yaml_path.read_text()) if yaml_path.is_file() else {}
-    batch, accum = int(state.get("train_batch_size") or cfg.get("per_device_train_batch_size", 1)), None
-    if (ckpt / "training_args.bin").is_file():
-        import torch
-
-        targs = torch.load(ckpt / "training_args.bin", weights_only=False)
-        batch, accum = targs.per_device_train_batch_size, targs.gradient_accumulation_steps
-    accum = accum or int(cfg.get("gradient_accumulation_steps", 1))
+    # trainer_state.json records the per-device batch; the accumulation comes from the YAML the Makefile
+    # runs unchanged (training_args.bin would need an unsafe unpickling to read).
+    batch = int(state.get("train_batch_size") or cfg.get("per_device_train_batch_size", 1))
+    accum = int(cfg.get("gradient_accumulation_steps", 1))
     steps = state.get("global_step")
     cutoff = int(cfg.get("cutoff_len", 0)) or None
     sequences = steps * batch * accum if steps else None

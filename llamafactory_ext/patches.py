@@ -57,6 +57,11 @@ def _local_config(path: Any) -> dict | None:
         return None
 
 
+def _looks_local(path: str) -> bool:
+    """A path no hub id can be (hub ids are `name` or `namespace/name`)."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or path.endswith("/")
+
+
 class _ConfigView:
     def __init__(self, data: dict) -> None:
         self.__dict__.update(data)
@@ -69,8 +74,16 @@ def check_train_args(margs: MatryoshkaArguments, model_args: Any, finetuning_arg
         raise ValueError(
             f"`matryoshka_trainer: {margs.matryoshka_trainer}` supports `stage: pt` and `stage: sft`, not {stage!r}."
         )
-    config = _local_config(getattr(model_args, "model_name_or_path", None))
+    path = getattr(model_args, "model_name_or_path", None)
+    config = _local_config(path)
     if config is None:
+        if isinstance(path, str) and (margs.enabled or _looks_local(path)) and not os.path.isdir(path):
+            # Before LLaMA-Factory takes the path for a hub id and fails with an HFValidationError.
+            raise ValueError(
+                f"model_name_or_path {path!r} is not a local directory. Matryoshka training starts from a "
+                f"PcaLlama checkpoint: run `mkv calibrate --out {path}` first, or point model_name_or_path "
+                "at an existing one."
+            )
         return  # a hub id: checked again when the trainer is built
     model_type = config.get("model_type")
     if margs.enabled and model_type != "pcallama":

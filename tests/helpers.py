@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from plugin import PcaLlamaForCausalLM
@@ -21,3 +24,21 @@ def random_bases(model: torch.nn.Module, seed: int = 1) -> tuple[torch.Tensor, t
 def to_pca(model: torch.nn.Module, seed: int = 1) -> PcaLlamaForCausalLM:
     """A PcaLlama with random orthogonal bases and value means (any basis must be exact at full rank)."""
     return PcaLlamaForCausalLM.from_llama(model, *random_bases(model, seed)).eval()
+
+
+def save_tiny_base(model: torch.nn.Module, out_dir: str | os.PathLike, text_file: str | os.PathLike | None = None,
+                   words: int = 600) -> None:
+    """Save a tiny Llama with a word-level tokenizer over its 128-token vocabulary ("w0".."w126", "<eos>"),
+    and optionally a text file of random such words, so the `mkv` commands run on it end to end."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(127)} | {"<eos>": 127}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if text_file is not None:
+        gen = torch.Generator().manual_seed(0)
+        Path(text_file).write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 127, (words,), generator=gen)))

@@ -215,5 +215,17 @@ def test_misspelled_key_fails_at_start(env, tiny, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_the_shipped_yaml_before_calibration_says_to_calibrate(env, tmp_path):
+    """scripts/matryoshka_pt.yaml as shipped, run from a checkout where `mkv calibrate` has not run yet."""
+    shutil.copytree(REPO / "data", tmp_path / "data", ignore=shutil.ignore_patterns("*.jsonl"))
+    shutil.copy(REPO / "scripts" / "matryoshka_pt.yaml", tmp_path / "pt.yaml")
+    proc = subprocess.run([str(CLI), "train", "pt.yaml"], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=str(tmp_path), check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "run `mkv calibrate --out outputs/pca` first" in log, log[-3000:]
+    assert "HFValidationError" not in log and "Repo id" not in log
+    assert not (tmp_path / "outputs").exists()
+
 def teardown_module(module):
     shutil.rmtree(Path(os.environ.get("TMPDIR", "/tmp")) / "mkv-lf-never-created", ignore_errors=True)

