@@ -140,6 +140,35 @@ def test_plane_energies_pair_i_with_i_plus_half():
     assert basis[:, 0].argmax() == 1 and basis[:, 1].argmax() == 5
 
 
+@pytest.mark.parametrize("kind", ["mha", "gqa"])
+def test_weight_pca_bases_are_the_documented_ones(kind):
+    """Per KV head (rows h*d..(h+1)*d): value columns = eigenvectors of W_v W_v^T by descending eigenvalue;
+    key columns 2j, 2j+1 = the unit vectors of plane (i, i + d/2) with the j-th largest W_k plane energy."""
+    base = make_tiny_llama(kind)
+    fit = fit_weight_pca(base)
+    cfg = base.config
+    d, n_kv = cfg.head_dim, cfg.num_key_value_heads
+    for index, layer in enumerate(base.model.layers):
+        w_k = layer.self_attn.k_proj.weight.detach().double()
+        w_v = layer.self_attn.v_proj.weight.detach().double()
+        for head in range(n_kv):
+            rows = slice(head * d, (head + 1) * d)
+            basis = fit.value_bases[index, head].double()
+            assert torch.allclose(basis.T @ basis, torch.eye(d, dtype=torch.float64), atol=1e-5)
+            gram = basis.T @ w_v[rows] @ w_v[rows].T @ basis
+            assert torch.allclose(gram, torch.diag(gram.diagonal()), atol=1e-5)
+            assert torch.allclose(gram.diagonal(), fit.value_energy[index, head], atol=1e-5)
+            assert bool((fit.value_energy[index, head].diff() <= 1e-9).all())
+            planes = w_k[rows].pow(2).sum(-1)
+            planes = planes[: d // 2] + planes[d // 2 :]
+            keys = fit.key_bases[index, head]
+            for j in range(d // 2):
+                first = int(keys[:, 2 * j].argmax())
+                assert first < d // 2 and int(keys[:, 2 * j + 1].argmax()) == first + d // 2
+                assert float(planes[first]) == pytest.approx(float(fit.key_energy[index, head, j]))
+            assert bool((fit.key_energy[index, head].diff() <= 1e-9).all())
+
+
 def surgery_weight_pca(base, fit, ranks) -> torch.nn.Module:
     """The base model with W_k and W_v replaced by their truncations, applied BEFORE RoPE."""
     model = copy.deepcopy(base)

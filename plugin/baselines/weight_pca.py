@@ -14,6 +14,10 @@ truncation when its projector commutes with every RoPE rotation, i.e. spans whol
 (see `rope`). So keys keep whole planes ranked by their energy ||W_k[i]||^2 + ||W_k[i + d/2]||^2, the
 best Frobenius approximation of W_k among RoPE-commuting projectors; key ranks are even.
 
+The white-input premise is the method's weakness, not a detail: on SmolLM2 the normed input of k_proj /
+v_proj carries a large constant part, which the trained weights map largely through their *weak* directions,
+the ones dropped first (measured in docs/baselines.md, "Why weight-PCA fails on SmolLM2").
+
 Shared variant (the seed's stacked K|V): one basis per (layer, KV head) for keys and values, ranked by
 the energy of the stacked [W_k; W_v] per plane. It must commute with RoPE for the keys, so it is a plane
 basis too; keys and values keep the same rank.
