@@ -30,6 +30,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("calibrate", "plugin.commands.calibrate", "PCA-initialise a PcaLlama checkpoint from calibration text"),
     ("eval", "plugin.commands.eval", "perplexity and cache bytes at a sweep of KV budgets"),
     ("search-budget", "plugin.commands.search_budget", "greedy KL search of per-head K/V ranks for a budget"),
+    ("export-projections", "plugin.commands.export_projections",
+     "write a PcaLlama's K/V projections as a small artifact for its base"),
 ]
 
 EXAMPLES = """\

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,14 +17,25 @@ from safetensors.torch import save_file
 EMBEDDED = "embedded"
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) for ``embedded`` (SmolLM2-135M) or a local HF directory (Llama or PcaLlama)."""
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None,
+               base_model: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for ``embedded`` (SmolLM2-135M), a local HF directory (Llama or PcaLlama), or a
+    projections artifact (`mkv export-projections`), loaded onto `base_model` or the base it records."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .projection_files import is_projections_dir, load_projections, read_projections_config
     from .registration import register
 
     register()
-    if spec in (None, EMBEDDED):
+    if spec not in (None, EMBEDDED) and is_projections_dir(spec):
+        base_spec = base_model or read_projections_config(spec).get("base_model")
+        if not base_spec:
+            raise ValueError(f"projections {spec!r} record no base model; give the base Llama with --base-model")
+        if base_spec not in (None, EMBEDDED) and is_projections_dir(base_spec):
+            raise ValueError(f"the base of projections {spec!r} is itself a projections artifact; give a model")
+        base, tokenizer = load_model(base_spec, dtype)
+        model = load_projections(base, spec)
+    elif spec in (None, EMBEDDED):
         from .assets import load_embedded_model
 
         model, tokenizer = load_embedded_model(dtype=dtype)
@@ -42,11 +53,15 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
     return model, tokenizer
 
 
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str = "config.json",
-                     what: str = "checkpoint") -> Path:
+def is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
+                     is_kind: Callable[[Path], bool] = is_checkpoint, what: str = "checkpoint") -> Path:
     """Refuse an output path that writing would destroy; call it before long work, and again on write.
 
-    A missing path or an empty directory is fine. An existing `what` (a directory holding `marker`)
+    A missing path or an empty directory is fine. An existing `what` (a directory `is_kind` accepts)
     is replaced only with `overwrite`. A file, or a non-empty directory that is not a `what`, is never
     replaced: it is somebody's data.
     """
@@ -56,7 +71,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {str(out)!r} is an existing file; give a directory path that does not exist yet")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / marker).is_file():
+        if not is_kind(out):
             raise FileExistsError(f"--out {str(out)!r} is a non-empty directory that is not a {what}; "
                                   "choose another --out (it is left as it is)")
         if not overwrite:
@@ -71,10 +86,14 @@ def model_config(spec: str | None) -> dict[str, Any]:
     Cheap (no weights are read), so commands can validate their other inputs against the model's
     shape before any long work.
     """
+    from .projection_files import is_projections_dir, read_projections_config
+
     if spec in (None, EMBEDDED):
         from .assets import embedded_model_dir
 
         path = embedded_model_dir()
+    elif is_projections_dir(spec):
+        return {**read_projections_config(spec), "model_type": "pcallama"}  # it loads as a PcaLlama
     else:
         path = Path(spec)
     if not (path / "config.json").is_file():
@@ -93,20 +112,19 @@ def model_config(spec: str | None) -> dict[str, Any]:
 
 def kv_shape(config: dict[str, Any]) -> tuple[int, int, int]:
     """(layers, KV heads, head_dim) from a config.json dict."""
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    return config["num_hidden_layers"], config.get("num_key_value_heads") or heads, head_dim
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return config["num_hidden_layers"], config.get("num_key_value_heads") or config["num_attention_heads"], head_dim
 
 
 @contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, marker: str = "config.json",
-                     what: str = "checkpoint") -> Iterator[Path]:
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
+                     is_kind: Callable[[Path], bool] = is_checkpoint, what: str = "checkpoint") -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out_dir`, on failure it is removed.
 
     `out_dir` is checked by :func:`check_output_dir` first; the replaced directory is renamed aside
     and deleted only once the new one is in place, so a crash never leaves `out_dir` missing both.
     """
-    out = check_output_dir(out_dir, overwrite, marker, what)
+    out = check_output_dir(out_dir, overwrite, is_kind, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

@@ -92,11 +92,14 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         value_bases: torch.Tensor | None = None,
         value_means: torch.Tensor | None = None,
         ranks: RankTable | None = None,
+        projections: str | os.PathLike | None = None,
     ) -> PcaLlamaForCausalLM:
         """Wrap a LlamaForCausalLM (MHA or GQA) with identity or given bases.
 
         Bases are ``[n_layers, n_kv_heads, d, d]`` with columns ordered by importance; value means
         ``[n_layers, n_kv_heads, d]``. The new model shares the base weights' storage with `model`.
+        `projections`, a directory written by save_projections / `mkv export-projections`, supplies
+        bases, means and ranks instead (`ranks` still overrides); see plugin.projection_files.
         """
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
@@ -113,6 +116,12 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
                 "this Mistral config uses a sliding window, which the Llama attention does not implement; "
                 "set sliding_window=None (e.g. Mistral v0.3) or use a Llama checkpoint"
             )
+        if projections is not None:
+            if key_bases is not None or value_bases is not None or value_means is not None:
+                raise ValueError("give projections or key_bases/value_bases/value_means, not both")
+            from .projection_files import load_projections
+
+            return load_projections(model, projections, ranks=ranks)
         fields = config.to_dict()
         for name in ("model_type", "architectures", "auto_map", "sliding_window", "transformers_version"):
             fields.pop(name, None)

@@ -1,10 +1,19 @@
 """PCA initialisation: streaming statistics of post-RoPE keys and of values per (layer, KV head).
 
 Statistics are accumulated in float64 (sum and sum of outer products), so memory does not grow
-with the number of tokens. Keys use the uncentred second moment E[k k^T]: no key mean is
-subtracted at inference (it would be a no-op under softmax), so the rank-r basis that best
-preserves k itself is the top eigenvectors of E[k k^T]. Values use the covariance, since mu_V is
-subtracted before projecting and added back after attention.
+with the number of tokens.
+
+Keys use the covariance Cov[k] = E[k k^T] - mu_K mu_K^T by default. With P = U_K[:, :r] U_K[:, :r]^T
+the truncated score of query q and key k is q P k = q k - q (I - P) mu_K - q (I - P)(k - mu_K).
+The middle term is the same for every key a query attends to, so softmax removes it exactly; only
+q (I - P)(k - mu_K) changes attention. Its mean square over keys, summed over an orthonormal set of
+queries, is E ||(I - P)(k - mu_K)||^2, which the top r eigenvectors of Cov[k] minimise (and the
+minimum is the sum of the dropped eigenvalues). So no key mean is subtracted at inference, yet the
+basis is fitted to centred keys: the uncentred second moment E[k k^T] would spend rank on the mean
+direction, whose loss softmax forgives. `key_statistic="second-moment"` keeps that older choice.
+
+Values always use the covariance: mu_V is subtracted before projecting and added back after
+attention (rows of attention weights sum to 1), so the value error is (I - P_V)(v - mu_V).
 """
 
 from __future__ import annotations
@@ -18,6 +27,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .modeling import PcaLlamaForCausalLM
+
+#: Matrices a key basis can be fitted to: "covariance" (default, E[k k^T] - mu mu^T) or "second-moment" (E[k k^T]).
+KEY_STATISTICS = ("covariance", "second-moment")
+
+
+def check_key_statistic(key_statistic: str) -> str:
+    if key_statistic not in KEY_STATISTICS:
+        raise ValueError(
+            f"key_statistic {key_statistic!r} is not one of {', '.join(map(repr, KEY_STATISTICS))}; "
+            "use 'covariance' (the default: the per-query mean term cancels in softmax) or 'second-moment'"
+        )
+    return key_statistic
 
 
 class KVStatistics:
@@ -40,14 +61,16 @@ class KVStatistics:
         self.count[layer] += key.shape[0] * key.shape[2]
 
     def moments(self) -> dict[str, torch.Tensor]:
-        """Means, the keys' second moment and the values' covariance."""
+        """Means ``[L, H, d]``; key second moment, key covariance and value covariance ``[L, H, d, d]``."""
         if int(self.count.min()) == 0:
             raise ValueError("no tokens were observed in some layer; calibrate on non-empty data")
         n = self.count.to(torch.float64).view(-1, 1, 1)
         key_mean, value_mean = self.key_sum / n, self.value_sum / n
         key_second = self.key_outer / n.unsqueeze(-1)
+        key_cov = key_second - key_mean.unsqueeze(-1) * key_mean.unsqueeze(-2)
         value_cov = self.value_outer / n.unsqueeze(-1) - value_mean.unsqueeze(-1) * value_mean.unsqueeze(-2)
-        return {"key_mean": key_mean, "value_mean": value_mean, "key_second": key_second, "value_cov": value_cov}
+        return {"key_mean": key_mean, "value_mean": value_mean, "key_second": key_second, "key_cov": key_cov,
+                "value_cov": value_cov}
 
 
 @dataclass
@@ -55,9 +78,11 @@ class PcaResult:
     key_bases: torch.Tensor  # [L, H, d, d], columns by decreasing eigenvalue
     value_bases: torch.Tensor
     value_means: torch.Tensor  # [L, H, d]
-    key_eigenvalues: torch.Tensor  # [L, H, d], decreasing
+    key_eigenvalues: torch.Tensor  # [L, H, d], decreasing, of the matrix named by key_statistic
     value_eigenvalues: torch.Tensor
     tokens: int
+    key_means: torch.Tensor | None = None  # [L, H, d]; recorded only, never subtracted at inference
+    key_statistic: str = "covariance"
 
     def explained_variance(self) -> dict[str, torch.Tensor]:
         """Cumulative fraction of energy kept at each rank 1..d, per (layer, head)."""
@@ -73,9 +98,11 @@ def eigenbasis(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.flip(-1), vectors.flip(-1)
 
 
-def pca_from_statistics(stats: KVStatistics) -> PcaResult:
+def pca_from_statistics(stats: KVStatistics, key_statistic: str = "covariance") -> PcaResult:
+    """Bases from accumulated statistics; keys from `key_statistic` ("covariance" or "second-moment")."""
+    check_key_statistic(key_statistic)
     moments = stats.moments()
-    key_eig, key_vec = eigenbasis(moments["key_second"])
+    key_eig, key_vec = eigenbasis(moments["key_cov" if key_statistic == "covariance" else "key_second"])
     value_eig, value_vec = eigenbasis(moments["value_cov"])
     return PcaResult(
         key_bases=key_vec.float(),
@@ -84,6 +111,8 @@ def pca_from_statistics(stats: KVStatistics) -> PcaResult:
         key_eigenvalues=key_eig.float(),
         value_eigenvalues=value_eig.float(),
         tokens=int(stats.count[0]),
+        key_means=moments["key_mean"].float(),
+        key_statistic=key_statistic,
     )
 
 
@@ -123,11 +152,20 @@ def collect_statistics(
 
 
 def calibrate(
-    model: Any, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, budget: float | None = None
+    model: Any,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+    budget: float | None = None,
+    key_statistic: str = "covariance",
 ) -> tuple[PcaLlamaForCausalLM, PcaResult]:
-    """A PcaLlama with PCA bases from `windows` (the paper's PCA initialisation and baseline)."""
+    """A PcaLlama with PCA bases from `windows` (the paper's PCA initialisation and baseline).
+
+    key_statistic: "covariance" (default) or "second-moment", the matrix the key bases diagonalise.
+    """
+    check_key_statistic(key_statistic)  # before any forward pass
     pca_model = model if isinstance(model, PcaLlamaForCausalLM) else PcaLlamaForCausalLM.from_llama(model)
-    result = pca_from_statistics(collect_statistics(pca_model, windows, batch_size, progress))
+    result = pca_from_statistics(collect_statistics(pca_model, windows, batch_size, progress), key_statistic)
     pca_model.set_bases(result.key_bases, result.value_bases, result.value_means)
     if budget is not None:
         pca_model.set_kv_budget(budget)

