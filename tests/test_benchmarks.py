@@ -194,3 +194,20 @@ def test_item_rates_read_options_and_answers():
     assert rates["n"] == 4 and rates["majority"] == 0.75 and rates["majority_answer"] == "B"
     assert rates["chance"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2 + 1 / 2) / 4)
     assert rates["options"] == [2, 3]
+
+
+@pytest.mark.slow
+def test_key_centring_quick() -> None:
+    proc = _run("key_centring.py")
+    path = Path(proc.stdout.strip().splitlines()[-1].split("ok: ", 1)[1])
+    rows = json.loads(path.read_text())["rows"]
+    by = {(r["model"], round(r["budget"], 4)): r for r in rows}
+    assert set(by) == {(f"pca-{s}", b) for s in ("covariance", "second-moment") for b in (1.0, 0.5)}
+    # at full rank both bases are rotations: the same function as the base model
+    assert by[("pca-covariance", 1.0)]["perplexity"] == pytest.approx(by[("pca-second-moment", 1.0)]["perplexity"],
+                                                                      rel=1e-5)
+    layers, kv_heads, head_dim = _shape(path.parent / "covariance" / "config.json")
+    for (_, budget), row in by.items():
+        assert row["cache_bytes_per_token"] == 2 * layers * kv_heads * int(budget * head_dim) * FLOAT32
+    summaries = [json.loads((path.parent / s / "pca_summary.json").read_text()) for s in ("covariance", "second-moment")]
+    assert [s["key_statistic"] for s in summaries] == ["covariance", "second-moment"]
