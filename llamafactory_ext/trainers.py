@@ -119,7 +119,6 @@ class MatryoshkaTrainerMixin:
         self._rank_generator = torch.Generator(device="cpu")
         self._rank_generator.manual_seed(int(seed) + int(self.args.process_index))
         self._current_ranks: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._full_ranks = torch.full((self._n_layers, self._n_kv), self._head_dim, dtype=torch.long)
         self._in_eval_budget = False
         self._loss_parts: dict[str, list[torch.Tensor]] = {"kl": [], "ce": []}
         counts = configure_trainable(self.model, pca, margs.matryoshka_train_base)
@@ -267,7 +266,8 @@ class MatryoshkaTrainerMixin:
 
 
 class DistillationMixin(MatryoshkaTrainerMixin):
-    """alpha * KL(teacher || student) + (1 - alpha) * CE; teacher = the same model at full rank."""
+    """alpha * KL(teacher || student) + (1 - alpha) * CE; teacher = the same model at full rank, computed as the
+    base model does (no projection, which is exact since U is orthogonal, and no LoRA adapter)."""
 
     matryoshka_kind = "distill"
 
@@ -277,14 +277,13 @@ class DistillationMixin(MatryoshkaTrainerMixin):
         margs = self.matryoshka_args
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        key, value = self._current_ranks
         teacher_model = self.accelerator.unwrap_model(model)
-        with torch.no_grad():
-            self._pca.set_sampled_ranks(self._full_ranks, self._full_ranks)
-            try:
-                teacher_logits = teacher_model(**model_inputs).logits.detach()
-            finally:
-                self._pca.set_sampled_ranks(key, value)
+        # The teacher is the base model: no projection (exact in bf16 too) and no LoRA adapter.
+        disable_adapter = getattr(teacher_model, "disable_adapter", None)
+        with torch.no_grad(), self._pca.exact_full_rank(), (
+            disable_adapter() if callable(disable_adapter) else contextlib.nullcontext()
+        ):
+            teacher_logits = teacher_model(**model_inputs).logits.detach()
         outputs = model(**model_inputs)
         kl_sum, ce_sum, count = distillation_terms(
             outputs.logits, teacher_logits, labels, temperature=margs.matryoshka_temperature

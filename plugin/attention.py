@@ -5,7 +5,9 @@ For KV head h with ranks (r_k, r_v) and the query heads of its group:
     out = softmax(q' k'^T / sqrt(d) + mask) v' U_V[:, :r_v]^T + mu_V    -> o_proj
 Only k' and v' are cached. Heads with equal ranks are processed together as one group.
 
-Three paths:
+Four paths:
+- exact full rank (the distillation teacher, `PcaLlamaForCausalLM.exact_full_rank()`): Llama's own
+  attention, no projection at all, used only without a cache;
 - sampled (training): full-width projections with trailing dims masked to the sampled ranks;
 - truncated (training without sampling, or folding disabled): sliced bases, gradients flow;
 - folded (inference): U_V and mu_V folded into v_proj and o_proj, computed once per rank change.
@@ -121,6 +123,7 @@ class PcaLlamaAttention(LlamaAttention):
         self.groups = group_heads(self.key_ranks, self.value_ranks)
         self.sampled_masks: tuple[torch.Tensor, torch.Tensor] | None = None
         self.observer: Observer | None = None
+        self.skip_projections = False  # full rank, computed as the base model does (see forward)
         self._inference: dict[str, Any] | None = None
 
     # -- rank control -------------------------------------------------------------------------
@@ -211,6 +214,12 @@ class PcaLlamaAttention(LlamaAttention):
         cache_position: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
+        if self.skip_projections and past_key_values is None and self.observer is None:
+            # U is orthogonal, so full rank is the base model's attention: running Llama's own forward is
+            # exact in any dtype (no U U^T = I up to 2^-8 in bf16) and four matmuls per layer cheaper.
+            output, _ = super().forward(hidden_states, position_embeddings, attention_mask, None, cache_position,
+                                        **kwargs)
+            return output, None
         batch, q_len, _ = hidden_states.shape
         d, n_kv, n_rep = self.head_dim, self.num_kv_heads, self.num_key_value_groups
         query = self.q_proj(hidden_states).view(batch, q_len, -1, d).transpose(1, 2)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +166,23 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
     # -- ranks -------------------------------------------------------------------------------
     def attention_layers(self) -> list[PcaLlamaAttention]:
         return [layer.self_attn for layer in self.model.layers]
+
+    @contextlib.contextmanager
+    def exact_full_rank(self) -> Iterator[PcaLlamaForCausalLM]:
+        """Inside, cache-free forwards compute the base model exactly: attention skips the projections.
+
+        Ranks, sampled ranks and bases are ignored while inside (forwards with a cache still project, so a
+        cache never mixes projected and raw states); the flag is always restored.
+        """
+        layers = self.attention_layers()
+        saved = [attn.skip_projections for attn in layers]
+        try:
+            for attn in layers:
+                attn.skip_projections = True
+            yield self
+        finally:
+            for attn, flag in zip(layers, saved):
+                attn.skip_projections = flag
 
     def _apply_ranks(self, ranks: RankTable) -> None:
         for attn, keys, values in zip(self.attention_layers(), ranks["key"], ranks["value"]):

@@ -308,3 +308,46 @@ def test_rank_choices_and_weights(tiny, tmp_path):
     for _ in range(5):
         key, value = trainer.draw_ranks()
         assert set(key.flatten().tolist()) | set(value.flatten().tolist()) == {8}
+
+
+def test_teacher_is_the_base_model_without_adapters(tiny, tmp_path):
+    """Distillation teacher logits: the untouched base Llama's, also under LoRA and after the bases trained."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from llamafactory_ext import trainers as trainers_module
+
+    model, tokenizer = _load(tiny["model"])
+    base = LlamaForCausalLM(model.config).eval()  # the same weights, plain Llama attention
+    missing, _ = base.load_state_dict(model.state_dict(), strict=False)
+    assert not missing
+    with torch.no_grad():
+        for attn in _attn_layers(model):
+            attn.kv_proj.value_skew.add_(0.1)  # trained bases: the projected full rank is no longer bit-exact
+            attn.invalidate()
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    margs = MatryoshkaArguments(matryoshka_trainer="distill")
+    trainer = _trainer(PcaLlamaDistillationTrainer, lora, tokenizer, tmp_path, margs)
+    batch = _batch(tokenizer)
+    seen = {}
+    original = trainers_module.distillation_terms
+
+    def spy(student, teacher, labels, **kwargs):
+        seen["teacher"] = teacher
+        return original(student, teacher, labels, **kwargs)
+
+    trainers_module.distillation_terms = spy
+    try:
+        lora.train()
+        with trainer.sampled_ranks(*trainer.draw_ranks()):
+            trainer.compute_loss(lora, dict(batch))
+    finally:
+        trainers_module.distillation_terms = original
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        expected = base(**inputs).logits
+        adapted = lora(**inputs).logits
+    real = batch["attention_mask"].bool()  # PcaLlama numbers pad positions from the mask; pads are not scored
+    assert bool((~real).any())
+    assert torch.equal(seen["teacher"][real], expected[real])
+    assert not torch.allclose(adapted[real], expected[real], atol=1e-3)  # the adapter does change the student

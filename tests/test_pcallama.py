@@ -321,3 +321,41 @@ def test_real_model_full_rank_perplexity_identical() -> None:
     pca_ppl = perplexity(pca, windows, progress=False)
     assert 10 < base_ppl < 60
     assert abs(pca_ppl - base_ppl) / base_ppl < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_full_rank_is_the_base_model_bit_for_bit(kind: str, impl: str, dtype: torch.dtype) -> None:
+    """The distillation teacher's path: whatever the ranks, sampled masks and trained bases, equal to the base."""
+    base = make_tiny_llama(kind, attn_implementation=impl).to(dtype)
+    pca = PcaLlamaForCausalLM.from_llama(make_tiny_llama(kind, attn_implementation=impl), *random_bases(base))
+    pca = pca.to(dtype).eval()
+    with torch.no_grad():
+        for attn in pca.attention_layers():
+            attn.kv_proj.key_skew.add_(0.05)
+            attn.invalidate()
+        n_layers, n_kv = pca.config.num_hidden_layers, pca.config.num_key_value_heads
+        pca.set_kv_budget(0.25)
+        pca.set_sampled_ranks(torch.full((n_layers, n_kv), 4), torch.full((n_layers, n_kv), 8))
+        expected = base(ids()).logits
+        with pca.exact_full_rank():
+            exact = pca(ids(), use_cache=False).logits
+        projected = pca(ids(), use_cache=False).logits
+    assert torch.equal(exact, expected)
+    assert not torch.allclose(projected, expected, atol=1e-2)  # outside, the sampled ranks apply again
+    assert not any(attn.skip_projections for attn in pca.attention_layers())
+
+
+def test_exact_full_rank_leaves_cached_forwards_projected_and_restores_on_error() -> None:
+    pca = to_pca(make_tiny_llama("gqa"))
+    pca.set_kv_budget(0.5)
+    with torch.no_grad():
+        cached = pca(ids(), use_cache=True)
+        with pca.exact_full_rank():
+            inside = pca(ids(), use_cache=True)
+    assert torch.equal(inside.logits, cached.logits)  # a cache never mixes raw and projected states
+    assert inside.past_key_values.get_seq_length() == cached.past_key_values.get_seq_length()
+    with pytest.raises(RuntimeError, match="boom"), pca.exact_full_rank():
+        raise RuntimeError("boom")
+    assert not any(attn.skip_projections for attn in pca.attention_layers())
