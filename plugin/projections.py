@@ -69,7 +69,10 @@ class KVProjection(nn.Module):
         base = base.float()
         if not raw.requires_grad and not bool(raw.any()):
             return base  # cayley(0) = I exactly; skip the solve
-        return base @ cayley(raw)
+        # An enclosing bf16/fp16 autocast (DDP with bf16, the trainer's forward) would run this matmul in
+        # half precision and leave U orthogonal only to ~2^-8.
+        with torch.autocast(device_type=base.device.type, enabled=False):
+            return base @ cayley(raw)
 
     def key_basis(self) -> torch.Tensor:
         return self._basis(self.key_base, self.key_skew)

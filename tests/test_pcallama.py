@@ -210,6 +210,20 @@ def test_bases_stay_float32_under_half_precision_cast(tiny_llama_mha) -> None:
         assert pca(ids()).logits.dtype == torch.bfloat16
 
 
+def test_bases_stay_float32_and_orthogonal_under_bf16_autocast(tiny_llama_gqa) -> None:
+    """DDP / the Trainer run the forward inside autocast; trained bases must not be formed in bf16."""
+    pca = to_pca(tiny_llama_gqa)
+    attn = pca.attention_layers()[0]
+    with torch.no_grad():
+        attn.kv_proj.key_skew.normal_(std=0.1)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        key_basis, value_basis, _ = attn.kv_proj.bases()
+        assert torch.matmul(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16  # autocast is active
+    assert key_basis.dtype == value_basis.dtype == torch.float32
+    eye = torch.eye(key_basis.shape[-1])
+    assert float((key_basis.transpose(-1, -2) @ key_basis - eye).abs().max()) < 1e-5
+
+
 DUMP = """
 import sys, torch
 from transformers import AutoModelForCausalLM
