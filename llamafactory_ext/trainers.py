@@ -51,32 +51,56 @@ logger = lf_logging.get_logger("llamafactory.matryoshka")  # under llamafactory:
 IGNORE_INDEX = -100
 
 
+CHUNK_TOKENS = 512
+
+
+def _chunk_terms(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float,
+                 ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KL * T^2 and CE of one row's token chunk ``[C, V]`` (ignored targets left out), in float32."""
+    counted = targets != ignore_index
+    student, teacher = student.float(), teacher.float()
+    ce = F.cross_entropy(student, targets, ignore_index=ignore_index, reduction="sum")
+    log_p_student = F.log_softmax(student / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
+    per_token = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
+    return (per_token * counted).sum() * (temperature**2), ce
+
+
 def distillation_terms(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed KL(teacher || student) * T^2, summed CE and the number of counted tokens.
 
     Logits ``[B, S, V]`` predict the next token; labels ``[B, S]`` are shifted here (position t
     predicts label t+1) and positions whose shifted label is ``ignore_index`` are left out of both
-    terms.  Computed in float32.
+    terms.  Computed in float32, `chunk_tokens` positions of one row at a time, each chunk recomputed
+    in the backward pass (activation checkpointing): the float32 log-probabilities never exist for more
+    than one chunk, so beyond the logits and their gradient memory does not grow with sequence x
+    vocabulary (2,048 tokens x a 128k vocabulary is 1 GiB per float32 copy, and the loss needs several).
     """
+    from torch.utils.checkpoint import checkpoint
+
     shift_labels = labels[:, 1:]
-    mask = shift_labels != ignore_index
-    count = mask.sum()
-    student = student_logits[:, :-1][mask].float()
-    if student.shape[0] == 0:
-        zero = student_logits.sum() * 0.0
-        return zero, zero, count
-    teacher = teacher_logits[:, :-1][mask].float()
-    targets = shift_labels[mask]
-    ce_sum = F.cross_entropy(student, targets, reduction="sum")
-    log_p_student = F.log_softmax(student / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
-    kl_sum = F.kl_div(log_p_student, log_p_teacher, reduction="sum", log_target=True) * (temperature**2)
+    count = (shift_labels != ignore_index).sum()
+    kl_sum = ce_sum = student_logits.sum() * 0.0
+    for row in range(student_logits.shape[0]):
+        for start in range(0, shift_labels.shape[1], chunk_tokens):
+            stop = min(start + chunk_tokens, shift_labels.shape[1])
+            targets = shift_labels[row, start:stop]
+            if not bool((targets != ignore_index).any()):
+                continue
+            args = (student_logits[row, start:stop], teacher_logits[row, start:stop], targets, temperature,
+                    ignore_index)
+            if torch.is_grad_enabled() and student_logits.requires_grad:
+                kl, ce = checkpoint(_chunk_terms, *args, use_reentrant=False)
+            else:
+                kl, ce = _chunk_terms(*args)
+            kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
     return kl_sum, ce_sum, count
 
 
