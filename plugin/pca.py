@@ -53,9 +53,16 @@ class KVStatistics:
         self.count = torch.zeros(num_layers, dtype=torch.long)
 
     def observe(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """key, value: ``[batch, n_kv_heads, tokens, head_dim]``."""
+        """key, value: ``[batch, n_kv_heads, tokens, head_dim]``.
+
+        The sums live on the device of the first keys observed: copying every layer's statistics to the host
+        each batch would stall a GPU calibration on transfers.
+        """
+        if self.key_sum.device != key.device:
+            for name in ("key_sum", "value_sum", "key_outer", "value_outer"):
+                setattr(self, name, getattr(self, name).to(key.device))
         for x, total, outer in ((key, self.key_sum, self.key_outer), (value, self.value_sum, self.value_outer)):
-            x = x.detach().to("cpu", torch.float64)
+            x = x.detach().to(torch.float64)
             total[layer] += x.sum(dim=(0, 2))
             outer[layer] += torch.einsum("bhti,bhtj->hij", x, x)
         self.count[layer] += key.shape[0] * key.shape[2]
@@ -64,7 +71,7 @@ class KVStatistics:
         """Means ``[L, H, d]``; key second moment, key covariance and value covariance ``[L, H, d, d]``."""
         if int(self.count.min()) == 0:
             raise ValueError("no tokens were observed in some layer; calibrate on non-empty data")
-        n = self.count.to(torch.float64).view(-1, 1, 1)
+        n = self.count.to(self.key_sum.device, torch.float64).view(-1, 1, 1)
         key_mean, value_mean = self.key_sum / n, self.value_sum / n
         key_second = self.key_outer / n.unsqueeze(-1)
         key_cov = key_second - key_mean.unsqueeze(-1) * key_mean.unsqueeze(-2)
@@ -104,14 +111,14 @@ def pca_from_statistics(stats: KVStatistics, key_statistic: str = "covariance") 
     moments = stats.moments()
     key_eig, key_vec = eigenbasis(moments["key_cov" if key_statistic == "covariance" else "key_second"])
     value_eig, value_vec = eigenbasis(moments["value_cov"])
-    return PcaResult(
-        key_bases=key_vec.float(),
-        value_bases=value_vec.float(),
-        value_means=moments["value_mean"].float(),
-        key_eigenvalues=key_eig.float(),
-        value_eigenvalues=value_eig.float(),
+    return PcaResult(  # on the host: small, and saved from there
+        key_bases=key_vec.float().cpu(),
+        value_bases=value_vec.float().cpu(),
+        value_means=moments["value_mean"].float().cpu(),
+        key_eigenvalues=key_eig.float().cpu(),
+        value_eigenvalues=value_eig.float().cpu(),
         tokens=int(stats.count[0]),
-        key_means=moments["key_mean"].float(),
+        key_means=moments["key_mean"].float().cpu(),
         key_statistic=key_statistic,
     )
 
