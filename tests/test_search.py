@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from plugin.modeling import PcaLlamaForCausalLM
 from plugin.ranks import read_rank_file, write_rank_file
-from plugin.search import run_search, run_search_many, search_budget
+from plugin.search import choose_mode, exact_cost, run_search, run_search_many, search_budget
 
 HEAD_DIM = 8
 LAYERS = 3
@@ -204,7 +204,30 @@ def test_cli_writes_rank_files(tmp_path, capsys) -> None:
         assert payload["budget"] == float(budget) and payload["mode"] == "fast"
         model.load_rank_file(tmp_path / f"r-{budget}.json")
         assert model.kv_budget() == float(budget)
-    assert "mkv eval" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mkv eval" in out and "an exact search to 0.5 takes about 24 rounds" in out and "in fast mode" in out
     assert main(argv[:3] + ["--budget", "0.5", "--step", "3"]) == 2
     assert main(argv[:3] + ["--budget", "0.5,0.25", "--out", str(tmp_path / "one.json")]) == 2
     assert "must contain {budget}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget", [0.75, 0.5, 0.25])
+def test_exact_cost_estimate_bounds_a_real_exact_search(budget: float) -> None:
+    """Rounds are exact; the candidate count assumes even lowering, an upper bound (fewer entries at the floor)."""
+    model = tiny_pca(2)
+    cfg = model.config
+    result = run_search(model, budget, windows(), step=2, mode="exact", progress=False)
+    rounds, evaluations = exact_cost(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 2, budget)
+    assert result.rounds == rounds
+    entries = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads
+    assert rounds * entries * 0.5 < result.evaluations <= evaluations <= rounds * entries
+
+
+def test_auto_mode_is_exact_when_affordable_and_fast_at_7b_scale() -> None:
+    assert exact_cost(30, 3, 64, 8, 0.375) == (900, 162000)  # the embedded SmolLM2-135M
+    rounds, evaluations = exact_cost(32, 32, 128, 16, 0.375)  # Llama-2-7B
+    assert rounds == 10240 and evaluations > 2e7
+    assert choose_mode("auto", 162000) == "exact" and choose_mode("auto", evaluations) == "fast"
+    assert choose_mode("exact", evaluations) == "exact"
+    with pytest.raises(ValueError, match="auto"):
+        choose_mode("slow", 1)
