@@ -19,7 +19,7 @@ sys.path.insert(0, str(HERE))
 from common import header, markdown_table, write_section
 
 # timing-sensitive ones first; accuracy reads the rank files that quality writes
-SCRIPTS = ["decode_memory", "training_cost", "quality", "accuracy"]
+SCRIPTS = ["decode_memory", "training_cost", "quality", "accuracy", "key_centring", "weight_pca_diagnostic"]
 # a full pass recomputes everything (quality would otherwise reuse `make demo`'s uniform sweep)
 FULL_ARGS = {"quality": ["--no-reuse"]}
 

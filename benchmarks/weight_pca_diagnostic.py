@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,10 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-perplexity", action="store_true", help="reconstruction errors only")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random control bases")
-    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "weight_pca_diagnostic.json")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="output (default docs/weight_pca_diagnostic.json; --quick: a temp file, docs untouched)")
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.calibration_tokens, args.seq_len = 1024, 2048, 256
+    if args.json is None:
+        args.json = (Path(tempfile.mkdtemp(prefix="mkv-wpca-quick-")) / "weight_pca_diagnostic.json" if args.quick
+                     else ROOT / "docs" / "weight_pca_diagnostic.json")
     return args
 
 
