@@ -101,10 +101,14 @@ def model_config(spec: str | None) -> dict[str, Any]:
             f"model {spec!r} is not a local Hugging Face model directory (no config.json); "
             "give a directory written by save_pretrained / `mkv calibrate`, or 'embedded'"
         )
-    config = json.loads((path / "config.json").read_text())
-    if config.get("model_type") not in ("llama", "mistral", "pcallama"):
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path / 'config.json')!r} is not valid JSON ({err})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in ("llama", "mistral", "pcallama"):
         raise ValueError(
-            f"model {spec!r} has model_type {config.get('model_type')!r}; matryoshka-kv works on Llama-family "
+            f"model {spec!r} has model_type {model_type!r}; matryoshka-kv works on Llama-family "
             "models (llama, mistral without sliding window, pcallama)"
         )
     return config

@@ -244,6 +244,13 @@ def test_export_projections_command(tmp_path, capsys) -> None:
     assert "not 'pcallama'" in capsys.readouterr().err
     assert main(["export-projections", "--model", str(checkpoint), "--out", str(plain)]) == 2
     assert "not a projections artifact" in capsys.readouterr().err
+    assert main(["export-projections", "--model", str(out), "--out", str(tmp_path / "x")]) == 2
+    assert "already a projections artifact" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{")
+    assert main(["export-projections", "--model", str(broken), "--out", str(tmp_path / "x")]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit):
         main(["export-projections", "--help"])

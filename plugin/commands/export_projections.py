@@ -46,28 +46,22 @@ def default_base_model(model_dir: Path) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model_dir = Path(args.model)
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"model {args.model!r} is not a local Hugging Face model directory (no config.json); "
-            "give a PcaLlama checkpoint written by `mkv calibrate` or training"
-        )
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except ValueError:
-        raise ValueError(f"{str(config_file)!r} is not valid JSON") from None
+    import torch
+
+    from ..loading import model_config
+    from ..modeling import PcaLlamaForCausalLM
+    from ..projection_files import WEIGHTS_FILE, check_target, is_projections_dir, save_projections
+
+    if is_projections_dir(args.model):
+        raise ValueError(f"{args.model!r} is already a projections artifact; export from the PcaLlama checkpoint "
+                         "it came from")
+    model_type = model_config(args.model)["model_type"]  # a clear error for a missing or foreign model
     if model_type != "pcallama":
         raise ValueError(
             f"model {args.model!r} has model_type {model_type!r}, not 'pcallama': it has no projections to "
             f"export; run `mkv calibrate --model {args.model} --out <dir>` first"
         )
-
-    import torch
-
-    from ..modeling import PcaLlamaForCausalLM
-    from ..projection_files import WEIGHTS_FILE, check_target, save_projections
-
+    model_dir = Path(args.model)
     check_target(args.out, args.overwrite)  # before loading the model
     kwargs = {"kv_budget": args.budget} if args.budget is not None else {}
     if args.rank_file is not None:
