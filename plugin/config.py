@@ -17,6 +17,8 @@ class PcaLlamaConfig(LlamaConfig):
         kv_rank_step: step of the Matryoshka grid used by budgets, training and search
             (default head_dim // 8).
         kv_fold: at inference, fold U_V into v_proj and U_V^T into o_proj (fewer FLOPs per token).
+        kv_quant: ``{"key_bits", "value_bits", "group", "residual"}`` of a quantized cache
+            (``set_kv_bits``); None keeps the cache unquantized.
     """
 
     model_type = "pcallama"
@@ -26,6 +28,7 @@ class PcaLlamaConfig(LlamaConfig):
         kv_ranks: RankTable | None = None,
         kv_rank_step: int | None = None,
         kv_fold: bool = True,
+        kv_quant: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -33,6 +36,7 @@ class PcaLlamaConfig(LlamaConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.kv_rank_step = check_step(self.head_dim, kv_rank_step or default_step(self.head_dim))
         self.kv_fold = bool(kv_fold)
+        self.kv_quant = kv_quant
         self.kv_ranks = (
             None
             if kv_ranks is None

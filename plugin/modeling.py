@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM, LlamaModel, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .attention import PcaLlamaAttention
-from .cache import PcaCache, own_cache, prepare_generation_cache
+from .cache import CompressedCache, PcaCache, QuantizedPcaCache, QuantSpec, own_cache, prepare_generation_cache
 from .config import PcaLlamaConfig
 from .ranks import (
     RankTable,
@@ -37,12 +37,22 @@ class PcaLlamaModel(LlamaModel):
         for index, layer in enumerate(self.layers):
             layer.self_attn = PcaLlamaAttention(config, index)
         self.sampling = False
+        quant = getattr(config, "kv_quant", None)  # integer codes for the cache (set_kv_bits)
+        self.kv_quant: QuantSpec | None = None if not quant else QuantSpec(
+            tuple(map(tuple, quant["key_bits"])), tuple(map(tuple, quant["value_bits"])),
+            int(quant.get("group", 64)), int(quant.get("residual", 0)))
+
+    def new_cache(self) -> CompressedCache:
+        """An empty cache for the current setting: quantized when bits are set, else projected."""
+        if self.kv_quant is not None and not self.kv_quant.is_identity():
+            return QuantizedPcaCache(self.kv_quant)
+        return PcaCache()
 
     def forward(self, *args: Any, past_key_values: Any = None, use_cache: bool | None = None, **kwargs: Any) -> Any:
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.sampling:
             use_cache = False  # sampled ranks are a training device; their masked states are never cached
-        past_key_values = own_cache(past_key_values, use_cache, PcaCache)
+        past_key_values = own_cache(past_key_values, use_cache, CompressedCache, self.new_cache)
         if not args:
             kwargs["position_ids"] = positions_from_mask(kwargs)
         return super().forward(*args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
@@ -212,12 +222,50 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
     def kv_budget(self) -> float:
         return table_budget(self.config.resolved_kv_ranks(), self.config.head_dim)
 
-    def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes the cache holds per token of one sequence, all layers, at the current ranks."""
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> float:
+        """Bytes the cache holds per token of one sequence, all layers, at the current ranks (and bits).
+
+        With bits set this is the rate of the quantized part (codes, scales, zeros); the
+        full-precision tail of fewer than residual + group tokens is not included.
+        """
         dtype = dtype or self.dtype
         ranks = self.config.resolved_kv_ranks()
+        spec = self.model.kv_quant
+        if spec is not None and not spec.is_identity():
+            return spec.bytes_per_token(ranks["key"], ranks["value"], torch.finfo(dtype).bits // 8)
         total = sum(sum(row) for kind in ("key", "value") for row in ranks[kind])
         return total * torch.finfo(dtype).bits // 8
+
+    # -- bits ----------------------------------------------------------------------------------
+    def set_kv_bits(self, key_bits: int | list[list[int]], value_bits: int | list[list[int]] | None = None,
+                    group: int = 64, residual: int = 0) -> None:
+        """Quantize the cache: bits 2, 4, 8 (16 = unquantized) for all heads or per [layer][KV head].
+
+        Keys are quantized per channel over blocks of `group` tokens, values per token; the newest
+        `residual` tokens (and at most `group - 1` more) stay in full precision.
+        """
+        cfg = self.config
+        layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+        value_bits = key_bits if value_bits is None else value_bits
+
+        def table(bits: Any, name: str) -> tuple[tuple[int, ...], ...]:
+            if isinstance(bits, int) and not isinstance(bits, bool):
+                return tuple((bits,) * heads for _ in range(layers))
+            rows = [list(row) for row in bits] if isinstance(bits, (list, tuple)) else None
+            if rows is None or len(rows) != layers or any(len(row) != heads for row in rows):
+                raise ValueError(f"{name} must be one int or a [{layers}][{heads}] table (layers x KV heads)")
+            return tuple(tuple(row) for row in rows)
+
+        self.model.kv_quant = QuantSpec(table(key_bits, "key bits"), table(value_bits, "value bits"), group, residual)
+        cfg.kv_quant = self.model.kv_quant.as_dict()
+
+    def clear_kv_bits(self) -> None:
+        """Back to the unquantized projected cache."""
+        self.model.kv_quant = None
+        self.config.kv_quant = None
+
+    def get_kv_bits(self) -> QuantSpec | None:
+        return self.model.kv_quant
 
     def full_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         """Bytes per token of the uncompressed GQA cache of the base model."""
@@ -284,9 +332,10 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         return model
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> None:
-        prepare_generation_cache(generation_config, model_kwargs, PcaCache)  # refuses static caches early
+        factory = self.model.new_cache
+        prepare_generation_cache(generation_config, model_kwargs, CompressedCache, factory)  # refuses static caches
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        prepare_generation_cache(generation_config, model_kwargs, PcaCache)
+        prepare_generation_cache(generation_config, model_kwargs, CompressedCache, factory)
 
 
 def _register() -> None:

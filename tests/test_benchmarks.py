@@ -211,3 +211,32 @@ def test_key_centring_quick() -> None:
         assert row["cache_bytes_per_token"] == 2 * layers * kv_heads * int(budget * head_dim) * FLOAT32
     summaries = [json.loads((path.parent / s / "pca_summary.json").read_text()) for s in ("covariance", "second-moment")]
     assert [s["key_statistic"] for s in summaries] == ["covariance", "second-moment"]
+
+
+def test_frontier_on_tiny_models_reads_bytes_from_the_cache(tmp_path) -> None:
+    """benchmarks/frontier.py end to end on a tiny base and its PCA: rows, measured bytes, the table."""
+    from conftest import make_tiny_llama
+    from helpers import save_tiny_base
+
+    from plugin.cli import main as mkv
+
+    save_tiny_base(make_tiny_llama("gqa"), tmp_path / "base", tmp_path / "text.txt")
+    assert mkv(["calibrate", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "text.txt"),
+                "--tokens", "256", "--seq-len", "32", "--out", str(tmp_path / "pca")]) == 0
+    spec = importlib.util.spec_from_file_location("mkv_bench_frontier", BENCH / "frontier.py")
+    frontier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frontier)
+    out = tmp_path / "frontier"
+    assert frontier.main(["--base", str(tmp_path / "base"), "--model", str(tmp_path / "pca"), "--label", "pca",
+                          "--budgets", "0.5", "--bits", "16,2", "--quant-bits", "16,4", "--group", "16",
+                          "--tokens", "1024", "--out", str(out)]) == 0
+    result = json.loads(Path(f"{out}.json").read_text())
+    got = {(r["method"], r["budget"], r["bits"]): r for r in result["rows"]}
+    assert set(got) == {("quant-only", 1.0, "16"), ("quant-only", 1.0, "4"), ("pca", 0.5, "16"), ("pca", 0.5, "2")}
+    assert got[("quant-only", 1.0, "16")]["bf16_ratio"] == 1.0 and got[("pca", 0.5, "16")]["bf16_ratio"] == 0.5
+    # head_dim 16, group 16: 4-bit codes 8 bytes + scales 4 + 8 + 4 per head and token, against 2 x 16 x 2 bytes
+    assert got[("quant-only", 1.0, "4")]["bf16_ratio"] == pytest.approx((8 + 4 + 8 + 4) / 64)
+    assert got[("quant-only", 1.0, "16")]["bytes_per_token_fp32_model"] == 2 * 2 * 2 * 16 * FLOAT32
+    half = next(e for e in result["frontier"] if e["fraction"] == 0.5)
+    assert half["ranks x bits"]["bits"] in ("16", "2") and half["quantization alone"]["bits"] == "4"
+    _assert_png(Path(f"{out}.png"))

@@ -104,3 +104,31 @@ def test_eval_checks_rank_files_before_any_inference(base, tmp_path, capsys, mon
     last = err.strip().splitlines()[-1]  # after the calibration fixture's progress bar
     assert last.startswith("mkv: error: rank file") and message in last
     assert not list(tmp_path.glob("eval*"))
+
+
+def test_eval_kv_bits_sweeps_ranks_times_bits(base, tmp_path) -> None:
+    pca = tmp_path / "pca"
+    assert _calibrate(base, pca) == 0
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(pca), "--budgets", "1,0.5", "--kv-bits", "16", "--kv-bits", "4/2",
+                 "--kv-group", "16", "--data", str(base[1]), "--tokens", "256", "--seq-len", "64",
+                 "--out", str(out)]) == 0
+    rows = json.loads(Path(f"{out}.json").read_text())["rows"]
+    assert [(r["setting"], r["kv_bits"]) for r in rows] == [("1", "16"), ("0.5", "16"), ("1 x4/2b", "4/2"),
+                                                          ("0.5 x4/2b", "4/2")]
+    full, half, full_q, half_q = rows
+    assert full["cache_ratio"] == 1.0 and half["cache_ratio"] == 0.5
+    # 4-bit keys, 2-bit values, float16 scale and zero: (16*4/8 + 4*16/16 + 16*2/8 + 4) / (2 * 16 * 4 bytes)
+    assert full_q["cache_ratio"] == pytest.approx((8 + 4 + 4 + 4) / 128)
+    assert full_q["bf16_ratio"] == pytest.approx((8 + 4 + 4 + 4) / 64) and half["bf16_ratio"] == 0.5
+    assert full_q["perplexity"] != full["perplexity"] and all(r["perplexity"] > 1 for r in rows)
+
+
+@pytest.mark.parametrize("bits", ["3", "4/5", "x", "4/4/4"])
+def test_eval_refuses_unsupported_bits_before_any_inference(base, tmp_path, capsys, monkeypatch, bits) -> None:
+    _no_model_loading(monkeypatch)
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(base[0]), "--kv-bits", bits, "--data", str(base[1]), "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("mkv: error:") and "--kv-bits" in last
+    assert not list(tmp_path.glob("eval*"))

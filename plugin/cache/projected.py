@@ -1,4 +1,4 @@
-"""A transformers `Cache` that keeps only the projected (kept) dimensions of every KV head.
+"""The projected cache: a transformers `Cache` that keeps only the kept dimensions of every KV head.
 
 Each layer stores one tensor per group of KV heads sharing the same (key rank, value rank):
 keys ``[batch, heads_in_group, seq, r_k]`` and values ``[batch, heads_in_group, seq, r_v]``.
@@ -125,7 +125,7 @@ class CompressedCache(Cache):
         """Cached bytes per token per sequence (batch x sequence length divide out)."""
         if not self.layers or self.get_seq_length() == 0:
             return 0.0
-        return self.nbytes() / (self.layers[0].keys.shape[0] * self.get_seq_length())
+        return self.nbytes() / (self.layers[0].keys.shape[0] * self.get_seq_length())  # keys: batch on dim 0
 
 
 class PcaCache(CompressedCache):
@@ -135,15 +135,17 @@ class PcaCache(CompressedCache):
         super().__init__(layer_class_to_replicate=PcaCacheLayer)
 
 
-def own_cache(past_key_values: Any, use_cache: bool, cache_class: type[Cache]) -> Any:
+def own_cache(past_key_values: Any, use_cache: bool, cache_class: type[Cache],
+              factory: Callable[[], Cache] | None = None) -> Any:
     """The cache a model with its own cache class should use for this forward.
 
     transformers (and `generate`) hand in None or an empty DynamicCache when nothing is cached
-    yet; both are replaced by `cache_class`. A filled cache of another class cannot be converted.
+    yet; both are replaced by `factory()` (default `cache_class()`). A filled cache of another
+    class cannot be converted.
     """
     fresh = past_key_values is None or (type(past_key_values) is DynamicCache and past_key_values.get_seq_length() == 0)
     if use_cache and fresh:
-        return cache_class()
+        return (factory or cache_class)()
     if past_key_values is not None and not isinstance(past_key_values, cache_class):
         raise ValueError(
             f"this model needs a {cache_class.__name__}, got {type(past_key_values).__name__}; pass "
@@ -152,8 +154,9 @@ def own_cache(past_key_values: Any, use_cache: bool, cache_class: type[Cache]) -
     return past_key_values
 
 
-def prepare_generation_cache(generation_config: Any, model_kwargs: dict, cache_class: type[Cache]) -> None:
-    """Check `generate`'s cache settings and swap the empty DynamicCache it made for `cache_class`."""
+def prepare_generation_cache(generation_config: Any, model_kwargs: dict, cache_class: type[Cache],
+                             factory: Callable[[], Cache] | None = None) -> None:
+    """Check `generate`'s cache settings and swap the empty DynamicCache it made for `factory()`."""
     if generation_config.cache_implementation not in (None, "dynamic"):
         raise ValueError(
             f"cache_implementation={generation_config.cache_implementation!r} is not supported; leave it "
@@ -161,4 +164,4 @@ def prepare_generation_cache(generation_config: Any, model_kwargs: dict, cache_c
         )
     cache = model_kwargs.get("past_key_values")
     if type(cache) is DynamicCache and cache.get_seq_length() == 0:
-        model_kwargs["past_key_values"] = cache_class()
+        model_kwargs["past_key_values"] = (factory or cache_class)()

@@ -1,0 +1,25 @@
+"""KV caches of PcaLlama: projected (kept dimensions only) and quantized projected."""
+
+from .projected import (
+    CompressedCache,
+    GroupSignature,
+    PcaCache,
+    PcaCacheLayer,
+    TensorMapLayer,
+    own_cache,
+    prepare_generation_cache,
+)
+from .quantized import QuantizedPcaCache, QuantizedPcaCacheLayer, QuantSpec
+
+__all__ = [
+    "CompressedCache",
+    "GroupSignature",
+    "PcaCache",
+    "PcaCacheLayer",
+    "QuantSpec",
+    "QuantizedPcaCache",
+    "QuantizedPcaCacheLayer",
+    "TensorMapLayer",
+    "own_cache",
+    "prepare_generation_cache",
+]
