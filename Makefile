@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: all install demo test lint bench clean
+.PHONY: all install demo recipe test lint bench clean
 
 all: demo
 
@@ -25,6 +25,21 @@ $(DEMO)/matryoshka/config.json: $(DEMO)/pca/config.json | data/sotu_train.jsonl
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/llamafactory-cli train scripts/matryoshka_pt.yaml \
 		model_name_or_path=$(DEMO)/pca output_dir=$(DEMO)/matryoshka.tmp
 	rm -rf $(DEMO)/matryoshka && mv $(DEMO)/matryoshka.tmp $(DEMO)/matryoshka
+
+# The training recipe (scripts/matryoshka_recipe.yaml, about 75 min on 2 CPU cores): resumable,
+# run it again after an interruption and it continues from its last checkpoint.  Then the small
+# projections artifact and the held-out comparison with PCA.
+RECIPE := outputs/recipe
+recipe: install data/sotu_train.jsonl data/self_chat_train.jsonl $(DEMO)/pca/config.json
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/llamafactory-cli train scripts/matryoshka_recipe.yaml \
+		model_name_or_path=$(DEMO)/pca output_dir=$(RECIPE)/train
+	$(VENV)/bin/mkv export-projections --model $(RECIPE)/train --out $(RECIPE)/projections --overwrite
+	$(VENV)/bin/mkv eval --model $(DEMO)/pca --model $(RECIPE)/projections --label pca --label recipe \
+		--tokens 8192 --out $(RECIPE)/eval
+
+# The base model's own chat answers to the training instructions (about 6 min; not committed).
+data/self_chat_train.jsonl: | install
+	$(PY) -m llamafactory_ext.prepare_data --chat
 
 # The training split of the embedded corpus as a LLaMA-Factory dataset (generated, not committed).
 data/sotu_train.jsonl: | install

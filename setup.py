@@ -105,6 +105,8 @@ setup(
     ),
     # torch and deepspeed are deliberately absent: scripts/install.sh installs them
     # (torch first, so no CUDA build is pulled in; deepspeed with --no-build-isolation).
+    # The shipped projections of the embedded model (`mkv eval --model embedded-matryoshka`).
+    package_data={"plugin": ["trained/*/*.json", "trained/*/*.safetensors"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": DEV_REQUIRES},
     entry_points={"console_scripts": ["mkv = plugin.cli:main"]},

