@@ -310,10 +310,19 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> PcaLlamaForCausalLM:
         """transformers' loader, plus the checkpoint's kv_ranks.json and two optional keywords.
 
-        kv_budget (uniform ranks) or kv_rank_file (per-head ranks) override the saved ranks; being
-        keywords, they also pass through tools that forward model kwargs (OpenCompass --model-kwargs).
+        kv_budget (uniform ranks) or kv_rank_file (per-head ranks) override the saved ranks, and
+        kv_bits (4, or "4/2" for 4-bit keys and 2-bit values) quantizes the cache; being keywords,
+        they also pass through tools that forward model kwargs (OpenCompass --model-kwargs).
         """
         budget, rank_file = kwargs.pop("kv_budget", None), kwargs.pop("kv_rank_file", None)
+        bits = kwargs.pop("kv_bits", None)
+        if bits is not None:
+            from .cache.quantize import check_bits
+
+            parts = [int(b) for b in str(bits).split("/")] if isinstance(bits, str) else [bits]
+            if len(parts) not in (1, 2):
+                raise ValueError(f"kv_bits must be K or 'K/V' (e.g. 4 or '4/2'); got {bits!r}")
+            bits = (check_bits(parts[0], "kv_bits"), check_bits(parts[-1], "kv_bits"))
         if budget is not None and rank_file is not None:
             raise ValueError("give kv_budget or kv_rank_file, not both")
         if budget is not None:
@@ -329,6 +338,8 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
                 model.set_kv_budget(float(budget))
             elif rank_file is not None:
                 model.load_rank_file(rank_file)
+            if bits is not None:
+                model.set_kv_bits(*bits)
         return model
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> None:

@@ -167,3 +167,15 @@ def test_bad_bits_are_refused_clearly() -> None:
     with pytest.raises(ValueError, match="multiple of 8"):
         model.set_kv_bits(4, group=12)
     assert model.get_kv_bits() is None
+
+
+def test_from_pretrained_kv_bits_keyword(tmp_path) -> None:
+    from plugin import PcaLlamaForCausalLM
+
+    _model().save_pretrained(tmp_path / "m")
+    model = PcaLlamaForCausalLM.from_pretrained(tmp_path / "m", kv_budget=0.5, kv_bits="4/2")
+    spec = model.get_kv_bits()
+    assert {b for row in spec.key_bits for b in row} == {4} and {b for row in spec.value_bits for b in row} == {2}
+    assert isinstance(model.model.new_cache(), QuantizedPcaCache)
+    with pytest.raises(ValueError, match="one of 2, 4, 8 or 16"):
+        PcaLlamaForCausalLM.from_pretrained(tmp_path / "m", kv_bits=5)
