@@ -46,20 +46,67 @@ class TensorMapLayer(CacheLayerMixin):
 
 
 class PcaCacheLayer(TensorMapLayer):
-    """One decoder layer's projected keys and values, grouped by rank."""
+    """One decoder layer's projected keys and values, grouped by rank, in preallocated buffers.
+
+    Buffers grow by whole chunks (capacity doubles, rounded up to `chunk` tokens), so appending a
+    token writes in place: amortised O(1), not the O(length) copy of a concatenation.  With
+    `max_length` the buffers are allocated once at that capacity and never move (static shapes,
+    as `torch.compile` wants); exceeding it is an error.  Attention reads views of the filled part.
+    """
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int = 256, max_length: int | None = None) -> None:
         super().__init__()
-        self.key_groups: list[torch.Tensor] = []
-        self.value_groups: list[torch.Tensor] = []
+        if chunk < 1:
+            raise ValueError(f"the cache chunk must be >= 1 token; got {chunk}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1 token; got {max_length}")
+        self.chunk, self.max_length = chunk, max_length
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._length = 0
         self.signature: GroupSignature | None = None
+
+    @property
+    def key_groups(self) -> list[torch.Tensor]:
+        return [t[..., : self._length, :] for t in self._keys]
+
+    @property
+    def value_groups(self) -> list[torch.Tensor]:
+        return [t[..., : self._length, :] for t in self._values]
 
     def lazy_initialization(self, key_states: list[torch.Tensor]) -> None:
         self.dtype, self.device = key_states[0].dtype, key_states[0].device
         self.is_initialized = True
+
+    def capacity(self) -> int:
+        return self._keys[0].shape[-2] if self._keys else 0
+
+    def _reserve(self, needed: int, like_keys: list[torch.Tensor], like_values: list[torch.Tensor]) -> None:
+        if needed <= self.capacity():
+            return
+        if self.max_length is not None:
+            if self._keys:
+                raise ValueError(f"the cache holds at most max_length={self.max_length} tokens; {needed} needed")
+            if needed > self.max_length:
+                raise ValueError(f"the cache holds at most max_length={self.max_length} tokens; {needed} needed")
+            capacity = self.max_length
+        else:
+            capacity = max(needed, 2 * self.capacity())
+            capacity = -(-capacity // self.chunk) * self.chunk
+
+        def grown(old: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+            out = []
+            for index, sample in enumerate(like):
+                buffer = sample.new_empty(*sample.shape[:-2], capacity, sample.shape[-1])
+                if old:
+                    buffer[..., : self._length, :] = old[index][..., : self._length, :]
+                out.append(buffer)
+            return out
+
+        self._keys, self._values = grown(self._keys, like_keys), grown(self._values, like_values)
 
     def update(
         self,
@@ -71,46 +118,64 @@ class PcaCacheLayer(TensorMapLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states)
             self.signature = signature
-            self.key_groups, self.value_groups = list(key_states), list(value_states)
-        else:
-            if signature != self.signature:
-                raise ValueError(
-                    "the KV ranks changed while this cache was in use; start a new cache "
-                    "(past_key_values=None) after set_kv_ranks / set_kv_budget"
-                )
-            self.key_groups = [torch.cat([old, new], dim=-2) for old, new in zip(self.key_groups, key_states)]
-            self.value_groups = [torch.cat([old, new], dim=-2) for old, new in zip(self.value_groups, value_states)]
-        self.keys, self.values = self.key_groups[0], self.value_groups[0]
-        return self.key_groups, self.value_groups
+        elif signature != self.signature:
+            raise ValueError(
+                "the KV ranks changed while this cache was in use; start a new cache "
+                "(past_key_values=None) after set_kv_ranks / set_kv_budget"
+            )
+        new = key_states[0].shape[-2]
+        self._reserve(self._length + new, key_states, value_states)
+        end = self._length + new
+        for buffer, states in zip(self._keys, key_states):
+            buffer[..., self._length : end, :] = states
+        for buffer, states in zip(self._values, value_states):
+            buffer[..., self._length : end, :] = states
+        self._length = end
+        keys, values = self.key_groups, self.value_groups
+        self.keys, self.values = keys[0], values[0]
+        return keys, values
 
     def get_seq_length(self) -> int:
-        if not self.is_initialized or not self.key_groups:
-            return 0
-        return self.key_groups[0].shape[-2]
+        return self._length if self.is_initialized else 0
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         return self.get_seq_length() + cache_position.shape[0], 0
 
     def get_max_cache_shape(self) -> int:
-        return -1
+        return -1 if self.max_length is None else self.max_length
 
     def nbytes(self) -> int:
+        """Bytes of the cached tokens (the filled part of the buffers): exactly ranks x tokens x element size."""
         return sum(t.numel() * t.element_size() for t in (*self.key_groups, *self.value_groups))
 
+    def allocated_bytes(self) -> int:
+        """Bytes of the buffers, spare capacity included."""
+        return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values))
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self.get_seq_length() - abs(max_length)
+        if self.get_seq_length() > max_length:
+            self._length = max(0, max_length)  # the buffers keep their capacity; later writes overwrite
+            self._sync()
+
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.get_seq_length() > 0:
-            self.key_groups = [fn(t) for t in self.key_groups]
-            self.value_groups = [fn(t) for t in self.value_groups]
+        if self._keys:
+            self._keys = [fn(t) for t in self._keys]
+            self._values = [fn(t) for t in self._values]
+            self._sync()
+
+    def _sync(self) -> None:
+        if self._keys:
             self.keys, self.values = self.key_groups[0], self.value_groups[0]
 
     def reset(self) -> None:
-        self.key_groups, self.value_groups, self.signature = [], [], None
+        self._keys, self._values, self._length, self.signature = [], [], 0, None
         self.keys = self.values = None
         self.is_initialized = False
 
-
     def prefetch(self) -> None:
-        if self.is_initialized and self.key_groups and self.key_groups[0].device != self.device:
+        if self.is_initialized and self._keys and self._keys[0].device != self.device:
             self._map(lambda t: t.to(self.device, non_blocking=True))
 
 
@@ -129,10 +194,21 @@ class CompressedCache(Cache):
 
 
 class PcaCache(CompressedCache):
-    """Projected KV cache for `PcaLlamaForCausalLM`; layers are created lazily on first update."""
+    """Projected KV cache for `PcaLlamaForCausalLM`; layers are created lazily on first update.
 
-    def __init__(self) -> None:
+    `chunk`: growth granularity of the preallocated buffers; `max_length`: a fixed capacity
+    allocated at the first update (static shapes).
+    """
+
+    def __init__(self, chunk: int = 256, max_length: int | None = None) -> None:
+        self.chunk, self.max_length = chunk, max_length
+        PcaCacheLayer(chunk, max_length)  # checks the arguments now, not at the first update
         super().__init__(layer_class_to_replicate=PcaCacheLayer)
+
+    def update(self, key_states: Any, value_states: Any, layer_idx: int, cache_kwargs: dict | None = None) -> Any:
+        while len(self.layers) <= layer_idx:
+            self.layers.append(PcaCacheLayer(self.chunk, self.max_length))
+        return super().update(key_states, value_states, layer_idx, cache_kwargs)
 
 
 def own_cache(past_key_values: Any, use_cache: bool, cache_class: type[Cache],

@@ -1,0 +1,95 @@
+"""The projected cache's preallocated buffers: in-place appends, identical results, exact bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from helpers import to_pca
+
+from plugin.cache import PcaCache
+
+RANKS = {"key": [[8, 16, 8, 4], [12, 12, 16, 4]], "value": [[8, 16, 4, 4], [16, 12, 8, 8]]}
+
+
+def _model():
+    model = to_pca(make_tiny_llama("mha", attn_implementation="sdpa"))
+    model.set_kv_ranks(RANKS)
+    return model
+
+
+def _decode(model, cache, ids: torch.Tensor, prefill: int) -> list[torch.Tensor]:
+    out = [model(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+    for t in range(prefill, ids.shape[1]):
+        out.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    return out
+
+
+def _bytes_formula(tokens: int, batch: int) -> int:
+    return batch * tokens * sum(sum(row) for kind in ("key", "value") for row in RANKS[kind]) * 4
+
+
+def test_growth_policy_does_not_change_a_single_bit() -> None:
+    model = _model()
+    ids = torch.randint(0, 128, (2, 70), generator=torch.Generator().manual_seed(0))
+    reference = _decode(model, PcaCache(chunk=1), ids, 20)  # reallocates at every token, like concatenation
+    for cache in (PcaCache(), PcaCache(chunk=16), PcaCache(max_length=80)):
+        got = _decode(model, cache, ids, 20)
+        assert all(torch.equal(a, b) for a, b in zip(reference, got))
+        assert cache.nbytes() == _bytes_formula(70, 2)
+        assert cache.layers[0].allocated_bytes() >= cache.layers[0].nbytes()
+
+
+def test_appends_write_in_place_and_capacity_grows_geometrically() -> None:
+    model = _model()
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(1))
+    cache = PcaCache(chunk=64)
+    model(input_ids=ids[:, :10], past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    pointers, capacities = {layer._keys[0].data_ptr()}, [layer.capacity()]
+    for t in range(10, 300):
+        model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        pointers.add(layer._keys[0].data_ptr())
+        capacities.append(layer.capacity())
+        assert cache.nbytes() == _bytes_formula(t + 1, 1)
+    assert sorted(set(capacities)) == [64, 128, 256, 512]
+    assert len(pointers) == 4  # one buffer per capacity: every other append wrote in place
+
+
+def test_crop_then_decode_equals_the_first_decode() -> None:
+    model = _model()
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2))
+    cache = PcaCache(chunk=8)
+    first = _decode(model, cache, ids, 10)
+    cache.crop(25)
+    assert cache.get_seq_length() == 25 and cache.nbytes() == _bytes_formula(25, 2)
+    again = [model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(25, 40)]
+    assert all(torch.equal(a, b) for a, b in zip(first[1 + 15:], again))
+
+
+def test_reorder_and_repeat_follow_the_batch() -> None:
+    model = _model()
+    ids = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(3))
+    cache, swapped = PcaCache(chunk=8), PcaCache(chunk=8)
+    model(input_ids=ids[:, :29], past_key_values=cache, use_cache=True)
+    model(input_ids=ids[[1, 0], :29], past_key_values=swapped, use_cache=True)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    a = model(input_ids=ids[[1, 0], 29:], past_key_values=cache, use_cache=True).logits
+    b = model(input_ids=ids[[1, 0], 29:], past_key_values=swapped, use_cache=True).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    cache.batch_repeat_interleave(3)
+    assert cache.layers[1].keys.shape[0] == 6 and cache.nbytes() == _bytes_formula(30, 6)
+    cache.batch_select_indices(torch.tensor([0, 5]))
+    assert cache.nbytes() == _bytes_formula(30, 2)
+
+
+def test_fixed_capacity_refuses_to_overflow() -> None:
+    model = _model()
+    cache = PcaCache(max_length=12)
+    ids = torch.randint(0, 128, (1, 13))
+    model(input_ids=ids[:, :12], past_key_values=cache, use_cache=True)
+    assert cache.get_max_cache_shape() == 12
+    with pytest.raises(ValueError, match="at most max_length=12"):
+        model(input_ids=ids[:, 12:], past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        PcaCache(chunk=0)
