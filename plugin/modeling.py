@@ -236,6 +236,32 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         total = sum(sum(row) for kind in ("key", "value") for row in ranks[kind])
         return total * torch.finfo(dtype).bits // 8
 
+    def shrink_cache(self, cache: Any, budget: float | None = None, ranks: RankTable | None = None) -> None:
+        """Lower the ranks of the model *and* of a filled cache, by slicing (no recomputation).
+
+        Give a uniform `budget` or a rank table; no head may go above its current ranks.  Decoding
+        continues with the same cache at the new ranks, exactly as if they had been used throughout.
+        """
+        from .cache import PcaCache
+
+        if not isinstance(cache, PcaCache):
+            raise TypeError(f"only a PcaCache can shrink (got {type(cache).__name__}); quantized caches cannot")
+        if (budget is None) == (ranks is None):
+            raise ValueError("give a budget or a rank table")
+        cfg = self.config
+        table = (uniform_ranks(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, budget, cfg.kv_rank_step)
+                 if budget is not None else validate_ranks(ranks, cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                                           cfg.head_dim))
+        current = self.get_kv_ranks()
+        for kind in ("key", "value"):
+            for layer, (old_row, new_row) in enumerate(zip(current[kind], table[kind])):
+                if any(new > old for old, new in zip(old_row, new_row)):
+                    raise ValueError(f"{kind} ranks of layer {layer} would grow ({old_row} -> {new_row}); "
+                                     "a filled cache can only shrink")
+        self.set_kv_ranks(table)
+        for layer, attn in zip(cache.layers, self.attention_layers()):
+            layer.shrink(attn.signature())
+
     # -- bits ----------------------------------------------------------------------------------
     def set_kv_bits(self, key_bits: int | list[list[int]], value_bits: int | list[list[int]] | None = None,
                     group: int = 64, residual: int = 0) -> None:

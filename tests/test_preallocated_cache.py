@@ -93,3 +93,31 @@ def test_fixed_capacity_refuses_to_overflow() -> None:
         model(input_ids=ids[:, 12:], past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         PcaCache(chunk=0)
+
+
+@pytest.mark.parametrize("target", ["budget", "table"])
+def test_shrink_then_attend_equals_the_lower_rank_from_the_start(target: str) -> None:
+    """Exact for the cached states: one layer, so the cached keys and values depend on nothing but the
+    input (deeper layers' states depend on the ranks the layers below had during prefill)."""
+    model = to_pca(make_tiny_llama("mha", attn_implementation="sdpa", num_hidden_layers=1))
+    start = {"key": [[16, 12, 16, 8]], "value": [[16, 16, 8, 12]]}
+    lower = {"key": [[4, 12, 8, 4]], "value": [[8, 4, 4, 12]]} if target == "table" else None
+    model.set_kv_ranks(start)
+    ids = torch.randint(0, 128, (2, 36), generator=torch.Generator().manual_seed(5))
+    cache = PcaCache(chunk=8)
+    model(input_ids=ids[:, :30], past_key_values=cache, use_cache=True)
+    if target == "budget":
+        model.shrink_cache(cache, budget=0.5)
+    else:
+        model.shrink_cache(cache, ranks=lower)
+    ranks = model.get_kv_ranks()
+    assert ranks == (lower or {"key": [[8] * 4], "value": [[8] * 4]})
+    after = [model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(30, 36)]
+    fresh = PcaCache(chunk=8)
+    model(input_ids=ids[:, :30], past_key_values=fresh, use_cache=True)  # the lower ranks from the start
+    direct = [model(input_ids=ids[:, t:t + 1], past_key_values=fresh, use_cache=True).logits for t in range(30, 36)]
+    for a, b in zip(after, direct):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert cache.nbytes() == fresh.nbytes() == 2 * 36 * sum(ranks["key"][0] + ranks["value"][0]) * 4
+    with pytest.raises(ValueError, match="can only shrink"):
+        model.shrink_cache(cache, budget=1.0)

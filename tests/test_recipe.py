@@ -20,8 +20,9 @@ if str(REPO) not in sys.path:
 yaml = pytest.importorskip("yaml")
 pytest.importorskip("llamafactory")
 
-from llamafactory_ext.testing import SENTENCES, build_tiny_pcallama, write_tiny_datasets
 from test_llamafactory_cli import _run, env  # noqa: F401  (env is a fixture)
+
+from llamafactory_ext.testing import SENTENCES, build_tiny_pcallama, write_tiny_datasets
 
 RECIPE = REPO / "scripts" / "matryoshka_recipe.yaml"
 

@@ -169,6 +169,34 @@ class PcaCacheLayer(TensorMapLayer):
         if self._keys:
             self.keys, self.values = self.key_groups[0], self.value_groups[0]
 
+    def shrink(self, signature: GroupSignature) -> None:
+        """Cut the cached states to lower ranks in place of recomputing them (nested bases).
+
+        `signature` is the attention's new grouping ``((r_k, r_v, *heads), ...)``; every head's new
+        ranks must not exceed its cached ones.  The first r dimensions of a rank-R state are the
+        rank-r state, so attending afterwards equals attending at rank r from the start.
+        """
+        if not self.is_initialized or self.signature == signature:
+            self.signature = signature if self.is_initialized else self.signature
+            return
+        keys, values = {}, {}
+        for entry, k, v in zip(self.signature, self.key_groups, self.value_groups):
+            for position, head in enumerate(entry[2:]):
+                keys[head], values[head] = k[:, position], v[:, position]
+        new_keys, new_values = [], []
+        for entry in signature:
+            rank_k, rank_v, heads = entry[0], entry[1], entry[2:]
+            for head in heads:
+                if rank_k > keys[head].shape[-1] or rank_v > values[head].shape[-1]:
+                    raise ValueError(
+                        f"cannot shrink head {head} to ranks ({rank_k}, {rank_v}): the cache holds "
+                        f"({keys[head].shape[-1]}, {values[head].shape[-1]}); a cache only shrinks"
+                    )
+            new_keys.append(torch.stack([keys[h][..., :rank_k] for h in heads], dim=1).contiguous())
+            new_values.append(torch.stack([values[h][..., :rank_v] for h in heads], dim=1).contiguous())
+        self._keys, self._values, self.signature = new_keys, new_values, signature  # the old buffers are freed
+        self._sync()
+
     def reset(self) -> None:
         self._keys, self._values, self._length, self.signature = [], [], 0, None
         self.keys = self.values = None
