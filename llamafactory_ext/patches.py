@@ -25,6 +25,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from plugin.families import PCA_TYPES
+
 from .arguments import (
     MatryoshkaArguments,
     check_unknown_keys,
@@ -86,13 +88,13 @@ def check_train_args(margs: MatryoshkaArguments, model_args: Any, finetuning_arg
             )
         return  # a hub id: checked again when the trainer is built
     model_type = config.get("model_type")
-    if margs.enabled and model_type != "pcallama":
+    if margs.enabled and model_type not in PCA_TYPES:
         raise ValueError(
             f"`matryoshka_trainer: {margs.matryoshka_trainer}` needs a PcaLlama checkpoint (model_type 'pcallama'), "
             f"but {model_args.model_name_or_path} has model_type {model_type!r}. Convert it first with "
             "`mkv calibrate` and train that output, or set `matryoshka_trainer: none`."
         )
-    if model_type == "pcallama" and margs.matryoshka_trainer != "none":
+    if model_type in PCA_TYPES and margs.matryoshka_trainer != "none":
         margs.validate_for_config(_ConfigView(config), source=str(model_args.model_name_or_path))
 
 

@@ -31,11 +31,12 @@ import os
 from opencompass.models import HuggingFaceBaseModel
 from opencompass.registry import MODELS
 
+from plugin.families import PCA_TYPES
+
 from .suite import has_cuda
 
 __all__ = ["PcaLlamaBaseModel", "budget_abbr", "format_budget", "parse_budget"]
 
-PCALLAMA_MODEL_TYPE = "pcallama"
 
 
 def parse_budget(budget: float | str) -> float:
@@ -129,10 +130,10 @@ class PcaLlamaBaseModel(HuggingFaceBaseModel):
             except ImportError:
                 pass
             config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-            if getattr(config, "model_type", None) != PCALLAMA_MODEL_TYPE:
+            if getattr(config, "model_type", None) not in PCA_TYPES:
                 raise ValueError(
                     f"{path!r} is a {getattr(config, 'model_type', '?')!r} checkpoint, not "
-                    f"{PCALLAMA_MODEL_TYPE!r}: a KV budget needs a PcaLlama checkpoint (convert it "
+                    f"a PcaLlama ({', '.join(PCA_TYPES)}): a KV budget needs a PcaLlama checkpoint (convert it "
                     "with PcaLlamaForCausalLM.from_llama / `mkv`); drop kv_budget/rank_file to "
                     "evaluate it uncompressed")
             if self.rank_file is not None:

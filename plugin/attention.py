@@ -204,6 +204,18 @@ class PcaLlamaAttention(LlamaAttention):
             "o_bias": o_bias.to(dtype),
         }
 
+    # -- what a model family may change (plugin/families/) --------------------------------------
+    def base_forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """The unprojected attention of the base model's family (the exact full-rank path)."""
+        return LlamaAttention.forward(self, *args, **kwargs)
+
+    def query_key(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries ``[B, heads, L, d]`` and keys ``[B, kv heads, L, d]`` before RoPE."""
+        batch, q_len, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return query, key
+
     # -- forward -------------------------------------------------------------------------------
     def forward(
         self,
@@ -215,15 +227,14 @@ class PcaLlamaAttention(LlamaAttention):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         if self.skip_projections and past_key_values is None and self.observer is None:
-            # U is orthogonal, so full rank is the base model's attention: running Llama's own forward is
-            # exact in any dtype (no U U^T = I up to 2^-8 in bf16) and four matmuls per layer cheaper.
-            output, _ = super().forward(hidden_states, position_embeddings, attention_mask, None, cache_position,
-                                        **kwargs)
+            # U is orthogonal, so full rank is the base model's attention: running the family's own forward
+            # is exact in any dtype (no U U^T = I up to 2^-8 in bf16) and four matmuls per layer cheaper.
+            output, _ = self.base_forward(hidden_states, position_embeddings, attention_mask, None, cache_position,
+                                          **kwargs)
             return output, None
         batch, q_len, _ = hidden_states.shape
         d, n_kv, n_rep = self.head_dim, self.num_kv_heads, self.num_key_value_groups
-        query = self.q_proj(hidden_states).view(batch, q_len, -1, d).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(batch, q_len, n_kv, d).transpose(1, 2)
+        query, key = self.query_key(hidden_states)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         query = query.reshape(batch, n_kv, n_rep, q_len, d)

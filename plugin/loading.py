@@ -119,10 +119,12 @@ def model_config(spec: str | None) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{str(path / 'config.json')!r} is not valid JSON ({err})") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in ("llama", "mistral", "pcallama"):
+    from .families import PCA_TYPES, SOURCE_TYPES, SUPPORTED
+
+    if model_type not in (*SOURCE_TYPES, *PCA_TYPES):
         raise ValueError(
-            f"model {spec!r} has model_type {model_type!r}; matryoshka-kv works on Llama-family "
-            "models (llama, mistral without sliding window, pcallama)"
+            f"model {spec!r} has model_type {model_type!r}; matryoshka-kv works on decoders with Llama-shaped "
+            f"attention ({SUPPORTED}) and their converted checkpoints ({', '.join(PCA_TYPES)})"
         )
     return config
 

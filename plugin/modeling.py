@@ -15,6 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from .attention import PcaLlamaAttention
 from .cache import CompressedCache, PcaCache, QuantizedPcaCache, QuantSpec, own_cache, prepare_generation_cache
 from .config import PcaLlamaConfig
+from .families import PCA_TYPES, SOURCE_TYPES
 from .ranks import (
     RankTable,
     check_budget,
@@ -26,16 +27,17 @@ from .ranks import (
 )
 
 RANK_FILE = "kv_ranks.json"
-CONVERTIBLE = ("llama", "mistral")
+CONVERTIBLE = SOURCE_TYPES
 
 
 class PcaLlamaModel(LlamaModel):
     config_class = PcaLlamaConfig
+    attention_class: type[PcaLlamaAttention] = PcaLlamaAttention  # a model family may change it
 
     def __init__(self, config: PcaLlamaConfig) -> None:
         super().__init__(config)
         for index, layer in enumerate(self.layers):
-            layer.self_attn = PcaLlamaAttention(config, index)
+            layer.self_attn = self.attention_class(config, index)
         self.sampling = False
         quant = getattr(config, "kv_quant", None)  # integer codes for the cache (set_kv_bits)
         self.kv_quant: QuantSpec | None = None if not quant else QuantSpec(
@@ -87,9 +89,11 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
     _supports_attention_backend = False
     _can_compile_fullgraph = False
 
+    model_class: type[PcaLlamaModel] = PcaLlamaModel  # a model family may change it
+
     def __init__(self, config: PcaLlamaConfig) -> None:
         super(LlamaForCausalLM, self).__init__(config)
-        self.model = PcaLlamaModel(config)
+        self.model = self.model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -113,21 +117,19 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         `projections`, a directory written by save_projections / `mkv export-projections`, supplies
         bases, means and ranks instead (`ranks` still overrides); see plugin.projection_files.
         """
+        from .families import check_convertible, family_of
+
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
-        if model_type == "pcallama":
+        if model_type in PCA_TYPES:
             raise ValueError("this model is already a PcaLlama; load it with AutoModelForCausalLM.from_pretrained")
-        if model_type not in CONVERTIBLE or not hasattr(model, "lm_head"):
-            raise ValueError(
-                f"MatryoshkaKV converts Llama-family causal LMs (model_type llama, or mistral without "
-                f"sliding window); got {type(model).__name__} with model_type {model_type!r}. "
-                "Load a LlamaForCausalLM checkpoint instead."
-            )
-        if model_type == "mistral" and getattr(config, "sliding_window", None):
-            raise ValueError(
-                "this Mistral config uses a sliding window, which the Llama attention does not implement; "
-                "set sliding_window=None (e.g. Mistral v0.3) or use a Llama checkpoint"
-            )
+        if not hasattr(model, "lm_head"):
+            raise ValueError(f"MatryoshkaKV converts causal LMs (with an lm_head); got {type(model).__name__}")
+        family = family_of(model_type)  # one clear error naming the supported families
+        check_convertible(config)
+        target = family.causal_lm_class()
+        if cls is not PcaLlamaForCausalLM and cls is not target:
+            raise ValueError(f"{cls.__name__} cannot hold a {model_type} model; use {target.__name__}.from_llama")
         if projections is not None:
             if key_bases is not None or value_bases is not None or value_means is not None:
                 raise ValueError("give projections or key_bases/value_bases/value_means, not both")
@@ -135,14 +137,15 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
 
             return load_projections(model, projections, ranks=ranks)
         fields = config.to_dict()
-        for name in ("model_type", "architectures", "auto_map", "sliding_window", "transformers_version"):
+        for name in ("model_type", "architectures", "auto_map", "sliding_window", "transformers_version",
+                     "use_sliding_window", "max_window_layers", "layer_types"):
             fields.pop(name, None)
-        pca_config = PcaLlamaConfig(**fields, kv_ranks=ranks)
+        pca_config = target.config_class(**fields, kv_ranks=ranks)
         pca_config._attn_implementation = config._attn_implementation
-        pca_config.architectures = [cls.__name__]
+        pca_config.architectures = [target.__name__]
         device = next(model.parameters()).device
         with torch.device("meta"):
-            pca = cls(pca_config)
+            pca = target(pca_config)
         pca.load_state_dict(model.state_dict(), strict=False, assign=True)
         # What the state dict does not carry (projections, RoPE frequencies) is built for real.
         pca.model.rotary_emb = LlamaRotaryEmbedding(config=pca_config, device=device)

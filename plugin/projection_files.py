@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .families import PCA_TYPES, SOURCE_TYPES
 from .loading import atomic_directory, check_output_dir
 from .ranks import check_step, table_budget, validate_ranks
 
@@ -43,7 +44,7 @@ WEIGHTS_FILE = "projections.safetensors"
 FAMILY = "llama"
 TENSOR_NAMES = ("key_basis", "value_basis", "value_mean")
 #: Base model types the projections can be loaded onto (PcaLlama's own, and those from_llama converts).
-BASE_TYPES = ("llama", "mistral", "pcallama")
+BASE_TYPES = (*SOURCE_TYPES, *PCA_TYPES)
 SHAPE_FIELDS = ("num_hidden_layers", "num_key_value_heads", "head_dim", "hidden_size")
 # Loaded bases must be orthogonal; float32 Cayley bases are within ~1e-5, corrupted data far outside.
 ORTHOGONALITY_TOLERANCE = 1e-3

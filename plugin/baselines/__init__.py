@@ -15,7 +15,10 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedModel
 
-from ..modeling import CONVERTIBLE, PcaLlamaForCausalLM
+from ..modeling import PcaLlamaForCausalLM
+
+# The weight-space baselines assume bias-free, norm-free Llama attention.
+BASELINE_TYPES = ("llama", "mistral")
 from .latent_cache import LatentCache
 from .measure import cache_nbytes, full_cache_bytes_per_token, measure_cache_bytes_per_token
 from .svd_latent import LatentLlamaForCausalLM, build_svd_latent, fit_svd_latent
@@ -41,7 +44,7 @@ def build(
     if method not in METHODS:
         raise ValueError(f"unknown baseline method {method!r}; choose one of {', '.join(METHODS)}")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in CONVERTIBLE or not hasattr(model, "model") or not hasattr(model.model, "layers"):
+    if model_type not in BASELINE_TYPES or not hasattr(model, "model") or not hasattr(model.model, "layers"):
         raise ValueError(
             f"the baselines convert Llama-family causal LMs (model_type llama or mistral); got "
             f"{type(model).__name__} with model_type {model_type!r}"

@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from ..baselines import METHODS, build, full_cache_bytes_per_token, measure_cache_bytes_per_token
     from ..data import load_texts, token_windows
     from ..evaluate import budget_sweep, perplexity
+    from ..families import PCA_TYPES
     from ..loading import kv_shape, load_model, model_config
     from ..modeling import PcaLlamaForCausalLM
     from ..plotting import plot_sweep
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     # the first model's sweep would waste minutes.
     for spec in args.model:
         config = model_config(spec)
-        for path in args.rank_file if config["model_type"] == "pcallama" else []:
+        for path in args.rank_file if config["model_type"] in PCA_TYPES else []:
             read_rank_file(path, *kv_shape(config))
     labels = args.label or []
     if labels and len(labels) != len(args.model):

@@ -56,9 +56,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model!r} is already a projections artifact; export from the PcaLlama checkpoint "
                          "it came from")
     model_type = model_config(args.model)["model_type"]  # a clear error for a missing or foreign model
-    if model_type != "pcallama":
+    from ..families import PCA_TYPES
+
+    if model_type not in PCA_TYPES:
         raise ValueError(
-            f"model {args.model!r} has model_type {model_type!r}, not 'pcallama': it has no projections to "
+            f"model {args.model!r} has model_type {model_type!r}, not a PcaLlama ({', '.join(PCA_TYPES)}): "
+            "it has no projections to "
             f"export; run `mkv calibrate --model {args.model} --out <dir>` first"
         )
     model_dir = Path(args.model)
