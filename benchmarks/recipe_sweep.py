@@ -34,15 +34,18 @@ RECIPE = ROOT / "scripts" / "matryoshka_recipe.yaml"
 
 # name -> (what it tests, overrides of the recipe)
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
-    "recipe": ("the recipe as shipped", {}),
-    "kl0.25": ("alpha 0.25 (0.25 KL + 0.75 CE)", {"matryoshka_alpha": "0.25"}),
-    "lr1e-2": ("projection lr 1e-2", {"matryoshka_projection_lr": "1.0e-2"}),
-    "lr2e-3": ("projection lr 2e-3", {"matryoshka_projection_lr": "2.0e-3"}),
-    "uniform": ("uniform ranks {8, ..., 64}", {"matryoshka_rank_choices": "8,16,24,32,40,48,56,64",
-                                               "matryoshka_rank_probs": "1,1,1,1,1,1,1,1"}),
+    "recipe": ("the recipe as shipped (projection lr 1e-2, alpha 1, weighted ranks 8-56, speeches + self-chat)", {}),
+    "lr5e-3": ("projection lr 5e-3", {"matryoshka_projection_lr": "5.0e-3"}),
+    "lr2e-2": ("projection lr 2e-2", {"matryoshka_projection_lr": "2.0e-2"}),
+    "kl0.25": ("lr 5e-3, alpha 0.25 (0.25 KL + 0.75 CE)", {"matryoshka_projection_lr": "5.0e-3",
+                                                           "matryoshka_alpha": "0.25"}),
+    "uniform": ("lr 5e-3, uniform ranks {8, ..., 64}", {"matryoshka_projection_lr": "5.0e-3",
+                                                         "matryoshka_rank_choices": "8,16,24,32,40,48,56,64",
+                                                         "matryoshka_rank_probs": "1,1,1,1,1,1,1,1"}),
     "speeches": ("speeches only (no self-chat)", {"dataset": "sotu_train", "mix_strategy": "concat"}),
-    "lora": ("projections + LoRA r=8 on q,k,v,o", {"finetuning_type": "lora", "lora_target": "q_proj,k_proj,v_proj,o_proj",
-                                                   "lora_rank": "8", "learning_rate": "2.0e-4"}),
+    "lora": ("projections + LoRA r=8 on q,k,v,o (lr 2e-4)", {"finetuning_type": "lora",
+                                                             "lora_target": "q_proj,k_proj,v_proj,o_proj",
+                                                             "lora_rank": "8", "learning_rate": "2.0e-4"}),
 }
 
 
