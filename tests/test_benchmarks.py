@@ -240,3 +240,41 @@ def test_frontier_on_tiny_models_reads_bytes_from_the_cache(tmp_path) -> None:
     half = next(e for e in result["frontier"] if e["fraction"] == 0.5)
     assert half["ranks x bits"]["bits"] in ("16", "2") and half["quantization alone"]["bits"] == "4"
     _assert_png(Path(f"{out}.png"))
+
+
+def test_longctx_on_a_tiny_model(tmp_path) -> None:
+    """benchmarks/longctx.py end to end: retrieval rows per (budget, context, depth), last-512 perplexity
+    at full rank equal to the base model's."""
+    import math
+
+    import torch
+    from conftest import make_tiny_llama
+    from helpers import save_tiny_base, to_pca
+
+    from plugin.data import load_texts, token_windows
+
+    base = make_tiny_llama("gqa")
+    save_tiny_base(base, tmp_path / "base")
+    to_pca(base).save_pretrained(tmp_path / "pca")
+    (tmp_path / "base").joinpath("tokenizer.json").rename(tmp_path / "pca" / "tokenizer.json")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (tmp_path / "base" / name).exists():
+            (tmp_path / "base" / name).rename(tmp_path / "pca" / name)
+    spec = importlib.util.spec_from_file_location("mkv_bench_longctx", BENCH / "longctx.py")
+    longctx = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(longctx)
+    out = tmp_path / "longctx.json"
+    assert longctx.main(["--model", str(tmp_path / "pca"), "--label", "tiny", "--budgets", "1,0.5",
+                         "--contexts", "128", "--depths", "0,1", "--per-depth", "1", "--ppl-contexts", "600",
+                         "--ppl-windows", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {(r["budget"], r["depth"]) for r in result["retrieval"]} == {(1.0, 0.0), (1.0, 1.0), (0.5, 0.0), (0.5, 1.0)}
+    full = next(r for r in result["perplexity"] if r["budget"] == 1.0)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "pca")
+    window = token_windows(tokenizer, load_texts(None, split="evaluation"), 600, 600)
+    nll, count = longctx.last_tokens_nll(base, window)
+    assert full["last512_perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    half = next(r for r in result["perplexity"] if r["budget"] == 0.5)
+    assert half["last512_perplexity"] != full["last512_perplexity"] and torch.is_tensor(window)
