@@ -40,6 +40,17 @@ def versions() -> str:
     return ", ".join(found)
 
 
+def write_json(path: str | Path, result: dict) -> Path:
+    """Write a benchmark's result (its parent folder created), and say where."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def header(command: str) -> str:
     today = datetime.date.today().isoformat()
     return f"Command: `{command}`  \nMachine: {machine()}  \nDate: {today}  \nVersions: {versions()}\n"

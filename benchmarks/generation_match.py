@@ -14,7 +14,6 @@ answers come from the first model at budget 1 (every PcaLlama at full rank is th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, versions
+from benchmarks.common import machine, versions, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"),
               "rule": "first sentence (up to . ! ? or newline) identical to the full-cache answer's",
               "new_tokens": args.new_tokens, "full_answers": dict(zip(prompts, reference)), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, versions
+from benchmarks.common import machine, versions, write_json
 
 
 def _ints(text: str) -> list[int]:
@@ -104,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python benchmarks/longctx.py " + " ".join(argv or sys.argv[1:]), "machine": machine(),
               "versions": versions(), "date": time.strftime("%Y-%m-%d"), "retrieval": retrieval,
               "perplexity": perplexity}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 
