@@ -2,8 +2,8 @@
 
 Reads the `heldout_ppl_<budget>` rows that the Matryoshka trainer logs (scripts/matryoshka_recipe.yaml
 sets `matryoshka_heldout_budgets`) from the run's trainer_state.json, and writes a PNG and a JSON.
-Training tokens = step x per_device_train_batch_size x gradient_accumulation_steps x cutoff_len
-(x processes): pre-training packs text into full cutoff_len blocks.
+Training tokens = step x per-device batch (trainer_state.json) x --accumulation x --cutoff-len
+(one process): pre-training packs text into full cutoff_len blocks.
 
     python benchmarks/recipe_curve.py                                  # outputs/recipe/train -> docs/
     python benchmarks/recipe_curve.py --run outputs/recipe/train/checkpoint-40 --out /tmp/curve
@@ -19,24 +19,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def curve(run: Path) -> tuple[list[dict], int]:
+def curve(run: Path, accumulation: int) -> tuple[list[dict], int]:
+    """(held-out rows, sequences per optimizer step); the per-device batch is read from trainer_state.json."""
     state = json.loads((run / "trainer_state.json").read_text())
-    args_file = run / "training_args.bin"
-    tokens_per_step = None
-    if args_file.is_file():
-        import torch
-
-        args = torch.load(args_file, weights_only=False)
-        tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    if tokens_per_step is None:
-        raise SystemExit(f"{args_file} is missing: cannot convert steps to tokens")
+    sequences_per_step = int(state.get("train_batch_size") or 1) * accumulation
     rows, seen = [], set()
     for row in state["log_history"]:
         if any(key.startswith("heldout_ppl_") for key in row) and row["step"] not in seen:
             seen.add(row["step"])
             rows.append({"step": row["step"], **{k[len("heldout_ppl_"):]: v for k, v in row.items()
                                                   if k.startswith("heldout_ppl_")}})
-    return rows, tokens_per_step
+    return rows, sequences_per_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,13 +37,15 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--run", default="outputs/recipe/train", help="output_dir (or checkpoint) of the recipe run")
     parser.add_argument("--cutoff-len", type=int, default=512, help="cutoff_len of the run (default 512)")
+    parser.add_argument("--accumulation", type=int, default=2,
+                        help="gradient_accumulation_steps of the run (default 2, the recipe's)")
     parser.add_argument("--full", type=float, default=None, help="full-cache perplexity, drawn as a line")
     parser.add_argument("--out", default=str(ROOT / "docs" / "recipe_curve"), help="writes OUT.png and OUT.json")
     args = parser.parse_args(argv)
     run = Path(args.run)
     if not (run / "trainer_state.json").is_file():
         parser.error(f"{run} has no trainer_state.json; run `make recipe` (or give a checkpoint-* directory)")
-    rows, sequences_per_step = curve(run)
+    rows, sequences_per_step = curve(run, args.accumulation)
     if not rows:
         parser.error(f"{run} logged no held-out perplexity (set matryoshka_heldout_budgets in the YAML)")
     for row in rows:
