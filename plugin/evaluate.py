@@ -57,13 +57,15 @@ def budget_sweep(
     settings: list[tuple[str, Any]] = [("budget", b) for b in budgets] + [("rank_file", f) for f in rank_files]
     rows = []
     full_bytes = model.full_cache_bytes_per_token()
-    spec = model.get_kv_bits() if hasattr(model, "get_kv_bits") else None
-    bits = "16" if spec is None else _bits_label(spec)
+    initial = model.get_kv_bits() if hasattr(model, "get_kv_bits") else None
     for kind, value in settings:
+        _restore_bits(model, initial)  # a rank file's bits apply to its own row only
         if kind == "budget":
             model.set_kv_budget(value)
         else:
-            model.load_rank_file(value)
+            model.load_rank_file(value)  # may carry bit widths (mkv search-budget --bytes)
+        spec = model.get_kv_bits() if hasattr(model, "get_kv_bits") else None
+        bits = "16" if spec is None else _bits_label(spec)
         start = time.perf_counter()
         ppl = perplexity(model, windows, batch_size, progress, desc=f"{label or 'model'} @ {value} x {bits} bits")
         bytes_per_token = model.kv_cache_bytes_per_token()
@@ -83,7 +85,15 @@ def budget_sweep(
                 "seconds": time.perf_counter() - start,
             }
         )
+    _restore_bits(model, initial)
     return rows
+
+
+def _restore_bits(model: Any, spec: Any) -> None:
+    if hasattr(model, "get_kv_bits") and model.get_kv_bits() is not spec:
+        model.clear_kv_bits()
+        if spec is not None:
+            model.model.kv_quant, model.config.kv_quant = spec, spec.as_dict()
 
 
 def _bits_label(spec: Any) -> str:

