@@ -42,7 +42,7 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "uniform": ("lr 5e-3, uniform ranks {8, ..., 64}", {"matryoshka_projection_lr": "5.0e-3",
                                                          "matryoshka_rank_choices": "8,16,24,32,40,48,56,64",
                                                          "matryoshka_rank_probs": "1,1,1,1,1,1,1,1"}),
-    "speeches": ("speeches only (no self-chat)", {"dataset": "sotu_train", "mix_strategy": "concat"}),
+    "speeches": ("speeches only (no self-chat)", {"dataset": "sotu_train", "interleave_probs": "1.0"}),
     "lora": ("projections + LoRA r=8 on q,k,v,o (lr 2e-4)", {"finetuning_type": "lora",
                                                              "lora_target": "q_proj,k_proj,v_proj,o_proj",
                                                              "lora_rank": "8", "learning_rate": "2.0e-4"}),
