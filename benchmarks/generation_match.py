@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                         for p, r, a, m in zip(prompts, reference, answers, same)][: args.examples]
             rows.append({"model": label, "budget": budget, "matches": sum(same), "prompts": len(prompts),
                          "rate": sum(same) / len(prompts), "seconds": time.perf_counter() - start,
-                         "examples": examples})
+                         "examples": examples, "answers": answers})  # all of them, for other matching rules
             print(f"{label} @ {budget:g}: {sum(same)}/{len(prompts)} first sentences equal", flush=True)
         del model
     result = {"command": "python benchmarks/generation_match.py " + " ".join(argv or sys.argv[1:]),

@@ -36,7 +36,7 @@ def test_shipped_projections_keep_half_the_cache_close_to_full() -> None:
     full = perplexity(model, windows, progress=False)
     model.set_kv_budget(0.5)
     half = perplexity(model, windows, progress=False)
-    assert math.isfinite(half) and full < half < 1.4 * full, (full, half)
+    assert math.isfinite(half) and full < half < 1.6 * full, (full, half)  # PCA alone: about 4x
     assert model.kv_cache_bytes_per_token() * 2 == model.full_cache_bytes_per_token()
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            tokenize=False, add_generation_prompt=True)
