@@ -77,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from plugin.commands.eval import parse_bits
+    from plugin.cache.quantize import parse_bit_pair
     from plugin.data import load_texts, token_windows
     from plugin.loading import load_model
 
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    bits = [parse_bits(b) for b in args.bits.split(",") if b.strip()]
-    quant_bits = [parse_bits(b) for b in args.quant_bits.split(",") if b.strip()]
+    bits = [parse_bit_pair(b, "--bits") for b in args.bits.split(",") if b.strip()]
+    quant_bits = [parse_bit_pair(b, "--quant-bits") for b in args.quant_bits.split(",") if b.strip()]
     base, tokenizer = load_model(args.base)
     windows = token_windows(tokenizer, load_texts(None, split="evaluation"), 512, args.tokens)
     runs = [("quant-only", _identity_model(base), [1.0], quant_bits)]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .cache.quantize import FULL_PRECISION, check_bits
+from .cache.quantize import FULL_PRECISION, parse_bit_pair
 from .ranks import RankTable, check_step
 
 DEFAULT_CHOICES: tuple[tuple[int, int], ...] = ((16, 16), (8, 8), (4, 4), (4, 2), (2, 2))
@@ -26,18 +26,7 @@ BF16_BYTES = 2
 
 def parse_choices(text: str) -> list[tuple[int, int]]:
     """'16,8,4/2' -> [(16, 16), (8, 8), (4, 2)], each width checked."""
-    out = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        pieces = part.split("/")
-        try:
-            values = [int(x) for x in pieces]
-        except ValueError:
-            raise ValueError(f"bit choice {part!r} must be K or K/V with K, V in 2, 4, 8, 16") from None
-        if len(values) not in (1, 2):
-            raise ValueError(f"bit choice {part!r} must be K or K/V (e.g. 4 or 4/2)")
-        out.append((check_bits(values[0], "key bits"), check_bits(values[-1], "value bits")))
+    out = [parse_bit_pair(part.strip(), "bit choice") for part in text.split(",") if part.strip()]
     if not out:
         raise ValueError("no bit choices given; e.g. 16,8,4,4/2,2")
     return out
@@ -144,10 +133,7 @@ def allocate(
                 break  # the larger rank budget fitted: the lower one can only be worse
     finally:
         model.set_kv_ranks(saved_ranks)
-        model.clear_kv_bits()
-        if saved_bits is not None:
-            model.set_kv_bits([list(r) for r in saved_bits.key_bits], [list(r) for r in saved_bits.value_bits],
-                              group=saved_bits.group, residual=saved_bits.residual)
+        model.set_kv_quant(saved_bits)
     if best is None:
         raise ValueError(f"no searched allocation fits {byte_budget:g} of the bf16 cache")
     best.candidates = candidates

@@ -90,10 +90,8 @@ def budget_sweep(
 
 
 def _restore_bits(model: Any, spec: Any) -> None:
-    if hasattr(model, "get_kv_bits") and model.get_kv_bits() is not spec:
-        model.clear_kv_bits()
-        if spec is not None:
-            model.model.kv_quant, model.config.kv_quant = spec, spec.as_dict()
+    if hasattr(model, "set_kv_quant"):
+        model.set_kv_quant(spec)
 
 
 def _bits_label(spec: Any) -> str:

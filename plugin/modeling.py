@@ -224,8 +224,7 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
                                         cfg.num_key_value_heads, str(path))  # checked before anything changes
         self.set_kv_ranks(ranks)
         if spec is not None:
-            self.model.kv_quant = spec
-            cfg.kv_quant = spec.as_dict()
+            self.set_kv_quant(spec)
 
     def get_kv_ranks(self) -> RankTable:
         ranks = self.config.resolved_kv_ranks()
@@ -294,13 +293,16 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
                 raise ValueError(f"{name} must be one int or a [{layers}][{heads}] table (layers x KV heads)")
             return tuple(tuple(row) for row in rows)
 
-        self.model.kv_quant = QuantSpec(table(key_bits, "key bits"), table(value_bits, "value bits"), group, residual)
-        cfg.kv_quant = self.model.kv_quant.as_dict()
+        self.set_kv_quant(QuantSpec(table(key_bits, "key bits"), table(value_bits, "value bits"), group, residual))
+
+    def set_kv_quant(self, spec: QuantSpec | None) -> None:
+        """Install a whole bit setting (None: unquantized); saved with the config."""
+        self.model.kv_quant = spec
+        self.config.kv_quant = None if spec is None else spec.as_dict()
 
     def clear_kv_bits(self) -> None:
         """Back to the unquantized projected cache."""
-        self.model.kv_quant = None
-        self.config.kv_quant = None
+        self.set_kv_quant(None)
 
     def get_kv_bits(self) -> QuantSpec | None:
         return self.model.kv_quant

@@ -26,6 +26,17 @@ def check_bits(bits: int, what: str = "bits") -> int:
     return bits
 
 
+def parse_bit_pair(text: str, what: str = "bits") -> tuple[int, int]:
+    """'4' -> (4, 4); '4/2' -> (4, 2) (keys / values), each checked; errors name `what`."""
+    try:
+        values = [int(part) for part in str(text).split("/")]
+    except ValueError:
+        raise ValueError(f"{what} {text!r} must be K or K/V with K, V in 2, 4, 8, 16 (e.g. 4 or 4/2)") from None
+    if len(values) not in (1, 2):
+        raise ValueError(f"{what} {text!r} must be K or K/V (e.g. 4 or 4/2)")
+    return check_bits(values[0], f"{what} (keys)"), check_bits(values[-1], f"{what} (values)")
+
+
 def _scale_zero(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     levels = (1 << bits) - 1
     zero = low.to(torch.float16)

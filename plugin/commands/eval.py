@@ -66,21 +66,6 @@ def parse_budgets(text: str) -> list[float]:
     return [check_budget(v) for v in values]
 
 
-def parse_bits(text: str) -> tuple[int, int]:
-    """'4' -> (4, 4); '4/2' -> (4, 2); checked against the supported widths."""
-    from ..cache.quantize import check_bits
-
-    parts = text.replace(",", "/").split("/")
-    try:
-        values = [int(part) for part in parts]
-    except ValueError:
-        raise ValueError(f"--kv-bits {text!r} must be K or K/V with K, V in 2, 4, 8, 16 (e.g. 4 or 4/2)") from None
-    if len(values) not in (1, 2):
-        raise ValueError(f"--kv-bits {text!r} must be K or K/V (e.g. 4 or 4/2)")
-    key, value = values[0], values[-1]
-    return check_bits(key, "--kv-bits (keys)"), check_bits(value, "--kv-bits (values)")
-
-
 def run(args: argparse.Namespace) -> int:
     from ..baselines import METHODS, build, full_cache_bytes_per_token, measure_cache_bytes_per_token
     from ..data import load_texts, token_windows
@@ -92,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     from ..ranks import read_rank_file
 
     budgets = parse_budgets(args.budgets)
-    bit_settings = [parse_bits(text) for text in (args.kv_bits or ["16"])]
+    from ..cache.quantize import parse_bit_pair
+
+    bit_settings = [parse_bit_pair(text, "--kv-bits") for text in (args.kv_bits or ["16"])]
     from ..cache import QuantSpec
 
     QuantSpec.uniform(1, 1, 16, group=args.kv_group, residual=args.kv_residual)  # checks group and residual early
