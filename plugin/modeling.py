@@ -40,9 +40,7 @@ class PcaLlamaModel(LlamaModel):
             layer.self_attn = self.attention_class(config, index)
         self.sampling = False
         quant = getattr(config, "kv_quant", None)  # integer codes for the cache (set_kv_bits)
-        self.kv_quant: QuantSpec | None = None if not quant else QuantSpec(
-            tuple(map(tuple, quant["key_bits"])), tuple(map(tuple, quant["value_bits"])),
-            int(quant.get("group", 64)), int(quant.get("residual", 0)))
+        self.kv_quant: QuantSpec | None = QuantSpec.from_dict(quant) if quant else None
 
     def new_cache(self) -> CompressedCache:
         """An empty cache for the current setting: quantized when bits are set, else projected."""

@@ -103,6 +103,12 @@ class QuantSpec:
         except ValueError as err:
             raise ValueError(f"rank file {source!r}: {err}") from None
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
+        """Inverse of :meth:`as_dict` (what a saved config.json holds under ``kv_quant``)."""
+        return cls(tuple(map(tuple, data["key_bits"])), tuple(map(tuple, data["value_bits"])),
+                   int(data.get("group", 64)), int(data.get("residual", 0)))
+
     def as_dict(self) -> dict[str, Any]:
         return {"key_bits": [list(r) for r in self.key_bits], "value_bits": [list(r) for r in self.value_bits],
                 "group": self.group, "residual": self.residual}
