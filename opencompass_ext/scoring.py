@@ -10,7 +10,9 @@ is skipped. For 8-shot CommonsenseQA this runs about 30 new tokens per item inst
 5 x 400.
 
 Works with any Hugging Face causal LM whose cache supports ``crop``,
-``batch_repeat_interleave`` and ``batch_select_indices`` (DynamicCache, PcaCache).
+``batch_repeat_interleave`` and ``batch_select_indices`` (DynamicCache, PcaCache). A model with
+sliding-window attention (Mistral) has forgotten the tokens a crop would return to, so its
+sequences are scored one by one, each from an empty cache.
 """
 from __future__ import annotations
 
@@ -40,6 +42,14 @@ class PrefixScorer:
         self._ids: list[int] = []  # tokens whose keys/values are in the cache (batch of 1)
         # _losses[t] = -log p(_ids[t] | _ids[:t]); _losses[0] = 0 (nothing predicts the first token)
         self._losses: list[float] = []
+
+    def _windowed(self) -> bool:
+        """Whether the model's cache drops old tokens (a sliding window), so that it cannot be cropped back."""
+        config = getattr(self.model, "config", None)
+        window = getattr(config, "sliding_window", None)
+        if not getattr(config, "use_sliding_window", True):  # Qwen2/3 keep the field but may not use it
+            window = None
+        return bool(window) or "sliding_attention" in (getattr(config, "layer_types", None) or [])
 
     def reset(self) -> None:
         self._cache, self._ids, self._losses = None, [], []
@@ -72,7 +82,7 @@ class PrefixScorer:
         if any(len(s) == 0 for s in sequences):
             raise ValueError("cannot score an empty token sequence")
         shortest = min(len(s) for s in sequences)
-        if shortest == 1:  # a bare BOS: nothing to share, score one by one
+        if shortest == 1 or self._windowed():  # a bare BOS, or a window: nothing to share, score one by one
             return [self._score_alone(s) for s in sequences]
         prefix = list(sequences[0][:shortest - 1])
         for s in sequences[1:]:

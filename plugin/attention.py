@@ -25,6 +25,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotar
 
 from .config import PcaLlamaConfig
 from .projections import KVProjection
+from .zero import gathered
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -155,10 +156,13 @@ class PcaLlamaAttention(LlamaAttention):
     def _inference_weights(self, dtype: torch.dtype) -> dict[str, Any]:
         if self._inference is not None and self._inference["dtype"] == dtype:
             return self._inference
-        per_group = self._group_bases(*self.kv_proj.bases())
+        per_group = self._group_bases(*self.kv_proj())
         weights: dict[str, Any] = {"dtype": dtype, "groups": per_group}
         if self.config.kv_fold:
-            weights.update(self._fold(per_group, dtype))  # folded in float32, then cast
+            # v_proj / o_proj are read here, not called: under ZeRO-3 they must be gathered first.
+            linears = (self.v_proj.weight, self.v_proj.bias, self.o_proj.weight, self.o_proj.bias)
+            with gathered(linears):
+                weights.update(self._fold(per_group, dtype))  # folded in float32, then cast
         for entry in per_group:
             for name in entry:
                 entry[name] = entry[name].to(dtype)
@@ -253,7 +257,7 @@ class PcaLlamaAttention(LlamaAttention):
             return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(batch, q_len, -1)), None
 
         if self.training:
-            bases = (t.to(query.dtype) for t in self.kv_proj.bases())
+            bases = (t.to(query.dtype) for t in self.kv_proj())
             weights: dict[str, Any] = {"groups": self._group_bases(*bases)}
         else:
             weights = self._inference_weights(query.dtype)
@@ -308,7 +312,7 @@ class PcaLlamaAttention(LlamaAttention):
     ) -> torch.Tensor:
         """Training path: full-width projections with trailing dimensions zeroed to the sampled ranks."""
         key_mask, value_mask = self.sampled_masks
-        key_basis, value_basis, value_mean = (t.to(query.dtype) for t in self.kv_proj.bases())
+        key_basis, value_basis, value_mean = (t.to(query.dtype) for t in self.kv_proj())
         key_p = torch.matmul(key, key_basis) * key_mask.unsqueeze(1)
         query_p = torch.matmul(query, key_basis.unsqueeze(1))
         value_p = torch.matmul(value - value_mean.unsqueeze(1), value_basis) * value_mask.unsqueeze(1)

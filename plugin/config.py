@@ -22,6 +22,7 @@ class PcaLlamaConfig(LlamaConfig):
     """
 
     model_type = "pcallama"
+    family_fields: tuple[str, ...] = ()  # fields of the base model's config a family keeps (Mistral: its window)
 
     def __init__(
         self,

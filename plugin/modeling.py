@@ -49,13 +49,23 @@ class PcaLlamaModel(LlamaModel):
         return PcaCache()
 
     def forward(self, *args: Any, past_key_values: Any = None, use_cache: bool | None = None, **kwargs: Any) -> Any:
+        if len(args) > len(FORWARD_ARGS):
+            raise TypeError(f"pass arguments after {', '.join(FORWARD_ARGS)} by name")
+        kwargs.update(zip(FORWARD_ARGS, args))  # by name from here on (a family may replace some)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.sampling:
             use_cache = False  # sampled ranks are a training device; their masked states are never cached
         past_key_values = own_cache(past_key_values, use_cache, CompressedCache, self.new_cache)
-        if not args:
-            kwargs["position_ids"] = positions_from_mask(kwargs)
-        return super().forward(*args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        kwargs["position_ids"] = positions_from_mask(kwargs)
+        kwargs = self.family_inputs(past_key_values, kwargs)
+        return super().forward(past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+    def family_inputs(self, past_key_values: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What a model family changes in the inputs of Llama's forward (Mistral: its sliding-window mask)."""
+        return kwargs
+
+
+FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids")  # LlamaModel.forward's leading positional names
 
 
 def positions_from_mask(kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -137,7 +147,8 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         fields = config.to_dict()
         for name in ("model_type", "architectures", "auto_map", "sliding_window", "transformers_version",
                      "use_sliding_window", "max_window_layers", "layer_types"):
-            fields.pop(name, None)
+            if name not in target.config_class.family_fields:
+                fields.pop(name, None)
         pca_config = target.config_class(**fields, kv_ranks=ranks)
         pca_config._attn_implementation = config._attn_implementation
         pca_config.architectures = [target.__name__]

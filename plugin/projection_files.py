@@ -4,8 +4,8 @@ An artifact is a directory holding exactly two files:
 
 * ``projections_config.json`` (keys sorted): ``"format": "matryoshka-kv-projections"``,
   ``"format_version": 1``, ``base_model`` (name or path, informational, may be null),
-  ``model_family`` ("llama": PcaLlama is the Llama architecture, whether converted from a Llama or
-  a Mistral without sliding window), ``num_hidden_layers``, ``num_key_value_heads``, ``head_dim``,
+  ``model_family`` ("llama": the Llama-shaped attention every supported family shares, see
+  plugin.families), ``num_hidden_layers``, ``num_key_value_heads``, ``head_dim``,
   ``hidden_size``, ``vocab_size``, ``kv_ranks`` (``{"key", "value"}``, ``[L][n_kv]``),
   ``kv_rank_step``, ``kv_budget`` (mean r / head_dim of ``kv_ranks``), ``dtype`` ("float32").
 * ``projections.safetensors``: per layer l, ``layers.{l}.key_basis`` and ``layers.{l}.value_basis``
@@ -246,7 +246,7 @@ def read_projection_tensors(path: str | os.PathLike, config: dict[str, Any]) -> 
 def load_projections(model: Any, path: str | os.PathLike, ranks: Any = None) -> Any:
     """A PcaLlamaForCausalLM: `model` (a Llama or PcaLlama) with the projections of artifact `path`.
 
-    A Llama (or Mistral without sliding window) is wrapped by PcaLlamaForCausalLM.from_llama: the
+    A base model (Llama, Mistral, Qwen2, Qwen3) is wrapped by PcaLlamaForCausalLM.from_llama: the
     result shares its weights and the Llama itself is left unchanged. A PcaLlama gets the bases,
     means, ranks and rank step installed in place (its trained Cayley generators reset to zero) and
     is returned. `ranks` ({"key", "value"} tables) overrides the artifact's rank table. Every check

@@ -8,6 +8,7 @@ orthogonal for any A and is computed in float32 whatever dtype the model runs in
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,9 @@ class KVProjection(nn.Module):
 
     def __init__(self, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
-        eye = torch.eye(head_dim, dtype=torch.float32).expand(num_kv_heads, head_dim, head_dim).clone()
+        # .float(): DeepSpeed's zero.Init creates tensors in the training dtype (bf16) whatever was asked;
+        # an identity survives the round trip exactly.
+        eye = torch.eye(head_dim, dtype=torch.float32).expand(num_kv_heads, head_dim, head_dim).clone().float()
         self.register_buffer("key_base", eye)
         self.register_buffer("value_base", eye.clone())
         self.key_skew = nn.Parameter(torch.zeros(num_kv_heads, head_dim, head_dim, dtype=torch.float32))
@@ -43,6 +46,20 @@ class KVProjection(nn.Module):
             if new is not None and new.dtype != torch.float32 and old is not None and old.device.type != "meta":
                 self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
         return self
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A buffer born in bf16 (zero.Init) would round the loaded bases to 2^-8 (|U^T U - I| ~ 3e-3):
+        # load them into float32 buffers instead.
+        for name in ("key_base", "value_base"):
+            buffer = self._buffers[name]
+            if prefix + name in state_dict and buffer is not None and buffer.dtype != torch.float32 \
+                    and buffer.device.type != "meta":
+                self._buffers[name] = torch.empty(buffer.shape, dtype=torch.float32, device=buffer.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U_K, U_V, mu_V) in float32; called as a module so that ZeRO-3 gathers the parameters first."""
+        return self.bases()
 
     @torch.no_grad()
     def set_bases(

@@ -26,10 +26,12 @@ from transformers import (
 )
 
 from plugin import PcaCache, PcaLlamaForCausalLM
+from plugin.families.mistral import PcaMistralForCausalLM
 from plugin.families.qwen2 import PcaQwen2ForCausalLM
 from plugin.families.qwen3 import PcaQwen3ForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
+WINDOW = 6
 COMMON = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
 
@@ -42,6 +44,8 @@ def _build(family: str, impl: str = "sdpa"):
         cls = LlamaForCausalLM
     elif family == "mistral":
         config, cls = MistralConfig(**COMMON, sliding_window=None), MistralForCausalLM
+    elif family == "mistral-window":  # shorter than the test sequences, so the window matters
+        config, cls = MistralConfig(**COMMON, sliding_window=WINDOW), MistralForCausalLM
     elif family == "qwen2":
         config, cls = Qwen2Config(**COMMON, use_sliding_window=False, tie_word_embeddings=True), Qwen2ForCausalLM
     elif family == "qwen3":
@@ -58,9 +62,9 @@ def _build(family: str, impl: str = "sdpa"):
     return model
 
 
-FAMILIES = ["llama3", "mistral", "qwen2", "qwen3"]
-EXPECTED = {"llama3": PcaLlamaForCausalLM, "mistral": PcaLlamaForCausalLM, "qwen2": PcaQwen2ForCausalLM,
-            "qwen3": PcaQwen3ForCausalLM}
+FAMILIES = ["llama3", "mistral", "mistral-window", "qwen2", "qwen3"]
+EXPECTED = {"llama3": PcaLlamaForCausalLM, "mistral": PcaMistralForCausalLM, "mistral-window": PcaMistralForCausalLM,
+            "qwen2": PcaQwen2ForCausalLM, "qwen3": PcaQwen3ForCausalLM}
 
 
 def _ids(batch: int = 2, length: int = 14, seed: int = 0) -> torch.Tensor:
@@ -91,17 +95,67 @@ def test_full_rank_equals_the_base_model_prefill_and_decode(family: str, impl: s
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_bytes_are_the_budget_of_the_family_cache(family: str) -> None:
+    """Measured against the base model's own cache on the same tokens (Mistral's keeps its window)."""
     base = _build(family)
     pca = PcaLlamaForCausalLM.from_llama(base, *random_bases(base)).eval()
     head_dim = pca.config.head_dim
-    full = 2 * 2 * 2 * head_dim * 4  # K and V, layers, KV heads, head_dim, float32
-    assert pca.full_cache_bytes_per_token() == full
+    assert pca.full_cache_bytes_per_token() == 2 * 2 * 2 * head_dim * 4  # K and V, layers, KV heads, float32
+    tokens = _ids(3, 10)
+    with torch.no_grad():
+        own = base(tokens, use_cache=True).past_key_values
+    full = sum(t.numel() * t.element_size() for layer in own.layers for t in (layer.keys, layer.values))
+    kept = WINDOW - 1 if family == "mistral-window" else 10
+    assert full == 3 * kept * pca.full_cache_bytes_per_token()
     for budget in (1.0, 0.5, 0.25):
         pca.set_kv_budget(budget)
-        cache = PcaCache()
+        cache = pca.model.new_cache()
         with torch.no_grad():
-            pca(_ids(3, 10), past_key_values=cache, use_cache=True)
-        assert cache.nbytes() == 3 * 10 * full * budget
+            pca(tokens, past_key_values=cache, use_cache=True)
+        assert cache.nbytes() == full * budget
+
+
+def test_sliding_window_cache_decodes_far_past_the_window_in_bounded_memory() -> None:
+    """40 decode steps through a window of 6 with 4-token chunks: compaction keeps logits exact and memory flat."""
+    base = _build("mistral-window", "eager")
+    pca = PcaLlamaForCausalLM.from_llama(base, *random_bases(base)).eval()
+    pca.set_kv_budget(0.5)
+    tokens = _ids(2, 48, seed=3)
+    with torch.no_grad():
+        expected = pca(tokens, use_cache=False).logits
+        cache = PcaCache(chunk=4, sliding_window=WINDOW)
+        out = pca(tokens[:, :8], past_key_values=cache, use_cache=True)
+        steps, allocated = [out.logits], []
+        for t in range(8, tokens.shape[1]):
+            out = pca(tokens[:, t:t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+            allocated.append(sum(layer.allocated_bytes() for layer in cache.layers))
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=0)
+    assert cache.get_seq_length() == 48
+    assert cache.nbytes() == 2 * (WINDOW - 1) * pca.kv_cache_bytes_per_token()
+    assert max(allocated[-20:]) <= allocated[5]  # no growth once the window is full
+    with pytest.raises(ValueError, match="cannot be cropped"):
+        cache.crop(10)
+    with pytest.raises(ValueError, match="sliding window"):
+        pca.set_kv_bits(4)
+    with pytest.raises(ValueError, match="fixed size"):
+        PcaCache(max_length=64, sliding_window=WINDOW)
+
+
+def test_sliding_window_cache_shrinks_to_lower_ranks() -> None:
+    """One layer, so the cached states depend on the input alone: shrinking equals the lower ranks from the start."""
+    base = _build("mistral-window")
+    base.config.num_hidden_layers = 1
+    base.model.layers = base.model.layers[:1]
+    pca = PcaLlamaForCausalLM.from_llama(base, *(t[:1] for t in random_bases(base))).eval()
+    tokens = _ids(1, 20, seed=4)
+    with torch.no_grad():
+        cache = pca.model.new_cache()
+        pca(tokens[:, :12], past_key_values=cache, use_cache=True)
+        pca.shrink_cache(cache, budget=0.5)
+        steps = [pca(tokens[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(12, 20)]
+        fresh = pca(tokens, use_cache=False).logits[:, 12:]
+    torch.testing.assert_close(torch.cat(steps, dim=1), fresh, atol=1e-4, rtol=0)
+    assert cache.nbytes() == (WINDOW - 1) * pca.kv_cache_bytes_per_token()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -159,11 +213,8 @@ def test_pca_calibration_runs_on_every_family() -> None:
 
 
 def test_unsupported_models_are_refused_clearly() -> None:
-    mistral = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=16))
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        PcaLlamaForCausalLM.from_llama(mistral)
     qwen = Qwen2ForCausalLM(Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=16, max_window_layers=1))
-    with pytest.raises(ValueError, match="sliding-window attention"):
+    with pytest.raises(ValueError, match="mixes sliding-window and full-attention layers"):
         PcaLlamaForCausalLM.from_llama(qwen)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="Qwen2/2.5, Qwen3"):
@@ -189,7 +240,7 @@ def _save_family_checkpoints(family: str, root: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["mistral-window", "qwen2", "qwen3"])
 def test_llamafactory_trains_two_steps_and_opencompass_scores_an_item(family: str, tmp_path) -> None:
     """The two frameworks take the family unchanged: 2 Matryoshka steps through llamafactory-cli, and one
     OpenCompass quick set where the converted model at 100% answers exactly as its base."""

@@ -57,7 +57,7 @@ def test_budget_and_rank_file_together_rejected(no_loading, ckpts, tmp_path):
 
 
 def test_budget_on_plain_llama_rejected(no_loading, ckpts):
-    with pytest.raises(ValueError, match=r"not a PcaLlama \(pcallama, pcaqwen2, pcaqwen3\)"):
+    with pytest.raises(ValueError, match=r"not a PcaLlama \(pcallama, pcamistral, pcaqwen2, pcaqwen3\)"):
         PcaLlamaBaseModel(path=ckpts[0], kv_budget=0.5)
 
 

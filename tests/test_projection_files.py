@@ -241,7 +241,7 @@ def test_export_projections_command(tmp_path, capsys) -> None:
     plain = tmp_path / "plain"
     make_tiny_llama("gqa").save_pretrained(plain)
     assert main(["export-projections", "--model", str(plain), "--out", str(tmp_path / "x")]) == 2
-    assert "not a PcaLlama (pcallama, pcaqwen2, pcaqwen3)" in capsys.readouterr().err
+    assert "not a PcaLlama (pcallama, pcamistral, pcaqwen2, pcaqwen3)" in capsys.readouterr().err
     assert main(["export-projections", "--model", str(checkpoint), "--out", str(plain)]) == 2
     assert "not a projections artifact" in capsys.readouterr().err
     assert main(["export-projections", "--model", str(out), "--out", str(tmp_path / "x")]) == 2

@@ -1,4 +1,4 @@
-"""KV caches of PcaLlama: projected (kept dimensions only) and quantized projected."""
+"""KV caches of PcaLlama: projected (kept dimensions only), sliding-window projected and quantized projected."""
 
 from .projected import (
     CompressedCache,
@@ -10,6 +10,7 @@ from .projected import (
     prepare_generation_cache,
 )
 from .quantized import QuantizedPcaCache, QuantizedPcaCacheLayer, QuantSpec
+from .window import WindowPcaCacheLayer
 
 __all__ = [
     "CompressedCache",
@@ -20,6 +21,7 @@ __all__ = [
     "QuantizedPcaCache",
     "QuantizedPcaCacheLayer",
     "TensorMapLayer",
+    "WindowPcaCacheLayer",
     "own_cache",
     "prepare_generation_cache",
 ]

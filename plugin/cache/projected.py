@@ -66,16 +66,17 @@ class PcaCacheLayer(TensorMapLayer):
         self.chunk, self.max_length = chunk, max_length
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
-        self._length = 0
+        self._start = 0  # first live token in the buffers (a sliding window moves it; see .window)
+        self._length = 0  # end of the live tokens
         self.signature: GroupSignature | None = None
 
     @property
     def key_groups(self) -> list[torch.Tensor]:
-        return [t[..., : self._length, :] for t in self._keys]
+        return [t[..., self._start : self._length, :] for t in self._keys]
 
     @property
     def value_groups(self) -> list[torch.Tensor]:
-        return [t[..., : self._length, :] for t in self._values]
+        return [t[..., self._start : self._length, :] for t in self._values]
 
     def lazy_initialization(self, key_states: list[torch.Tensor]) -> None:
         self.dtype, self.device = key_states[0].dtype, key_states[0].device
@@ -195,10 +196,11 @@ class PcaCacheLayer(TensorMapLayer):
             new_keys.append(torch.stack([keys[h][..., :rank_k] for h in heads], dim=1).contiguous())
             new_values.append(torch.stack([values[h][..., :rank_v] for h in heads], dim=1).contiguous())
         self._keys, self._values, self.signature = new_keys, new_values, signature  # the old buffers are freed
+        self._length, self._start = self._length - self._start, 0
         self._sync()
 
     def reset(self) -> None:
-        self._keys, self._values, self._length, self.signature = [], [], 0, None
+        self._keys, self._values, self._start, self._length, self.signature = [], [], 0, 0, None
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -225,17 +227,27 @@ class PcaCache(CompressedCache):
     """Projected KV cache for `PcaLlamaForCausalLM`; layers are created lazily on first update.
 
     `chunk`: growth granularity of the preallocated buffers; `max_length`: a fixed capacity
-    allocated at the first update (static shapes).
+    allocated at the first update (static shapes); `sliding_window`: keep only the last
+    window - 1 tokens of every layer (Mistral), see :mod:`.window`.
     """
 
-    def __init__(self, chunk: int = 256, max_length: int | None = None) -> None:
-        self.chunk, self.max_length = chunk, max_length
-        PcaCacheLayer(chunk, max_length)  # checks the arguments now, not at the first update
+    def __init__(self, chunk: int = 256, max_length: int | None = None, sliding_window: int | None = None) -> None:
+        if sliding_window is not None and max_length is not None:
+            raise ValueError("a sliding-window cache already has a fixed size; give max_length or sliding_window")
+        self.chunk, self.max_length, self.sliding_window = chunk, max_length, sliding_window
+        self._new_layer()  # checks the arguments now, not at the first update
         super().__init__(layer_class_to_replicate=PcaCacheLayer)
+
+    def _new_layer(self) -> PcaCacheLayer:
+        if self.sliding_window is not None:
+            from .window import WindowPcaCacheLayer
+
+            return WindowPcaCacheLayer(self.sliding_window, self.chunk)
+        return PcaCacheLayer(self.chunk, self.max_length)
 
     def update(self, key_states: Any, value_states: Any, layer_idx: int, cache_kwargs: dict | None = None) -> Any:
         while len(self.layers) <= layer_idx:
-            self.layers.append(PcaCacheLayer(self.chunk, self.max_length))
+            self.layers.append(self._new_layer())
         return super().update(key_states, value_states, layer_idx, cache_kwargs)
 
 

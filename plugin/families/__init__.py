@@ -1,8 +1,8 @@
 """Decoder families whose attention is Llama-shaped: what converts, and into which PcaLlama class.
 
-Llama and Mistral (without a sliding window; Llama-3.x rope scaling included) become
-``PcaLlamaForCausalLM``; Qwen2/2.5 and Qwen3 get their own registered types (``pcaqwen2``,
-``pcaqwen3``) holding only what differs (:mod:`.qwen2`, :mod:`.qwen3`).  This module names the
+Llama (Llama-3.x rope scaling included) becomes ``PcaLlamaForCausalLM``; Mistral (with or
+without its sliding window), Qwen2/2.5 and Qwen3 get their own registered types (``pcamistral``,
+``pcaqwen2``, ``pcaqwen3``) holding only what differs (:mod:`.mistral`, :mod:`.qwen2`, :mod:`.qwen3`).  This module names the
 families without importing any model code, so anything may import it.
 """
 
@@ -26,13 +26,13 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "pcallama", "plugin.modeling", "PcaLlamaForCausalLM"),
-    "mistral": Family("mistral", "pcallama", "plugin.modeling", "PcaLlamaForCausalLM"),
+    "mistral": Family("mistral", "pcamistral", "plugin.families.mistral", "PcaMistralForCausalLM"),
     "qwen2": Family("qwen2", "pcaqwen2", "plugin.families.qwen2", "PcaQwen2ForCausalLM"),
     "qwen3": Family("qwen3", "pcaqwen3", "plugin.families.qwen3", "PcaQwen3ForCausalLM"),
 }
 SOURCE_TYPES = tuple(FAMILIES)
-PCA_TYPES = ("pcallama", "pcaqwen2", "pcaqwen3")
-SUPPORTED = "Llama (incl. Llama-3.x rope scaling), Mistral without sliding window, Qwen2/2.5, Qwen3"
+PCA_TYPES = tuple(dict.fromkeys(family.pca_type for family in FAMILIES.values()))
+SUPPORTED = "Llama (incl. Llama-3.x rope scaling), Mistral (incl. its sliding window), Qwen2/2.5, Qwen3"
 
 
 def family_of(model_type: str | None) -> Family:
@@ -47,15 +47,20 @@ def family_of(model_type: str | None) -> Family:
 
 
 def check_convertible(config: Any) -> None:
-    """Refuse what the shared attention does not implement: sliding-window attention."""
+    """Refuse what the shared attention does not implement: windows on some layers only, or per-layer kinds.
+
+    Mistral's one window over every layer is supported; Qwen2's sliding window on the layers above
+    ``max_window_layers`` (a sliding+global mix) is not.
+    """
     model_type = getattr(config, "model_type", None)
-    sliding = getattr(config, "sliding_window", None)
-    if model_type == "qwen2" or model_type == "qwen3":
-        sliding = sliding if getattr(config, "use_sliding_window", False) else None
+    sliding = None
+    if model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
+        sliding = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or []
     if sliding or any(kind != "full_attention" for kind in layer_types):
         raise ValueError(
-            f"this {model_type} config uses sliding-window attention (sliding_window={sliding}), which the "
-            "projected attention does not implement; use a checkpoint with full attention in every layer "
-            "(e.g. sliding_window=None / use_sliding_window=false)"
+            f"this {model_type} config mixes sliding-window and full-attention layers (sliding_window={sliding}, "
+            f"layer_types={sorted(set(layer_types)) or None}), which the projected attention does not implement; "
+            "use a checkpoint with full attention in every layer (use_sliding_window=false), or a Mistral, "
+            "whose single window is supported"
         )
