@@ -98,6 +98,26 @@ def configure_trainable(
     return counts
 
 
+def align_trainable_dtypes(model: torch.nn.Module, pca: torch.nn.Module) -> int:
+    """Give every trainable tensor the projections' dtype; returns how many were cast.
+
+    DeepSpeed ZeRO-3 flattens all trainable parameters into one buffer of one dtype.  zero.Init builds
+    the projections in the training dtype (bf16) while PEFT then creates adapters in float32; the
+    engine keeps float32 master copies of all of them, so holding the adapters in bf16 loses nothing
+    the projections did not already lose.
+    """
+    dtypes = {p.dtype for p in projection_parameters(pca)}
+    if len(dtypes) != 1:
+        return 0
+    (dtype,) = dtypes
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype and not hasattr(param, "ds_id"):
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
+
+
 def _is_zero3() -> bool:
     try:
         from transformers.integrations import is_deepspeed_zero3_enabled

@@ -152,7 +152,7 @@ def patch_loader(module: Any) -> None:
     def init_adapter(config, model, model_args, finetuning_args, is_trainable):
         from transformers.integrations import is_deepspeed_zero3_enabled
 
-        from .model_utils import configure_trainable, find_pca_model, load_projections
+        from .model_utils import align_trainable_dtypes, configure_trainable, find_pca_model, load_projections
 
         pca = find_pca_model(model)
         if pca is None:
@@ -181,6 +181,8 @@ def patch_loader(module: Any) -> None:
             return model
         model = original(config, model, model_args, finetuning_args, is_trainable)
         configure_trainable(model, pca, train_base=margs.matryoshka_train_base, cast_projections_to_fp32=cast)
+        if is_deepspeed_zero3_enabled() and align_trainable_dtypes(model, pca):
+            logger.info_rank0("Matryoshka: adapters held in the projections' dtype (DeepSpeed ZeRO-3 needs one).")
         return model
 
     init_adapter._mkv_wrapped = True  # type: ignore[attr-defined]

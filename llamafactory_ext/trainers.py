@@ -22,7 +22,9 @@ Common behaviour (:class:`MatryoshkaTrainerMixin`):
 * only the projections (and adapter weights) train by default, in their own optimizer group
   with ``matryoshka_projection_lr``;
 * the PcaLlama model is found inside PEFT / DDP / DeepSpeed wrappers; under ZeRO-3 only rank
-  buffers are touched.
+  buffers are touched;
+* with several processes the fixed bases are broadcast from rank 0 before the first step and every
+  rank's projections are checked identical before and after training (:mod:`.distributed`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from transformers import TrainerCallback
 
 from .arguments import MatryoshkaArguments, get_active, get_head_dim
+from .distributed import BasesAcrossRanks
 from .model_utils import (
     PROJECTIONS_FILE,
     configure_trainable,
@@ -194,6 +197,7 @@ class MatryoshkaTrainerMixin:
         self._current_ranks: tuple[torch.Tensor, torch.Tensor] | None = None
         self._in_eval_budget = False
         self._loss_parts: dict[str, list[torch.Tensor]] = {"kl": [], "ce": []}
+        self.add_callback(BasesAcrossRanks(pca))  # first: later callbacks evaluate with the bases it syncs
         if margs.matryoshka_heldout_budgets:
             self.add_callback(HeldoutPerplexity(self))
         counts = configure_trainable(self.model, pca, margs.matryoshka_train_base)

@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotar
 
 from .config import PcaLlamaConfig
 from .projections import KVProjection
-from .zero import gathered
+from .zero import is_partitioned
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -152,17 +152,19 @@ class PcaLlamaAttention(LlamaAttention):
         return tuple((g.key_rank, g.value_rank, *g.heads) for g in self.groups)
 
     # -- derived weights for inference ---------------------------------------------------------
+    def folds(self) -> bool:
+        """Whether inference folds U_V into v_proj / o_proj.  Not under ZeRO-3: folding reads their weights
+        without calling them, and a gather inside a forward fights the engine's own prefetching."""
+        return bool(self.config.kv_fold) and not is_partitioned(self.v_proj.weight)
+
     @torch.no_grad()
     def _inference_weights(self, dtype: torch.dtype) -> dict[str, Any]:
         if self._inference is not None and self._inference["dtype"] == dtype:
             return self._inference
-        per_group = self._group_bases(*self.kv_proj())
+        per_group = self._group_bases(*self.kv_proj())  # a module call: ZeRO-3 gathers its parameters
         weights: dict[str, Any] = {"dtype": dtype, "groups": per_group}
-        if self.config.kv_fold:
-            # v_proj / o_proj are read here, not called: under ZeRO-3 they must be gathered first.
-            linears = (self.v_proj.weight, self.v_proj.bias, self.o_proj.weight, self.o_proj.bias)
-            with gathered(linears):
-                weights.update(self._fold(per_group, dtype))  # folded in float32, then cast
+        if self.folds():
+            weights.update(self._fold(per_group, dtype))  # folded in float32, then cast
         for entry in per_group:
             for name in entry:
                 entry[name] = entry[name].to(dtype)
@@ -245,7 +247,7 @@ class PcaLlamaAttention(LlamaAttention):
 
         eager = self.config._attn_implementation == "eager"
         dropout = self.attention_dropout if self.training else 0.0
-        folded = not self.training and self.config.kv_fold and self.sampled_masks is None
+        folded = not self.training and self.sampled_masks is None and self.folds()
         value = None
         if not folded or self.observer is not None:
             value = self.v_proj(hidden_states).view(batch, q_len, n_kv, d).transpose(1, 2)
