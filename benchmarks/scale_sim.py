@@ -17,6 +17,8 @@ Random weights: the quality numbers are meaningless, only time and memory are re
   python benchmarks/scale_sim.py                       # both shapes, writes docs/scale.json and docs/scale.md
   python benchmarks/scale_sim.py --shapes llama2-7b    # one shape
   python benchmarks/scale_sim.py --quick --work-dir D  # CI smoke test: the same stages on a small shape
+
+With --work-dir, a stage whose result file (<shape>/<stage>.json) exists is not run again.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def stage_evaluate(args: argparse.Namespace) -> dict:
     model.set_kv_budget(0.5)
     windows = _windows(model.config.vocab_size, max(1, args.eval_tokens // args.tokens), args.tokens, 2)
     start = time.perf_counter()
-    nll, count = token_nll(model, windows, batch_size=1, progress=False)
+    token_nll(model, windows, batch_size=1, progress=False)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "tokens": int(windows.numel()), "seconds_per_token": seconds / windows.numel(),
             "budget": model.kv_budget(), "cache_bytes_per_token": model.kv_cache_bytes_per_token(torch.bfloat16),
@@ -142,19 +144,13 @@ STAGES = {"build": stage_build, "calibrate": stage_calibrate, "evaluate": stage_
 
 
 def run_stage(args: argparse.Namespace, stage: str) -> dict:
-    """One stage in a fresh interpreter; its JSON result plus the subprocess's peak RSS."""
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """One stage in a fresh interpreter; its JSON result, with that process's own peak RSS."""
     command = [sys.executable, __file__, "--stage", stage, "--shape", args.shape, "--dir", str(args.dir),
                "--tokens", str(args.tokens), "--eval-tokens", str(args.eval_tokens)]
     proc = subprocess.run(command, capture_output=True, text=True, env=_env(), check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"stage {stage} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result["peak_rss_gb"] = round(peak * 1024 / 2**30, 2) if peak > before else None  # None: not above an earlier one
-    return result
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _env() -> dict:
@@ -182,7 +178,8 @@ def run_train(args: argparse.Namespace) -> dict:
                        matryoshka_projection_lr=1.0e-2, deepspeed=str(REPO / "scripts" / "ds_z3.json"),
                        save_strategy="no", plot_loss=False)
     (work / "train.yaml").write_text(yaml.safe_dump(config))
-    env = dict(_env(), FORCE_TORCHRUN="1", NPROC_PER_NODE="2", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(_env(), FORCE_TORCHRUN="1", NPROC_PER_NODE="2", OMP_NUM_THREADS="1",  # one thread per process
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     peaks: dict[int, int] = {}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "llamafactory-cli"), "train", str(work / "train.yaml")],
                             env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -193,7 +190,8 @@ def run_train(args: argparse.Namespace) -> dict:
         while not done.is_set():
             try:
                 for child in root.children(recursive=True):
-                    if "launcher.py" in " ".join(child.cmdline()):
+                    command = " ".join(child.cmdline())
+                    if "launcher.py" in command and "torchrun" not in command:  # the training processes
                         peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_info().rss)
             except psutil.Error:
                 pass
@@ -213,7 +211,11 @@ def run_train(args: argparse.Namespace) -> dict:
     rows = [json.loads(line) for line in (trained / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
     steps = [row for row in rows if "loss" in row]
     check = json.loads((trained / "matryoshka_processes_check.json").read_text())
-    step_seconds = steps[-1]["elapsed_time"] - steps[0]["elapsed_time"] if len(steps) > 1 else None
+    def seconds_of(row: dict) -> int:  # "h:mm:ss", LLaMA-Factory's one-second resolution
+        hours, minutes, secs = (int(x) for x in row["elapsed_time"].split(":"))
+        return 3600 * hours + 60 * minutes + secs
+
+    step_seconds = seconds_of(steps[-1]) - seconds_of(steps[0]) if len(steps) > 1 else None
     results = json.loads((trained / "all_results.json").read_text())
     return {"seconds_total": seconds, "train_runtime": results.get("train_runtime"),
             "second_step_seconds": step_seconds, "tokens_per_step": 2 * args.tokens,
@@ -240,11 +242,16 @@ def implied(shape_name: str, measured: dict) -> dict:
         "bf16_weights_gb": round(full["total"] * 2 / 2**30, 1),
         "zero3_bf16_weights_gb_per_gpu_of_8": round(full["total"] * 2 / 8 / 2**30, 2),
         "trainable_projection_params_million": round(full["projection_per_layer"] * layers / 1e6, 1),
+        "trainable_share_percent": round(100 * full["projection_per_layer"] * layers / full["total"], 2),
         "projection_optimizer_state_gb": round(full["projection_per_layer"] * layers * 16 / 2**30, 2),
         "fp32_bases_gb": round(full["bases_per_layer"] * layers * 4 / 2**30, 2),
         "full_cache_kb_per_token_bf16": 2 * layers * kv * d * 2 / 1024,
         "cpu_eval_seconds_per_token_scaled": round(per_token * ((1 - eval_layer_share) + eval_layer_share * layers / LAYERS), 3),
     }
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
 def render(payload: dict) -> str:
@@ -265,37 +272,39 @@ def render(payload: dict) -> str:
     ]
     for name, run in payload["shapes"].items():
         m = run["measured"]
-        train = m["train"]
+        train, calib, ev, search = m["train"], m["calibrate"], m["evaluate"], m["search"]
+        step = (train["second_step_seconds"] or 0) / train["tokens_per_step"] * 1e3
         lines += [
-            f"| {name} | build (fp32) | {m['build']['seconds']:.0f} | | {m['build']['peak_rss_gb']} | "
-            f"{run['params_2_layers_billion']} B parameters |",
-            f"| {name} | calibrate | {m['calibrate']['seconds']:.0f} | {m['calibrate']['seconds_per_token'] * 1e3:.1f} ms"
-            f" | {m['calibrate']['peak_rss_gb']} | {m['calibrate']['tokens']} tokens |",
-            f"| {name} | train, ZeRO-3 x2 | {train['train_runtime']:.0f} (2 steps) | "
-            f"{(train['second_step_seconds'] or 0) / train['tokens_per_step'] * 1e3:.0f} ms (step 2) | "
-            f"{', '.join(str(x) for x in train['peak_rss_gb_per_process'])} | bases identical: "
-            f"{train['bases_identical_across_processes']}, max orth. error {train['orthogonality_error']:.1e} |",
-            f"| {name} | evaluate 50% | {m['evaluate']['seconds']:.0f} | {m['evaluate']['seconds_per_token'] * 1e3:.1f} ms"
-            f" | {m['evaluate']['peak_rss_gb']} | cache {m['evaluate']['cache_bytes_per_token'] / 1024:.0f} of "
-            f"{m['evaluate']['full_cache_bytes_per_token'] / 1024:.0f} KB/token (bf16) |",
-            f"| {name} | fast search 50% | {m['search']['seconds']:.0f} | | {m['search']['peak_rss_gb']} | exact mode "
-            f"would be {m['search']['exact_evaluations']} evaluations here, {m['search']['full_exact_evaluations']} "
-            "at 32 layers |",
+            _row(name, "build (fp32)", f"{m['build']['seconds']:.0f}", "", m["build"]["peak_rss_gb"],
+                 f"{run['params_2_layers_billion']} B parameters"),
+            _row(name, "calibrate", f"{calib['seconds']:.0f}", f"{calib['seconds_per_token'] * 1e3:.1f} ms",
+                 calib["peak_rss_gb"], f"{calib['tokens']} tokens"),
+            _row(name, "train, ZeRO-3 x2", f"{train['train_runtime']:.0f} (2 steps)", f"{step:.0f} ms (step 2)",
+                 ", ".join(str(x) for x in train["peak_rss_gb_per_process"]),
+                 f"bases identical: {train['bases_identical_across_processes']}, "
+                 f"max orth. error {train['orthogonality_error']:.1e}"),
+            _row(name, "evaluate 50%", f"{ev['seconds']:.0f}", f"{ev['seconds_per_token'] * 1e3:.1f} ms",
+                 ev["peak_rss_gb"], f"cache {ev['cache_bytes_per_token'] / 1024:.0f} of "
+                 f"{ev['full_cache_bytes_per_token'] / 1024:.0f} KB/token (bf16)"),
+            _row(name, "fast search 50%", f"{search['seconds']:.0f}", "", search["peak_rss_gb"],
+                 f"{search['evaluations']} evaluations; exact mode would be {search['exact_evaluations']} here, "
+                 f"{search['full_exact_evaluations']} at 32 layers"),
         ]
     lines += ["", "## What it implies for the 32-layer models", "",
-              "| shape | parameters | bf16 weights | ZeRO-3 share of 8 GPUs | trainable projections | their Adam state "
-              "| fp32 bases | full KV cache (bf16) | CPU eval s/token, scaled |",
+              _row("shape", "parameters", "bf16 weights", "ZeRO-3 share of 8 GPUs", "trainable projections",
+                   "their Adam state", "fp32 bases", "full KV cache (bf16)", "CPU eval s/token, scaled"),
               "|---|---|---|---|---|---|---|---|---|"]
     for name, run in payload["shapes"].items():
         i = run["implied"]
-        lines.append(
-            f"| {name} | {i['params_billion']} B | {i['bf16_weights_gb']} GB | {i['zero3_bf16_weights_gb_per_gpu_of_8']} GB "
-            f"| {i['trainable_projection_params_million']} M | {i['projection_optimizer_state_gb']} GB | "
-            f"{i['fp32_bases_gb']} GB | {i['full_cache_kb_per_token_bf16']:.0f} KB/token | "
-            f"{i['cpu_eval_seconds_per_token_scaled']} |")
-    lines += ["", "The projections add little to a 7B run: the trainable skews and means are ~0.2% of the weights,",
-              "their Adam state (fp32 master + two moments + gradient, 16 bytes each) well under a GB in total and",
-              "split 8 ways by ZeRO-3. What grows with the vocabulary is the distillation's logits: the teacher's and",
+        lines.append(_row(name, f"{i['params_billion']} B", f"{i['bf16_weights_gb']} GB",
+                          f"{i['zero3_bf16_weights_gb_per_gpu_of_8']} GB",
+                          f"{i['trainable_projection_params_million']} M", f"{i['projection_optimizer_state_gb']} GB",
+                          f"{i['fp32_bases_gb']} GB", f"{i['full_cache_kb_per_token_bf16']:.0f} KB/token",
+                          i["cpu_eval_seconds_per_token_scaled"]))
+    shares = ", ".join(f"{run['implied']['trainable_share_percent']}% ({name})" for name, run in payload["shapes"].items())
+    lines += ["", f"The projections add little to a 7B run: the trainable skews and means are {shares} of the",
+              "weights, their Adam state (fp32 master + two moments + gradient, 16 bytes each) about a GB in total",
+              "and split 8 ways by ZeRO-3. What grows with the vocabulary is the distillation's logits: the teacher's and",
               "the student's `[tokens, vocab]` rows, for which the loss runs in 512-token checkpointed chunks.",
               "CPU time per token scales with depth; on a GPU these runs are compute-bound matmuls, where the",
               "distillation step costs one extra no-grad forward (the teacher) over plain Matryoshka training.", ""]
@@ -315,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stage:
-        print(json.dumps(STAGES[args.stage](args)))
+        import resource
+
+        result = STAGES[args.stage](args)
+        result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 2)
+        print(json.dumps(result))
         return 0
     shapes = ["quick"] if args.quick else [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
@@ -323,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
     if args.quick:
         args.tokens, args.eval_tokens = 32, 64
-    root = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="mkv-scale-"))
+    root = (Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="mkv-scale-"))).resolve()
     payload = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "date": dt.date.today().isoformat(),
                "tokens": args.tokens, "shapes": {}}
     from tqdm import tqdm
@@ -333,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         args.dir.mkdir(parents=True, exist_ok=True)
         measured = {}
         for stage in tqdm(["build", "calibrate", "train", "evaluate", "search"], desc=shape):
-            measured[stage] = run_train(args) if stage == "train" else run_stage(args, stage)
+            done = args.dir / f"{stage}.json"  # resumable: a stage that finished is not run again
+            if not done.is_file():
+                result = run_train(args) if stage == "train" else run_stage(args, stage)
+                done.write_text(json.dumps(result))
+            measured[stage] = json.loads(done.read_text())
         payload["shapes"][shape] = {"measured": measured, "implied": implied(shape, measured),
                                     "params_2_layers_billion": round(param_counts(SHAPES[shape], LAYERS)["total"] / 1e9, 2)}
     out = root / "scale.json" if args.quick else REPO / "docs" / "scale.json"

@@ -156,8 +156,16 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         with torch.device("meta"):
             pca = target(pca_config)
         pca.load_state_dict(model.state_dict(), strict=False, assign=True)
-        # What the state dict does not carry (projections, RoPE frequencies) is built for real.
-        pca.model.rotary_emb = LlamaRotaryEmbedding(config=pca_config, device=device)
+        # What the state dict does not carry (projections, RoPE frequencies) is built for real; the
+        # frequencies are then taken from the source as it is now (a model cast with .to(bf16) holds
+        # bf16 ones), so that full rank stays bit-exact to it.
+        rotary = LlamaRotaryEmbedding(config=pca_config, device=device)
+        source = getattr(getattr(model, "model", None), "rotary_emb", None)
+        if isinstance(getattr(source, "inv_freq", None), torch.Tensor) and source.inv_freq.shape == rotary.inv_freq.shape:
+            rotary.inv_freq = source.inv_freq.detach().clone()
+            rotary.original_inv_freq = rotary.inv_freq
+            rotary.attention_scaling = source.attention_scaling
+        pca.model.rotary_emb = rotary
         for layer in pca.model.layers:
             attn = layer.self_attn
             attn.kv_proj = type(attn.kv_proj)(attn.num_kv_heads, attn.head_dim).to(device)

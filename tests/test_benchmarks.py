@@ -278,3 +278,34 @@ def test_longctx_on_a_tiny_model(tmp_path) -> None:
     assert full["last512_perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
     half = next(r for r in result["perplexity"] if r["budget"] == 0.5)
     assert half["last512_perplexity"] != full["last512_perplexity"] and torch.is_tensor(window)
+
+
+@pytest.mark.slow
+def test_scale_sim_quick(tmp_path, docs_untouched):
+    """Every stage of the 7B-path simulation on a small shape: ZeRO-3 training on 2 processes included."""
+    _run("scale_sim.py", "--work-dir", str(tmp_path), timeout=600)
+    result = json.loads((tmp_path / "scale.json").read_text())["shapes"]["quick"]
+    measured = result["measured"]
+    train = measured["train"]
+    assert len(train["peak_rss_gb_per_process"]) == 2 and all(x > 0.1 for x in train["peak_rss_gb_per_process"])
+    assert train["bases_identical_across_processes"] and train["orthogonality_error"] < 1e-5
+    assert measured["evaluate"]["cache_bytes_per_token"] == measured["evaluate"]["full_cache_bytes_per_token"] / 2
+    assert measured["search"]["evaluations"] < measured["search"]["exact_evaluations"]  # fast mode did less
+    # the implied 32-layer figures are the analytic counts of the shape, not measurements
+    implied = result["implied"]
+    assert implied["trainable_projection_params_million"] == round(4 * 2 * (2 * 64 * 64 + 64) / 1e6, 1)
+    assert "| quick | train, ZeRO-3 x2 |" in (tmp_path / "scale.md").read_text()
+
+
+def test_gpu_check_runs_its_stages_on_cpu(tmp_path, docs_untouched):
+    """The GPU script's Python on a tiny model (--device cpu --quick): every stage runs and reports."""
+    _run("gpu_check.py", "--device", "cpu", "--out", str(tmp_path / "g.json"))
+    result = json.loads((tmp_path / "g.json").read_text())
+    checks = result["correctness"]
+    assert checks["teacher_bit_exact"] is True  # bf16, SDPA: the teacher path is the base model
+    assert checks["cache_bytes_50pct"] == checks["cache_bytes_expected_50pct"]
+    assert result["training"]["bases_dtype"] == "float32" and result["training"]["orthogonality_error"] < 1e-5
+    settings = {(row["setting"], row["context"], row["batch"]) for row in result["decode"]}
+    assert settings == {(s, c, 1) for s in ("full", "0.5", "0.25") for c in (64, 128)} | {
+        (s, 64, 2) for s in ("full", "0.5", "0.25")}
+    assert all(row["tokens_per_s"] > 0 for row in result["decode"])

@@ -373,3 +373,14 @@ def test_exact_full_rank_leaves_cached_forwards_projected_and_restores_on_error(
     with pytest.raises(RuntimeError, match="boom"), pca.exact_full_rank():
         raise RuntimeError("boom")
     assert not any(attn.skip_projections for attn in pca.attention_layers())
+
+
+def test_conversion_of_a_model_already_cast_to_bf16_is_bit_exact_at_full_rank() -> None:
+    """`.to(bfloat16)` also rounds the base's RoPE frequencies; the converted model must use the same ones."""
+    base = make_tiny_llama("gqa", attn_implementation="sdpa").to(torch.bfloat16)
+    pca = PcaLlamaForCausalLM.from_llama(base, *random_bases(base)).eval()
+    assert pca.model.rotary_emb.inv_freq.dtype == base.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+    with torch.no_grad():
+        expected = base(ids()).logits
+        with pca.exact_full_rank():
+            assert torch.equal(pca(ids(), use_cache=False).logits, expected)
