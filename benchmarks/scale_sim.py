@@ -173,7 +173,7 @@ def run_train(args: argparse.Namespace) -> dict:
     config = pt_config(work / "pca", data, work / "trained", cutoff_len=args.tokens, max_steps=2,
                        per_device_train_batch_size=1, gradient_accumulation_steps=1, logging_steps=1,
                        overwrite_output_dir=True, overwrite_cache=True, preprocessing_num_workers=1,
-                       dataloader_num_workers=0, learning_rate=1.0e-3, val_size=4, eval_strategy="steps",
+                       dataloader_num_workers=0, learning_rate=1.0e-3, val_size=0.1, eval_strategy="steps",
                        eval_steps=2, per_device_eval_batch_size=1, matryoshka_trainer="distill",
                        matryoshka_projection_lr=1.0e-2, deepspeed=str(REPO / "scripts" / "ds_z3.json"),
                        save_strategy="no", plot_loss=False)

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "PcaCache": "plugin.cache",
+    "TieredPcaCache": "plugin.cache",
     "PcaLlamaConfig": "plugin.config",
     "PcaLlamaForCausalLM": "plugin.modeling",
     "PcaLlamaModel": "plugin.modeling",

@@ -309,3 +309,11 @@ def test_gpu_check_runs_its_stages_on_cpu(tmp_path, docs_untouched):
     assert settings == {(s, c, 1) for s in ("full", "0.5", "0.25") for c in (64, 128)} | {
         (s, 64, 2) for s in ("full", "0.5", "0.25")}
     assert all(row["tokens_per_s"] > 0 for row in result["decode"])
+
+
+def test_tiered_quick_compares_at_equal_measured_bytes(tmp_path, docs_untouched):
+    _run("tiered.py", "--work-dir", str(tmp_path))
+    rows = {row["setting"].split()[0]: row for row in json.loads((tmp_path / "tiered.json").read_text())["rows"]}
+    assert set(rows) == {"full", "uniform", "tiered"}
+    assert rows["tiered"]["cache_bytes"] == rows["uniform"]["cache_bytes"] == rows["full"]["cache_bytes"] / 4
+    assert all(row["ppl"] > 1 for row in rows.values())

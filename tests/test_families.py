@@ -239,11 +239,15 @@ def _save_family_checkpoints(family: str, root: Path) -> tuple[Path, Path]:
     return root / "base", root / "pca"
 
 
+TEMPLATES = {"llama3": "llama3", "mistral-window": "mistral", "qwen2": "qwen", "qwen3": "qwen3"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mistral-window", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", list(TEMPLATES))
 def test_llamafactory_trains_two_steps_and_opencompass_scores_an_item(family: str, tmp_path) -> None:
-    """The two frameworks take the family unchanged: 2 Matryoshka steps through llamafactory-cli, and one
-    OpenCompass quick set where the converted model at 100% answers exactly as its base."""
+    """The two frameworks take the family unchanged: 2 Matryoshka steps through llamafactory-cli (pt with
+    distillation, and sft with LoRA under the family's own chat template), and one OpenCompass quick set
+    where the converted model at 100% answers exactly as its base."""
     import csv
     import glob
 
@@ -273,6 +277,19 @@ def test_llamafactory_trains_two_steps_and_opencompass_scores_an_item(family: st
     before = AutoModelForCausalLM.from_pretrained(pca)
     moved = [name for name, p in trained.named_parameters() if not torch.equal(p, dict(before.named_parameters())[name])]
     assert moved and all(".kv_proj." in name for name in moved)  # only the projections trained
+
+    sft_out = tmp_path / "sft"
+    config = pt_config(pca, tmp_path / "data", sft_out, stage="sft", dataset="tiny_sft", template=TEMPLATES[family],
+                       finetuning_type="lora", lora_target="q_proj,v_proj", lora_rank=4, cutoff_len=48, max_steps=2,
+                       per_device_train_batch_size=2, logging_steps=1, overwrite_output_dir=True,
+                       matryoshka_trainer="plain", matryoshka_projection_lr=1.0e-2)
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run([str(bin_dir / "llamafactory-cli"), "train", str(tmp_path / "sft.yaml")], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "PcaLlamaSeq2SeqTrainer" in log
+    assert (sft_out / "adapter_model.safetensors").is_file() and (sft_out / "matryoshka_projections.safetensors").is_file()
 
     work = tmp_path / "oc"
     oc_env = dict(env, MKV_MODEL=str(pca), MKV_BASE_MODEL=str(base), MKV_SUITE="quick", MKV_BUDGETS="100,50",

@@ -1,4 +1,4 @@
-"""KV caches of PcaLlama: projected (kept dimensions only), sliding-window projected and quantized projected."""
+"""KV caches of PcaLlama: projected (kept dimensions only), sliding-window, age-tiered and quantized projected."""
 
 from .projected import (
     CompressedCache,
@@ -10,6 +10,7 @@ from .projected import (
     prepare_generation_cache,
 )
 from .quantized import QuantizedPcaCache, QuantizedPcaCacheLayer, QuantSpec
+from .tiered import TieredPcaCache, TieredPcaCacheLayer
 from .window import WindowPcaCacheLayer
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "QuantizedPcaCache",
     "QuantizedPcaCacheLayer",
     "TensorMapLayer",
+    "TieredPcaCache",
+    "TieredPcaCacheLayer",
     "WindowPcaCacheLayer",
     "own_cache",
     "prepare_generation_cache",
