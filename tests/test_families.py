@@ -239,6 +239,23 @@ def _save_family_checkpoints(family: str, root: Path) -> tuple[Path, Path]:
     return root / "base", root / "pca"
 
 
+@pytest.mark.parametrize("family", ["mistral-window", "qwen3"])
+def test_mkv_calibrate_converts_a_saved_checkpoint_of_the_family(family: str, tmp_path) -> None:
+    from plugin.cli import main
+
+    base, _ = _save_family_checkpoints(family, tmp_path)
+    text = tmp_path / "calib.txt"
+    from llamafactory_ext.testing import SENTENCES
+
+    text.write_text(" . ".join(SENTENCES * 20))
+    assert main(["calibrate", "--model", str(base), "--out", str(tmp_path / "calibrated"), "--data", str(text),
+                 "--tokens", "256", "--seq-len", "32"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "calibrated")
+    assert type(model) is EXPECTED[family]
+    if family == "mistral-window":
+        assert model.config.sliding_window == WINDOW and model.config.model_type == "pcamistral"
+
+
 TEMPLATES = {"llama3": "llama3", "mistral-window": "mistral", "qwen2": "qwen", "qwen3": "qwen3"}
 
 
