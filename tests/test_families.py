@@ -256,6 +256,19 @@ def test_mkv_calibrate_converts_a_saved_checkpoint_of_the_family(family: str, tm
         assert model.config.sliding_window == WINDOW and model.config.model_type == "pcamistral"
 
 
+def _train(config: dict, path: Path, env: dict) -> str:
+    """`llamafactory-cli train` on `config` (written to `path`); its log, after asserting it succeeded."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    cli = Path(sys.executable).parent / "llamafactory-cli"
+    proc = subprocess.run([str(cli), "train", str(path)], env=env, cwd=path.parent, capture_output=True, text=True,
+                          timeout=400, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
 TEMPLATES = {"llama3": "llama3", "mistral-window": "mistral", "qwen2": "qwen", "qwen3": "qwen3"}
 
 
@@ -267,8 +280,6 @@ def test_llamafactory_trains_two_steps_and_opencompass_scores_an_item(family: st
     where the converted model at 100% answers exactly as its base."""
     import csv
     import glob
-
-    import yaml
 
     from llamafactory_ext.testing import pt_config, write_tiny_datasets
 
@@ -283,12 +294,7 @@ def test_llamafactory_trains_two_steps_and_opencompass_scores_an_item(family: st
     config = pt_config(pca, write_tiny_datasets(tmp_path / "data"), out, cutoff_len=32, max_steps=2,
                        per_device_train_batch_size=2, logging_steps=1, overwrite_output_dir=True,
                        matryoshka_trainer="distill", matryoshka_projection_lr=1.0e-2)
-    (tmp_path / "pt.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.run([str(bin_dir / "llamafactory-cli"), "train", str(tmp_path / "pt.yaml")], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=400, check=False)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "PcaLlamaDistillationTrainer" in log
+    assert "PcaLlamaDistillationTrainer" in _train(config, tmp_path / "pt.yaml", env)
     trained = AutoModelForCausalLM.from_pretrained(out)
     assert type(trained) is EXPECTED[family]
     before = AutoModelForCausalLM.from_pretrained(pca)
@@ -300,12 +306,7 @@ def test_llamafactory_trains_two_steps_and_opencompass_scores_an_item(family: st
                        finetuning_type="lora", lora_target="q_proj,v_proj", lora_rank=4, cutoff_len=48, max_steps=2,
                        per_device_train_batch_size=2, logging_steps=1, overwrite_output_dir=True,
                        matryoshka_trainer="plain", matryoshka_projection_lr=1.0e-2)
-    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.run([str(bin_dir / "llamafactory-cli"), "train", str(tmp_path / "sft.yaml")], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=400, check=False)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "PcaLlamaSeq2SeqTrainer" in log
+    assert "PcaLlamaSeq2SeqTrainer" in _train(config, tmp_path / "sft.yaml", env)
     assert (sft_out / "adapter_model.safetensors").is_file() and (sft_out / "matryoshka_projections.safetensors").is_file()
 
     work = tmp_path / "oc"
