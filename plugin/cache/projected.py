@@ -86,16 +86,18 @@ class PcaCacheLayer(TensorMapLayer):
         return self._keys[0].shape[-2] if self._keys else 0
 
     def _reserve(self, needed: int, like_keys: list[torch.Tensor], like_values: list[torch.Tensor]) -> None:
+        """Room up to buffer index `needed`; a reallocation keeps only the live tokens (not forgotten ones)."""
         if needed <= self.capacity():
             return
+        live = self._length - self._start
+        wanted = live + needed - self._length
         if self.max_length is not None:
-            if self._keys:
-                raise ValueError(f"the cache holds at most max_length={self.max_length} tokens; {needed} needed")
-            if needed > self.max_length:
-                raise ValueError(f"the cache holds at most max_length={self.max_length} tokens; {needed} needed")
+            if self._keys or wanted > self.max_length:
+                raise ValueError(f"the cache holds at most max_length={self.max_length} tokens; {wanted} needed")
             capacity = self.max_length
         else:
-            capacity = max(needed, 2 * self.capacity())
+            # Doubling (from the live tokens once some were forgotten): amortised O(1) appends.
+            capacity = max(wanted, 2 * (live if self._start else self.capacity()))
             capacity = -(-capacity // self.chunk) * self.chunk
 
         def grown(old: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -103,11 +105,17 @@ class PcaCacheLayer(TensorMapLayer):
             for index, sample in enumerate(like):
                 buffer = sample.new_empty(*sample.shape[:-2], capacity, sample.shape[-1])
                 if old:
-                    buffer[..., : self._length, :] = old[index][..., : self._length, :]
+                    buffer[..., :live, :] = old[index][..., self._start : self._length, :]
                 out.append(buffer)
             return out
 
         self._keys, self._values = grown(self._keys, like_keys), grown(self._values, like_values)
+        self._start, self._length = 0, live
+
+    def forget(self, count: int) -> None:
+        """Drop the `count` oldest live tokens; their memory is reclaimed at the next reallocation."""
+        self._start = min(self._length, self._start + max(0, count))
+        self._sync()
 
     def update(
         self,
@@ -137,7 +145,7 @@ class PcaCacheLayer(TensorMapLayer):
         return keys, values
 
     def get_seq_length(self) -> int:
-        return self._length if self.is_initialized else 0
+        return self._length - self._start if self.is_initialized else 0
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         return self.get_seq_length() + cache_position.shape[0], 0
@@ -157,7 +165,7 @@ class PcaCacheLayer(TensorMapLayer):
         if max_length < 0:
             max_length = self.get_seq_length() - abs(max_length)
         if self.get_seq_length() > max_length:
-            self._length = max(0, max_length)  # the buffers keep their capacity; later writes overwrite
+            self._length = self._start + max(0, max_length)  # the buffers keep their capacity; later writes overwrite
             self._sync()
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:

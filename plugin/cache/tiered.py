@@ -79,14 +79,7 @@ class TieredPcaCacheLayer(TensorMapLayer):
         leaving_keys = [k[..., :excess, : entry[0]] for k, entry in zip(self.recent.key_groups, signature)]
         leaving_values = [v[..., :excess, : entry[1]] for v, entry in zip(self.recent.value_groups, signature)]
         self.old.update(leaving_keys, leaving_values, {"signature": signature})
-        recent = self.recent
-        # Views past the demoted tokens: no copy; when a view runs out of room the layer's own growth
-        # allocates fresh buffers and copies only the `window` live tokens.
-        recent._keys = [t[..., recent._start + excess :, :] for t in recent._keys]
-        recent._values = [t[..., recent._start + excess :, :] for t in recent._values]
-        recent._length -= recent._start + excess
-        recent._start = 0
-        recent._sync()
+        self.recent.forget(excess)
 
     def _sync(self) -> None:
         self.keys = self.recent.keys

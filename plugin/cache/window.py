@@ -2,8 +2,8 @@
 
 As transformers' sliding-window layer, an update returns the kept tokens plus the new ones (what
 the window attends to) and then forgets all but the newest ``window - 1``; the bytes held are
-exactly ranks x min(tokens seen, window - 1) x element size.  Forgetting only moves a start index;
-the buffers are compacted (copied to the front) when they run out of room, every ~`chunk` tokens.
+exactly ranks x min(tokens seen, window - 1) x element size.  Forgetting only moves a start index
+(`PcaCacheLayer.forget`); a reallocation, when the buffers run out of room, keeps only the live tokens.
 """
 
 from __future__ import annotations
@@ -25,24 +25,6 @@ class WindowPcaCacheLayer(PcaCacheLayer):
         self.window = window
         self._seen = 0  # tokens ever written: positions keep counting after the window moves on
 
-    def _reserve(self, needed: int, like_keys: list[torch.Tensor], like_values: list[torch.Tensor]) -> None:
-        if needed <= self.capacity() or self._start == 0:
-            super()._reserve(needed, like_keys, like_values)
-            return
-        kept, new = self._length - self._start, needed - self._length
-        capacity = -(-max(kept + new, self.window - 1 + self.chunk) // self.chunk) * self.chunk
-
-        def compacted(old: list[torch.Tensor]) -> list[torch.Tensor]:
-            out = []
-            for tensor in old:
-                buffer = tensor.new_empty(*tensor.shape[:-2], capacity, tensor.shape[-1])
-                buffer[..., :kept, :] = tensor[..., self._start : self._length, :]
-                out.append(buffer)
-            return out
-
-        self._keys, self._values = compacted(self._keys), compacted(self._values)
-        self._start, self._length = 0, kept
-
     def update(
         self,
         key_states: list[torch.Tensor],
@@ -51,8 +33,7 @@ class WindowPcaCacheLayer(PcaCacheLayer):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         keys, values = super().update(key_states, value_states, cache_kwargs)
         self._seen += key_states[0].shape[-2]
-        self._start = max(self._start, self._length - (self.window - 1))
-        self._sync()
+        self.forget(self._length - self._start - (self.window - 1))
         return keys, values
 
     def get_seq_length(self) -> int:
