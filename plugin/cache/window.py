@@ -33,16 +33,19 @@ class WindowPcaCacheLayer(PcaCacheLayer):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         keys, values = super().update(key_states, value_states, cache_kwargs)
         self._seen += key_states[0].shape[-2]
-        self.forget(self._length - self._start - (self.window - 1))
+        self.forget(self.kept() - (self.window - 1))
         return keys, values
+
+    def kept(self) -> int:
+        """Tokens held (the live ones); get_seq_length counts every token seen."""
+        return PcaCacheLayer.get_seq_length(self)
 
     def get_seq_length(self) -> int:
         return self._seen if self.is_initialized else 0
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         """(keys attended, absolute position of the first): the kept tokens and the new ones."""
-        kept = self._length - self._start if self.is_initialized else 0
-        return kept + cache_position.shape[0], max(self.get_seq_length() - self.window + 1, 0)
+        return self.kept() + cache_position.shape[0], max(self.get_seq_length() - self.window + 1, 0)
 
     def get_max_cache_shape(self) -> int:
         return self.window
@@ -51,7 +54,7 @@ class WindowPcaCacheLayer(PcaCacheLayer):
         if self.get_seq_length() >= self.window:
             raise ValueError("a sliding-window cache that has dropped tokens cannot be cropped")
         super().crop(max_length)
-        self._seen = self._length
+        self._seen = self.kept()
 
     def reset(self) -> None:
         super().reset()
