@@ -1,23 +1,26 @@
-"""Cache size and decode speed: full cache vs PcaLlama at budgets 1.0 / 0.5 / 0.25.
+"""Decode speed and memory with a real prefill: PcaLlama's cache against transformers' own caches.
 
-Cache size: for each (context, batch, setting) a fresh subprocess fills the cache to the context
-length and decodes --new-tokens tokens, reporting the cache bytes (read from the cache object: exact)
-and the process's peak RSS. Speed (batch 1 only): one subprocess per context holds every setting at
-once (the PcaLlama variants share the base model's weights) and decodes them in interleaved rounds,
-so a busy shared machine slows all settings alike; the figures are median step times as ratios to
-the full-cache baseline measured in the same process.
+Settings, each decoding the same tokens after the same context:
 
-Limits of the speed figures: the speed worker always fills the caches with random states of the
-prefill's shapes (`synthetic`), and both the full cache and PcaCache grow by torch.cat every token,
-so each step also copies the whole cache; allocator behaviour then shows up in the timings. At
-batch 8 and 4k-8k context the measured speed-ups exceeded what the memory traffic allows, so batch-8
-speed and peak RSS are not reported until the benchmark prefills real text into preallocated caches.
+* `dynamic`: the unmodified LlamaForCausalLM with transformers' DynamicCache (grows by torch.cat);
+* `static`: the unmodified model with transformers' StaticCache (preallocated, attends over its
+  whole capacity with a mask);
+* `1.0`, `0.5`, `0.25`: PcaLlama with the shipped projections (`embedded-matryoshka`) at that
+  budget, PcaCache preallocated for context + new tokens (no reallocation while decoding).
 
-Filling of the cache-size rows: `--fill real` prefills with real text (slow on CPU); `--fill
-synthetic` writes random states of the same shapes (the default except at <= 1k context, batch 1). The
-`fill` column says which one each row used.
+The context is real held-out text, prefilled once per length by the base model in float32 (in
+chunks, progress shown) and saved; every setting's cache is built from those states: the
+baselines hold them (repeated over the batch, cast to the dtype), PcaLlama holds them projected
+onto its bases at the kept ranks (exactly what shrinking its full-rank cache gives; deeper layers
+of a prefill run at a lower budget would hold slightly different states, which does not change
+the cost of a step).  Then, per (context, batch, dtype), one process decodes every setting in
+interleaved rounds (the order rotates each round) and reports the median step as tokens/s and
+the minor page faults per token; a speed ratio is to the *best* baseline in the same process.
+Peak RSS: a separate process per setting builds only that cache, resets the kernel's peak
+counter (/proc/self/clear_refs) and decodes a few tokens; `over model` is that peak minus the
+process's RSS before the cache existed (weights, runtime), i.e. the cache plus a step's transients.
 
-  python benchmarks/decode_memory.py                # full run, writes docs/benchmarks.md section
+  python benchmarks/decode_memory.py                # full run (about 40 min on 2 cores), docs section
   python benchmarks/decode_memory.py --quick        # CI smoke test (tiny sizes, temp dir, no docs)
   python benchmarks/decode_memory.py --render-only  # rewrite the docs section and PNG from docs/decode_memory.json
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,142 +40,239 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCS, header, markdown_table, write_section
 from plots import decode_memory_png
 
-SETTINGS = ["full", "1.0", "0.5", "0.25"]
+BASELINES = ["dynamic", "static"]
+BUDGETS = ["1.0", "0.5", "0.25"]
+SETTINGS = BASELINES + BUDGETS
+RSS_STEPS = 3
 
 
-def fill_cache(model, batch: int, context: int, fill: str, tokens) -> object:
+def _status(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes (VmHWM: peak RSS; VmRSS: now)."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# -- prefill -------------------------------------------------------------------------------------------
+def prefill_worker(args: argparse.Namespace) -> None:
+    """Prefill `--context` tokens of held-out text with the base model (float32) and save the states."""
     import torch
+    from tqdm import tqdm
+    from transformers import DynamicCache
+
+    from plugin.data import load_texts
+    from plugin.loading import load_model
+
+    base, tokenizer = load_model(args.base)
+    ids = []
+    for text in load_texts(None, "evaluation"):
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) > args.context:
+            break
+    if len(ids) <= args.context:
+        raise SystemExit(f"the held-out text has {len(ids)} tokens, fewer than the context {args.context}")
+    ids = torch.tensor(ids[: args.context + 1])[None]
+    cache = DynamicCache()
+    with torch.no_grad():
+        for start in tqdm(range(0, args.context, args.prefill_chunk), desc=f"prefill {args.context}", file=sys.stderr):
+            end = min(args.context, start + args.prefill_chunk)
+            base(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True)
+    torch.save({"keys": [layer.keys for layer in cache.layers], "values": [layer.values for layer in cache.layers],
+                "next": int(ids[0, -1])}, args.states)
+
+
+# -- caches ---------------------------------------------------------------------------------------------
+def load_models(args: argparse.Namespace, settings: list[str]):
+    """The base model in the dtype, and one PcaLlama per budget sharing its weights."""
+    import torch
+
+    from plugin import PcaLlamaForCausalLM
+    from plugin.loading import SHIPPED, load_model
+
+    base, _ = load_model(args.base)
+    base = base.to(getattr(torch, args.dtype)).eval()
+    models = {}
+    for setting in settings:
+        if setting in BASELINES:
+            models[setting] = base
+        else:
+            model = PcaLlamaForCausalLM.from_llama(base, projections=SHIPPED[args.projections]).eval()
+            model.set_kv_budget(float(setting))
+            models[setting] = model
+    return models
+
+
+def build_cache(setting: str, model, states: dict, batch: int, capacity: int):
+    """`setting`'s cache holding the saved states (repeated over the batch), sized for `capacity` tokens."""
+    import torch
+    from transformers import DynamicCache, StaticCache
 
     from plugin import PcaCache
 
-    if fill == "real":
-        ids = tokens[:context].repeat(batch, 1)
-        with torch.no_grad():
-            return model(input_ids=ids, use_cache=True).past_key_values
-    cfg = model.config
-    gen = torch.Generator().manual_seed(0)
-    if isinstance(model, __import__("plugin").PcaLlamaForCausalLM):
-        cache = PcaCache()
-        for index, attn in enumerate(model.attention_layers()):
-            keys = [torch.randn(batch, len(g.heads), context, g.key_rank, generator=gen) for g in attn.groups]
-            values = [torch.randn(batch, len(g.heads), context, g.value_rank, generator=gen) for g in attn.groups]
-            cache.update(keys, values, index, {"signature": attn.signature()})
-        return cache
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    shape = (batch, cfg.num_key_value_heads, context, cfg.head_dim)
-    for index in range(cfg.num_hidden_layers):
-        cache.update(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), index)
+    dtype = model.dtype
+    length = states["keys"][0].shape[-2]
+    if setting == "dynamic":
+        cache = DynamicCache()
+    elif setting == "static":
+        cache = StaticCache(config=model.config, max_cache_len=capacity)
+    else:
+        cache = PcaCache(reserve=capacity)
+        attns = model.attention_layers()
+    with torch.no_grad():
+        for index, (k, v) in enumerate(zip(states["keys"], states["values"])):
+            k, v = k.to(dtype).repeat(batch, 1, 1, 1), v.to(dtype).repeat(batch, 1, 1, 1)
+            if setting == "dynamic":
+                cache.update(k, v, index)
+            elif setting == "static":
+                cache.update(k, v, index, {"cache_position": torch.arange(length)})
+            else:
+                attn = attns[index]
+                weights = attn._inference_weights(dtype)
+                keys = [torch.matmul(g.select(k, 1), e["key"]) for g, e in zip(attn.groups, weights["groups"])]
+                values = [torch.matmul(g.select(v, 1) - e["mean"].unsqueeze(1), e["value"])
+                          for g, e in zip(attn.groups, weights["groups"])]
+                cache.update(keys, values, index, {"signature": attn.signature()})
     return cache
 
 
-def worker(args: argparse.Namespace) -> None:
-    import resource
+def cache_bytes(cache) -> tuple[int, int]:
+    """(bytes of the cached tokens, bytes allocated), read from the cache object."""
+    if hasattr(cache, "nbytes"):  # PcaCache
+        return cache.nbytes(), sum(layer.allocated_bytes() for layer in cache.layers)
+    held = allocated = 0
+    for layer in cache.layers:
+        allocated += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        length = layer.get_seq_length()
+        held += sum(t[..., :length, :].numel() * t.element_size() for t in (layer.keys, layer.values))
+    return held, allocated
 
+
+def decode_step(model, cache, token, position: int):
     import torch
 
-    from plugin import PcaLlamaForCausalLM
-    from plugin.loading import load_model
-
-    model, tokenizer = load_model(args.model)
-    if args.setting != "full":
-        model = PcaLlamaForCausalLM.from_llama(model) if not isinstance(model, PcaLlamaForCausalLM) else model
-        model.config.kv_fold = args.fold == "on"
-        model.set_kv_budget(float(args.setting))
-        model.eval()
-    from plugin.data import load_texts
-
-    tokens = torch.tensor(tokenizer(" ".join(load_texts(None, "evaluation")[:3]))["input_ids"])
-    cache = fill_cache(model, args.batch, args.context, args.fill, tokens)
-    cache_bytes = cache.nbytes() if hasattr(cache, "nbytes") else sum(
-        layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step = torch.full((args.batch, 1), int(tokens[0]))
-    times = []
+    batch = token.shape[0]
     with torch.no_grad():
-        for index in range(args.new_tokens + 1):
-            position = torch.full((args.batch, 1), args.context + index)
-            start = time.perf_counter()
-            out = model(input_ids=step, past_key_values=cache, position_ids=position, use_cache=True)
-            times.append(time.perf_counter() - start)
-            cache = out.past_key_values
-            step = out.logits[:, -1:].argmax(-1)
-    decode = sorted(times[1:])  # first step warms up; median resists the noise of a shared machine
-    median = decode[len(decode) // 2]
-    print(json.dumps({"cache_bytes": cache_bytes, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "rss_before_decode": rss_before, "step_seconds": median}))
+        out = model(input_ids=token, past_key_values=cache, position_ids=torch.full((batch, 1), position),
+                    cache_position=torch.tensor([position]), use_cache=True)
+    return out.logits[:, -1:].argmax(-1)
 
 
+# -- workers --------------------------------------------------------------------------------------------
 def speed_worker(args: argparse.Namespace) -> None:
-    """Interleaved decode timing of every setting in one process (robust to a noisy machine)."""
+    """Every setting decoded in interleaved rounds in one process (robust to a noisy machine)."""
     import torch
 
-    from plugin import PcaLlamaForCausalLM
-    from plugin.data import load_texts
-    from plugin.loading import load_model
-
-    base, tokenizer = load_model(args.model)
-    tokens = torch.tensor(tokenizer(" ".join(load_texts(None, "evaluation")[:3]))["input_ids"])
-    models = {"full": base}
-    for setting in args.settings.split(","):
-        if setting != "full":
-            model = PcaLlamaForCausalLM.from_llama(base).eval()
-            model.config.kv_fold = args.fold == "on"
-            model.set_kv_budget(float(setting))
-            models[setting] = model
-    caches = {name: fill_cache(m, args.batch, args.context, "synthetic", tokens) for name, m in models.items()}
-    steps = {name: torch.full((args.batch, 1), int(tokens[0])) for name in models}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.no_grad():
-        for index in range(args.new_tokens + 1):
-            position = torch.full((args.batch, 1), args.context + index)
-            for name, model in models.items():
-                start = time.perf_counter()
-                out = model(input_ids=steps[name], past_key_values=caches[name], position_ids=position, use_cache=True)
-                elapsed = time.perf_counter() - start
-                if index:  # the first round warms up
-                    times[name].append(elapsed)
-                caches[name], steps[name] = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    print(json.dumps({name: {"tokens_per_s": args.batch / m, "ratio": medians["full"] / m} for name, m in medians.items()}))
+    states = torch.load(args.states)
+    length = states["keys"][0].shape[-2]
+    capacity = length + args.new_tokens + 1
+    models = load_models(args, SETTINGS)
+    caches = {s: build_cache(s, models[s], states, args.batch, capacity) for s in SETTINGS}
+    del states
+    tokens = {s: torch.full((args.batch, 1), 0) for s in SETTINGS}
+    times: dict[str, list[float]] = {s: [] for s in SETTINGS}
+    faults: dict[str, int] = {s: 0 for s in SETTINGS}
+    for step in range(args.new_tokens + 1):
+        order = SETTINGS[step % len(SETTINGS):] + SETTINGS[: step % len(SETTINGS)]
+        for setting in order:
+            before, start = _minor_faults(), time.perf_counter()
+            tokens[setting] = decode_step(models[setting], caches[setting], tokens[setting], length + step)
+            elapsed, faulted = time.perf_counter() - start, _minor_faults() - before
+            if step:  # the first round warms up
+                times[setting].append(elapsed)
+                faults[setting] += faulted
+    result = {}
+    for setting in SETTINGS:
+        median = sorted(times[setting])[len(times[setting]) // 2]
+        held, allocated = cache_bytes(caches[setting])
+        result[setting] = {"tokens_per_s": args.batch / median, "faults_per_token":
+                           faults[setting] / (args.new_tokens * args.batch), "cache_bytes": held,
+                           "allocated_bytes": allocated}
+    print(json.dumps(result))
 
 
-def run_speed(args: argparse.Namespace, context: int, batch: int, settings: list[str], fold: str = "on") -> dict:
-    cmd = [sys.executable, __file__, "--speed-worker", "--threads", str(args.threads), "--model", args.model, "--settings", ",".join(settings),
-           "--context", str(context), "--batch", str(batch), "--new-tokens", str(args.new_tokens), "--fold", fold]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def rss_worker(args: argparse.Namespace) -> None:
+    """One setting alone: peak RSS while decoding (weights + its cache + a step's transients)."""
+    import gc
+
+    import torch
+
+    model = load_models(args, [args.setting])[args.setting]
+    with torch.no_grad():  # warm-up on 16 tokens: the runtime's own allocations happen before the baseline
+        model(input_ids=torch.zeros(1, 16, dtype=torch.long), use_cache=True)
+    gc.collect()
+    model_rss = _status("VmRSS")  # weights and runtime, before any prefill state is loaded
+    states = torch.load(args.states)
+    length = states["keys"][0].shape[-2]
+    cache = build_cache(args.setting, model, states, args.batch, length + RSS_STEPS + 1)
+    del states
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # peak counting restarts here: not the loading, not the build
+    token = torch.full((args.batch, 1), 0)
+    for step in range(RSS_STEPS):
+        token = decode_step(model, cache, token, length + step)
+    print(json.dumps({"peak_rss": _status("VmHWM"), "model_rss": model_rss}))
 
 
-def run_one(args: argparse.Namespace, setting: str, context: int, batch: int, fill: str, fold: str = "on") -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--threads", str(args.threads), "--model", args.model, "--setting", setting, "--context", str(context),
-           "--batch", str(batch), "--fill", fill, "--new-tokens", str(args.new_tokens), "--fold", fold]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def rss_only(args: argparse.Namespace, work: Path) -> None:
+    """Measure peak RSS again for the rows of docs/decode_memory.json at --rss-contexts / --rss-dtypes."""
+    result = json.loads((DOCS / "decode_memory.json").read_text())
+    contexts = {int(c) for c in args.rss_contexts.split(",") if c}
+    dtypes = set(args.rss_dtypes.split(","))
+    for row in result["rows"]:
+        if row["context"] in contexts and row["dtype"] in dtypes:
+            states = work / f"prefill_{row['context']}.pt"
+            rss = _run(args, "--rss-worker", "--setting", row["setting"], "--states", str(states),
+                       "--batch", str(row["batch"]), "--dtype", row["dtype"])
+            row["peak_rss_mib"] = rss["peak_rss"] / 2**20
+            row["rss_over_model_mib"] = (rss["peak_rss"] - rss["model_rss"]) / 2**20
+            print(row["context"], row["batch"], row["dtype"], row["setting"], f"{row['peak_rss_mib']:.0f} MiB", flush=True)
+    result["meta"]["rss_remeasured"] = header(f"python benchmarks/decode_memory.py --rss-only --rss-contexts "
+                                              f"{args.rss_contexts} --rss-dtypes {args.rss_dtypes}")
+    (DOCS / "decode_memory.json").write_text(json.dumps(result, indent=1))
+    write_section("decode_memory", "Memory and decode speed", render(result))
+    decode_memory_png(result, DOCS / "decode_memory.png")
 
 
+def _run(args: argparse.Namespace, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--base", args.base,
+           "--projections", args.projections, "--new-tokens", str(args.new_tokens), *extra]
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {}
+
+
+# -- driver ---------------------------------------------------------------------------------------------
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="embedded", help="the base model (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--projections", default="embedded-matryoshka", help="shipped projections for PcaLlama")
     parser.add_argument("--contexts", default="1024,4096,8192")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--fill", default="auto", choices=["auto", "real", "synthetic"])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per process (default 1: on a small shared CPU, OpenMP threads of "
-                             "concurrent processes oversubscribe the cores and swamp decode timings)")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--rss-contexts", default="8192", help="contexts at which peak RSS is measured per setting")
+    parser.add_argument("--rss-dtypes", default="float32", help="dtypes at which peak RSS is measured per setting")
+    parser.add_argument("--new-tokens", type=int, default=8, help="timed decode steps per setting (after one warm-up)")
+    parser.add_argument("--prefill-chunk", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process (run nothing else meanwhile)")
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny sizes, nothing written to docs")
-    parser.add_argument("--work-dir", default=None, help="--quick: where the JSON and PNG go (default a temp dir)")
+    parser.add_argument("--work-dir", default=None, help="where the prefill states (and with --quick the results) go")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the docs section and PNG from docs/decode_memory.json, measuring nothing")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--speed-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--settings", default="full", help=argparse.SUPPRESS)
-    parser.add_argument("--setting", default="full", help=argparse.SUPPRESS)
+    parser.add_argument("--rss-only", action="store_true",
+                        help="measure peak RSS again for docs/decode_memory.json's rows (needs --work-dir's prefills)")
+    for hidden in ("--prefill-worker", "--speed-worker", "--rss-worker"):
+        parser.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--states", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--setting", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--fold", default="on", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.render_only:
         result = json.loads((DOCS / "decode_memory.json").read_text())
@@ -183,48 +284,54 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.worker:
-        worker(args)
-        return
-    if args.speed_worker:
-        speed_worker(args)
+    for flag, worker in (("prefill_worker", prefill_worker), ("speed_worker", speed_worker), ("rss_worker", rss_worker)):
+        if getattr(args, flag):
+            worker(args)
+            return
+    if args.rss_only:
+        rss_only(args, Path(args.work_dir or "."))
         return
     if args.quick:
-        args.contexts, args.batches, args.new_tokens = "64", "1", 2
+        args.contexts, args.batches, args.dtypes, args.rss_contexts, args.new_tokens = "64", "2", "float32", "64", 2
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
+    dtypes = args.dtypes.split(",")
+    rss_contexts = {int(c) for c in args.rss_contexts.split(",") if c}
+    rss_dtypes = set(args.rss_dtypes.split(","))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="mkv-decode-"))
+    work.mkdir(parents=True, exist_ok=True)
 
-    cache_rows, speed_rows, fold_rows = [], [], []
-    for batch in batches:
-        for context in contexts:
-            fill = args.fill if args.fill != "auto" else ("real" if context <= 1024 and batch == 1 else "synthetic")
-            results = {s: run_one(args, s, context, batch, fill) for s in SETTINGS}
-            for setting in SETTINGS:
-                r = results[setting]
-                cache_rows.append({
-                    "context": context, "batch": batch, "setting": setting, "fill": fill,
-                    "cache_bytes": r["cache_bytes"], "cache_mib": r["cache_bytes"] / 2**20,
-                    "cache_share": r["cache_bytes"] / results["full"]["cache_bytes"],
-                    # batch > 1: the transient second copy of every torch.cat makes peak RSS an allocator figure
-                    "peak_rss_mib": r["peak_rss"] / 2**20 if batch == 1 else None})
-            if batch == 1:
-                speed = run_speed(args, context, batch, SETTINGS)
-                speed_rows += [{"context": context, "batch": batch, "setting": setting, "fill": "synthetic",
-                                "tokens_per_s": speed[setting]["tokens_per_s"], "speed_ratio": speed[setting]["ratio"]}
-                               for setting in SETTINGS]
-            print(cache_rows[-len(SETTINGS):], flush=True)
-    if not args.quick:
-        context = max(contexts)
-        for fold in ("on", "off"):
-            speed = run_speed(args, context, 1, ["full", "0.5"], fold)
-            fold_rows.append({"context": context, "fold": fold, "full_tokens_per_s": speed["full"]["tokens_per_s"],
-                              "tokens_per_s": speed["0.5"]["tokens_per_s"], "speed_ratio": speed["0.5"]["ratio"]})
-    command = f"python benchmarks/decode_memory.py --new-tokens {args.new_tokens} --threads {args.threads}"
-    result = {"meta": {"header": header(command), "model": args.model, "new_tokens": args.new_tokens},
-              "cache": cache_rows, "speed": speed_rows, "fold": fold_rows}
+    rows = []
+    started = time.time()
+    for context in contexts:
+        states = work / f"prefill_{context}.pt"
+        if not states.exists():  # resumable: a saved prefill is reused
+            _run(args, "--prefill-worker", "--context", str(context), "--prefill-chunk", str(args.prefill_chunk),
+                 "--states", str(states))
+        for dtype in dtypes:
+            for batch in batches:
+                common = ["--states", str(states), "--batch", str(batch), "--dtype", dtype]
+                speed = _run(args, "--speed-worker", *common)
+                best = max(speed[b]["tokens_per_s"] for b in BASELINES)
+                rss = {s: _run(args, "--rss-worker", "--setting", s, *common) for s in SETTINGS} \
+                    if context in rss_contexts and dtype in rss_dtypes else {}
+                for setting in SETTINGS:
+                    r = speed[setting]
+                    rows.append({"context": context, "batch": batch, "dtype": dtype, "setting": setting,
+                                 "tokens_per_s": r["tokens_per_s"], "speed_vs_best_baseline": r["tokens_per_s"] / best,
+                                 "speed_vs_dynamic": r["tokens_per_s"] / speed["dynamic"]["tokens_per_s"],
+                                 "faults_per_token": r["faults_per_token"], "cache_bytes": r["cache_bytes"],
+                                 "allocated_bytes": r["allocated_bytes"],
+                                 "cache_share": r["cache_bytes"] / speed["dynamic"]["cache_bytes"],
+                                 "peak_rss_mib": rss[setting]["peak_rss"] / 2**20 if rss else None,
+                                 "rss_over_model_mib": (rss[setting]["peak_rss"] - rss[setting]["model_rss"]) / 2**20
+                                 if rss else None})
+                print(f"{context} tokens, batch {batch}, {dtype} ({(time.time() - started) / 60:.0f} min): " + ", ".join(
+                    f"{s} {speed[s]['tokens_per_s']:.1f} tok/s" for s in SETTINGS), flush=True)
+    command = "python benchmarks/decode_memory.py" + (" --quick" if args.quick else "")
+    result = {"meta": {"header": header(command), "base": args.base, "projections": args.projections,
+                       "new_tokens": args.new_tokens, "threads": args.threads}, "rows": rows}
     if args.quick:
-        work = Path(args.work_dir or tempfile.mkdtemp(prefix="mkv-decode-quick-"))
-        work.mkdir(parents=True, exist_ok=True)
         (work / "decode_memory.json").write_text(json.dumps(result, indent=1))
         decode_memory_png(result, work / "decode_memory.png")
         print(f"decode_memory quick run ok: {work / 'decode_memory.json'} {work / 'decode_memory.png'}")
@@ -236,39 +343,28 @@ def main() -> None:
 
 def render(result: dict) -> str:
     """The docs section from a decode_memory JSON (new runs and --render-only alike)."""
-    def opt(value: float | None, fmt: str) -> str:
-        return format(value, fmt) if value is not None else "-"
-
-    body = result["meta"]["header"] + "\n"
-    if result["meta"].get("note"):
-        body += result["meta"]["note"] + "\n\n"
-    body += ("Cache size, read from the cache object (exact: PcaLlama stores only the kept dimensions, so "
-             "`cache / full` is the budget); peak RSS of the measuring process at batch 1 (model weights in "
-             "float32 + Python + cache):\n\n")
+    meta, rows = result["meta"], result["rows"]
+    body = meta["header"] + "\n"
+    if meta.get("note"):
+        body += meta["note"] + "\n\n"
+    body += ("Real prefill of held-out text (once per length, by the base model in float32; every cache holds those "
+             "states, repeated over the batch, cast to the dtype, and for PcaLlama projected onto its kept ranks), then "
+             f"decoding {meta['new_tokens']} timed tokens per setting, all "
+             "settings interleaved in one process per (context, batch, dtype). `dynamic` and `static` are the "
+             "unmodified model with transformers' DynamicCache and StaticCache; `1.0` / `0.5` / `0.25` are PcaLlama "
+             f"(`{meta['projections']}` projections) at that budget with its preallocated PcaCache. `vs best` is "
+             "tokens/s over the faster baseline in the same process. Cache bytes are read from the cache object "
+             "(held: the cached tokens; the StaticCache allocates context + new tokens up front, as does PcaCache "
+             "here).\n\n")
     body += markdown_table(
-        ["context", "batch", "setting", "fill", "cache MiB", "cache / full", "peak RSS MiB (batch 1)"],
-        [[r["context"], r["batch"], r["setting"], r["fill"], f"{r['cache_mib']:.1f}", f"{r['cache_share']:.3f}",
-          opt(r.get("peak_rss_mib"), ".0f")] for r in result["cache"]])
-    if result["speed"]:
-        body += ("\n\nDecode speed at batch 1 (caches filled with random states of the prefill's shapes; every "
-                 "setting interleaved in one process, ratio to the full cache in the same process):\n\n")
-        body += markdown_table(["context", "batch", "setting", "fill", "tokens/s", "speed / full (interleaved)"],
-                               [[r["context"], r["batch"], r["setting"], r["fill"], f"{r['tokens_per_s']:.2f}",
-                                 f"{r['speed_ratio']:.2f}"] for r in result["speed"]])
-    if result["fold"]:
-        body += "\n\nFold of U_V into v_proj/o_proj on and off, 50% budget, batch 1 (ratio to the full cache, same run):\n\n"
-        body += markdown_table(["context", "fold", "full tokens/s", "50% tokens/s", "ratio"],
-                               [[r["context"], r["fold"], f"{r['full_tokens_per_s']:.2f}", f"{r['tokens_per_s']:.2f}",
-                                 f"{r['speed_ratio']:.2f}"] for r in result["fold"]])
-    body += "\n\n![cache size and batch-1 decode speed](decode_memory.png)"
-    body += ("\n\n`full` is the unmodified LlamaForCausalLM with transformers' DynamicCache; `1.0` is PcaLlama at "
-             "full rank (projection overhead, no saving). What the speed figures do not show: the caches hold "
-             "random states rather than a real prefill, and both the full cache and PcaCache grow by torch.cat "
-             "every token (a copy of the whole cache per step), so the ratios include allocator effects. Batch-8 "
-             "speed and peak RSS were measured too but are not reported: at 8k context the measured speed-ups "
-             "(above 4x at 50%) exceeded what the memory traffic of a decode step allows (weights + reading and "
-             "copying the cache: about 1.9x at 50% and 3.4x at 25%), i.e. they measured the allocator, not the "
-             "method. They return when the benchmark prefills real text into preallocated caches.\n")
+        ["context", "batch", "dtype", "setting", "tokens/s", "vs best baseline", "vs dynamic", "cache MiB",
+         "cache / full", "page faults / token", "peak RSS MiB", "over model MiB"],
+        [[r["context"], r["batch"], r["dtype"], r["setting"], f"{r['tokens_per_s']:.2f}",
+          f"{r['speed_vs_best_baseline']:.2f}", f"{r['speed_vs_dynamic']:.2f}", f"{r['cache_bytes'] / 2**20:.1f}",
+          f"{r['cache_share']:.3f}", f"{r['faults_per_token']:.0f}",
+          *(f"{r[k]:.0f}" if r.get(k) is not None else "-" for k in ("peak_rss_mib", "rss_over_model_mib"))]
+         for r in rows])
+    body += "\n\n![decode speed against the best baseline, and cache size](decode_memory.png)\n"
     return body
 
 

@@ -1,14 +1,31 @@
-"""Long context across budgets: pass-key retrieval by depth, and the perplexity of the last 512 tokens.
+"""Long context across budgets, at measured bytes: pass-key retrieval by depth and last-512-token perplexity.
+
+Settings (every one on the same prompts and windows, in one process):
+
+* each --model (a PcaLlama checkpoint, or a shipped projection artifact such as `embedded-matryoshka`)
+  at each --budgets, with its projected cache;
+* `quant-only` at each --quant-bits: the base model with identity bases, its keys and values quantized
+  in the project's cache (KIVI-style: keys per channel over blocks of 64 tokens, values per token), i.e.
+  KV quantization alone;
+* `tiered` (with --tiered W@R): the first --model with its newest W tokens at rank R and older ones at the
+  highest rank that keeps the cache's bytes at or below the --tiered-budget uniform cache's (per context
+  length; see plugin/cache/tiered.py).
+
+Bytes are a fraction of a bfloat16 full cache: for projected and tiered caches the measured `nbytes()` over
+the full-rank cache's on the same tokens (the ratio does not depend on the dtype); for quantized caches the
+formula of codes + float16 scales and zeros, checked against the measured cache in benchmarks/frontier.py.
 
 * retrieval (plugin.retrieval): prompts of --contexts tokens of held-out text with a pass key at each
-  --depths, answered by greedy generation (8 tokens); accuracy per (model, budget, context, depth).
-  Run the full model first (budget 1) to see where the 135M model itself succeeds.
-* perplexity of the last 512 tokens of --ppl-contexts-token windows of held-out text (the context
-  before them is cached at the same budget).
+  --depths, answered by greedy generation (8 tokens); accuracy per (setting, context, depth).
+  Run the full model alone first (`--full --budgets 1 --contexts 128,256,512,1024`) to see where it succeeds:
+  the embedded SmolLM2-135M answers about half the prompts of 128 tokens and almost none from 512 on.
+* perplexity of the last 512 tokens of windows of --ppl-contexts tokens (their first tokens read into
+  the setting's cache, the last 512 scored through it).
 
-    python benchmarks/longctx.py --model embedded-matryoshka --label recipe --contexts 512,1024,2048 \\
-        --ppl-contexts 2048,4096 --budgets 1,0.5,0.25          # docs/longctx.json
-    python benchmarks/longctx.py --model <tiny> --contexts 128 --ppl-contexts 1024 --per-depth 1 --out /tmp/l
+    python benchmarks/longctx.py --full --model embedded-matryoshka --label matryoshka --model outputs/demo/pca \\
+        --label pca --budgets 0.5,0.25 --tiered 256@32 --quant-bits 4,2 --hf-quant quanto:4,quanto:2 \\
+        --contexts 128,256 --per-depth 6 --ppl-contexts 2048,4096 --docs    # docs/longctx.json
+    python benchmarks/longctx.py --model <tiny> --contexts 128 --ppl-contexts 256 --per-depth 1 --out /tmp/l
 """
 
 from __future__ import annotations
@@ -17,12 +34,16 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, versions, write_json
+from benchmarks.common import machine, versions, write_json, write_section
+
+SCORED = 512
 
 
 def _ints(text: str) -> list[int]:
@@ -33,15 +54,117 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def last_tokens_nll(model, ids, tail: int = 512) -> tuple[float, int]:
-    """Summed NLL of the last `tail` tokens of each row of `ids`, given everything before them."""
+@dataclass
+class Setting:
+    name: str
+    method: str
+    model: Any
+    budget: float = 1.0
+    bits: tuple[int, int] | None = None
+    tiered: tuple[int, int] | None = None  # (window, recent rank): the old rank depends on the length
+    hf_quant: tuple[str, int] | None = None  # transformers' QuantizedCache: (backend, bits)
+
+    def apply(self) -> None:
+        if not hasattr(self.model, "set_kv_budget"):
+            return  # a plain model: its cache says everything
+        self.model.set_kv_budget(self.budget)
+        if self.bits is None:
+            self.model.clear_kv_bits()
+        else:
+            self.model.set_kv_bits(*self.bits)
+
+    def cache(self, total: int, budget: float) -> Any:
+        """A fresh cache for a sequence of `total` tokens (tiered: its old rank for that length)."""
+        if self.hf_quant is not None:
+            from transformers import QuantizedCache
+
+            backend, nbits = self.hf_quant  # transformers' defaults otherwise: what a user gets
+            return QuantizedCache(backend, self.model.config, nbits=nbits)
+        if not hasattr(self.model, "set_kv_budget"):
+            from transformers import DynamicCache
+
+            return DynamicCache()
+        if self.tiered is not None:
+            from plugin.cache import TieredPcaCache
+
+            window, recent = self.tiered
+            old = tiered_old_rank(budget * self.model.config.head_dim, recent, total, window)
+            return TieredPcaCache(window, old, old)
+        return self.model.model.new_cache()
+
+    def bf16_fraction(self, cache: Any, tokens: int) -> float:
+        """Cache bytes as a fraction of a bfloat16 full cache of `tokens` tokens.
+
+        Projected and tiered caches: measured bytes over the full-rank cache's (dtype-free). Quantized
+        caches: their rate, codes + float16 scales and zeros (ours: the formula, checked against the cache in
+        benchmarks/frontier.py; transformers': counted from the cache's quantized tensors).
+        """
+        import torch
+
+        cfg = self.model.config
+        full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+        if self.bits is not None:
+            return self.model.kv_cache_bytes_per_token(torch.bfloat16) / (full * 2)
+        if self.hf_quant is not None:
+            codes, groups, elements = hf_quant_counts(cache)
+            return (codes + 2 * 2 * groups) / (2 * elements)
+        if not hasattr(self.model, "set_kv_budget"):
+            return 1.0  # the unmodified model's own cache
+        return cache.nbytes() / (full * tokens * self.model.dtype.itemsize)
+
+
+def hf_quant_counts(cache: Any) -> tuple[int, int, int]:
+    """(bytes of packed codes, quantization groups, quantized elements) of a transformers QuantizedCache."""
+    codes = groups = elements = 0
+    for layer in cache.layers:
+        for q in (layer._quantized_keys, layer._quantized_values):
+            if isinstance(q, tuple):  # HQQ: (packed codes, meta)
+                codes += q[0].numel() * q[0].element_size()
+                groups += q[1]["scale"].numel()
+                elements += math.prod(q[1]["shape"])
+            else:  # optimum-quanto WeightQBitsTensor
+                codes += q._data._data.numel() * q._data._data.element_size()
+                groups += q._scale.numel()
+                elements += q.numel()
+    return codes, groups, elements
+
+
+def tiered_old_rank(budget_rank: float, recent_rank: int, total: int, window: int) -> int:
+    """The highest old-token rank at which the tiered cache holds no more bytes than uniform `budget_rank`."""
+    if total <= window:
+        raise ValueError(f"the window ({window}) covers all {total} tokens: nothing would be demoted")
+    rank = math.floor((budget_rank * total - recent_rank * window) / (total - window))
+    if rank < 1:
+        raise ValueError(f"a {window}-token window at rank {recent_rank} alone exceeds the budget at {total} tokens")
+    return rank
+
+
+def last_tokens_nll(model: Any, ids: Any, cache: Any) -> tuple[float, int]:
+    """(summed NLL of the last 512 tokens of `ids` [1, T], their count): the tokens before them are read into
+    the fresh `cache` first, then the 512 are scored in one forward through it."""
     import torch
 
+    context = ids.shape[1] - SCORED
     with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits[:, -tail - 1 : -1].float()
-    target = ids[:, -tail:]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
-    return float(nll), target.numel()
+        first = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True).logits[:, -1:]
+        rest = model(input_ids=ids[:, context:], past_key_values=cache, use_cache=True).logits
+    logits = torch.cat([first, rest[:, :-1]], dim=1).float()[0]
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, context:], reduction="sum")
+    return float(nll), SCORED
+
+
+def identity_model(base: Any) -> Any:
+    """The base model as a PcaLlama with identity bases (no projection: quantization alone)."""
+    import torch
+
+    from plugin.modeling import PcaLlamaForCausalLM
+
+    cfg = base.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    eye = torch.eye(d).expand(cfg.num_hidden_layers, cfg.num_key_value_heads, d, d).contiguous()
+    return PcaLlamaForCausalLM.from_llama(base, key_bases=eye, value_bases=eye.clone(),
+                                          value_means=torch.zeros(cfg.num_hidden_layers, cfg.num_key_value_heads, d)
+                                          ).eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,62 +172,162 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", action="append", required=True, help="PcaLlama dir or artifact (repeatable)")
     parser.add_argument("--label", action="append", default=None)
-    parser.add_argument("--budgets", default="1,0.75,0.5,0.25")
-    parser.add_argument("--contexts", default="512,1024,2048", help="retrieval prompt lengths (tokens)")
+    parser.add_argument("--budgets", default="1,0.5,0.25")
+    parser.add_argument("--base", default="embedded", help="base model of the quant-only rows (default embedded)")
+    parser.add_argument("--full", action="store_true", help="a `full` row: --base, unmodified, with DynamicCache")
+    parser.add_argument("--quant-bits", default="", help="quant-only bit widths, K or K/V (e.g. 4,2); none by default")
+    parser.add_argument("--hf-quant", default="",
+                        help="transformers QuantizedCache rows on --base, backend:bits (e.g. quanto:4,hqq:2); needs "
+                             "pip install -r benchmarks/requirements-competitors.txt")
+    parser.add_argument("--tiered", default="", help="W@R: age-tiered rows for the first --model (e.g. 512@32)")
+    parser.add_argument("--tiered-budget", type=float, default=0.25, help="the uniform budget whose bytes tiers match")
+    parser.add_argument("--contexts", default="512,1024,2048", help="retrieval prompt lengths (tokens); '' for none")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--per-depth", type=int, default=4)
     parser.add_argument("--ppl-contexts", default="2048,4096", help="window lengths for last-512-token perplexity")
     parser.add_argument("--ppl-windows", type=int, default=2, help="windows per length (default 2)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "longctx.json"))
+    parser.add_argument("--docs", action="store_true", help="also write the section of docs/benchmarks.md")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the docs/benchmarks.md section from --out, measuring nothing")
     args = parser.parse_args(argv)
+    if args.render_only:
+        import json
+
+        write_section("longctx", "Long context: retrieval and last-512-token perplexity at equal bytes",
+                      render(json.loads(Path(args.out).read_text())))
+        return 0
     labels = args.label or [Path(m).name for m in args.model]
     if len(labels) != len(args.model):
         parser.error("give one --label per --model, or none")
 
     import torch
+    from tqdm import tqdm
 
+    from plugin.cache.quantize import parse_bit_pair
     from plugin.data import load_texts, token_windows
     from plugin.loading import load_model
-    from plugin.retrieval import is_correct, passkey_items
+    from plugin.retrieval import ANSWER_TOKENS, accuracy_by_depth, passkey_items
 
-    texts = load_texts(None, split="evaluation")
-    retrieval, perplexity = [], []
+    settings: list[Setting] = []
+    tokenizer = None
     for spec, label in zip(args.model, labels):
         model, tokenizer = load_model(spec)
-        prompts = {c: passkey_items(tokenizer, texts, c, _floats(args.depths), args.per_depth) for c in _ints(args.contexts)}
-        windows = {c: token_windows(tokenizer, texts, c, c * args.ppl_windows) for c in _ints(args.ppl_contexts)}
-        for budget in _floats(args.budgets):
-            model.set_kv_budget(budget)
-            for context, items in prompts.items():
-                start = time.perf_counter()
-                correct: dict[float, list[bool]] = {}
-                for item in items:
-                    ids = tokenizer(item.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                         do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-                    answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-                    correct.setdefault(item.depth, []).append(is_correct(answer, item.key))
-                for depth, hits in correct.items():
-                    retrieval.append({"model": label, "budget": budget, "context": context, "depth": depth,
-                                      "accuracy": sum(hits) / len(hits), "items": len(hits)})
-                print(f"{label} @ {budget:g}, {context} tokens: "
-                      + ", ".join(f"depth {d:g}: {sum(h)}/{len(h)}" for d, h in correct.items())
-                      + f" ({time.perf_counter() - start:.0f} s)", flush=True)
-            for context, rows in windows.items():
-                nll, count = 0.0, 0
-                for row in rows:
-                    a, b = last_tokens_nll(model, row[None])
-                    nll, count = nll + a, count + b
-                perplexity.append({"model": label, "budget": budget, "context": context,
-                                   "last512_perplexity": math.exp(nll / count), "windows": int(rows.shape[0])})
-                print(f"{label} @ {budget:g}: last-512 perplexity at {context} = {math.exp(nll / count):.2f}", flush=True)
-        del model
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        model.eval()
+        settings += [Setting(f"{label} {b:g}", label, model, b) for b in _floats(args.budgets)]
+        if args.tiered and spec == args.model[0]:
+            window, recent = (int(x) for x in args.tiered.split("@"))
+            settings.append(Setting(f"tiered {window}@{recent} <= {args.tiered_budget:g}", "tiered", model,
+                                    recent / model.config.head_dim, tiered=(window, recent)))
+    if args.quant_bits or args.hf_quant or args.full:
+        base, _ = load_model(args.base)
+        base.eval()
+    if args.full:
+        settings.insert(0, Setting("full", "full", base))
+    if args.quant_bits:
+        quant = identity_model(base)
+        for text in args.quant_bits.split(","):
+            bits = parse_bit_pair(text.strip(), "--quant-bits")
+            settings.append(Setting(f"quant-only {text.strip()}b", "quant-only", quant, 1.0, bits=bits))
+    for text in filter(None, (t.strip() for t in args.hf_quant.split(","))):
+        backend, _, nbits = text.partition(":")
+        settings.append(Setting(f"{backend} {nbits}b", f"hf-{backend}", base, hf_quant=(backend, int(nbits))))
+
+    texts = load_texts(None, split="evaluation")
+    prompts = {c: passkey_items(tokenizer, texts, c, _floats(args.depths), args.per_depth) for c in _ints(args.contexts)}
+    windows = {c: token_windows(tokenizer, texts, c, c * args.ppl_windows) for c in _ints(args.ppl_contexts)}
+    retrieval, perplexity = [], []
+    for setting in settings:
+        setting.apply()
+        for context, rows in windows.items():
+            start = time.perf_counter()
+            nll, count = 0.0, 0
+            for row in rows:
+                cache = setting.cache(row.numel(), args.tiered_budget)
+                a, b = last_tokens_nll(setting.model, row[None], cache)
+                nll, count = nll + a, count + b
+            perplexity.append({"setting": setting.name, "method": setting.method, "budget": setting.budget,
+                               "context": context, "last512_perplexity": math.exp(nll / count),
+                               "windows": int(rows.shape[0]), "bytes_fraction": setting.bf16_fraction(cache, row.numel())})
+            print(f"{setting.name}: last-512 perplexity at {context} = {math.exp(nll / count):.2f}, "
+                  f"bytes {perplexity[-1]['bytes_fraction']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        for context, items in prompts.items():
+            start = time.perf_counter()
+            if setting.tiered is not None:
+                try:
+                    setting.cache(context + ANSWER_TOKENS, args.tiered_budget)
+                except ValueError as err:  # too short to demote anything within the budget
+                    print(f"{setting.name}, {context} tokens: skipped ({err})", flush=True)
+                    continue
+            answers = [_generate_with(setting, tokenizer, item, args.tiered_budget)
+                       for item in tqdm(items, desc=f"{setting.name} @ {context}", unit="prompt")]
+            for depth, (hits, total) in accuracy_by_depth(items, answers).items():
+                retrieval.append({"setting": setting.name, "method": setting.method, "budget": setting.budget,
+                                  "context": context, "depth": depth, "correct": hits, "items": total,
+                                  "accuracy": hits / total})
+            print(f"{setting.name}, {context} tokens: " + ", ".join(
+                f"depth {r['depth']:g}: {r['correct']}/{r['items']}" for r in retrieval if r["setting"] == setting.name
+                and r["context"] == context) + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+    del settings
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     result = {"command": "python benchmarks/longctx.py " + " ".join(argv or sys.argv[1:]), "machine": machine(),
               "versions": versions(), "date": time.strftime("%Y-%m-%d"), "retrieval": retrieval,
               "perplexity": perplexity}
     write_json(args.out, result)
+    if args.docs:
+        write_section("longctx", "Long context: retrieval and last-512-token perplexity at equal bytes", render(result))
     return 0
+
+
+def render(result: dict) -> str:
+    """The docs section: perplexity by context and retrieval by depth, one row per setting with its bytes."""
+    from benchmarks.common import markdown_table
+
+    body = (f"Command: `{result['command']}`  \nMachine: {result['machine']}  \nDate: {result['date']}  \n"
+            f"Versions: {result['versions']}\n\n")
+    bytes_of = {}
+    for row in result["perplexity"]:
+        bytes_of.setdefault(row["setting"], row["bytes_fraction"])
+    contexts = sorted({r["context"] for r in result["perplexity"]})
+    if contexts:
+        table = {}
+        for row in result["perplexity"]:
+            table.setdefault(row["setting"], {})[row["context"]] = row["last512_perplexity"]
+        body += ("Perplexity of the last 512 tokens of held-out windows, the tokens before them read into the "
+                 "setting's cache first (`bytes` = cache bytes as a fraction of a bfloat16 full cache; windows per "
+                 f"length: {result['perplexity'][0]['windows']}):\n\n")
+        body += markdown_table(["setting", "bytes"] + [f"{c} tokens" for c in contexts],
+                               [[name, f"{bytes_of[name]:.3f}"] + [f"{ctx.get(c, float('nan')):.2f}" for c in contexts]
+                                for name, ctx in table.items()]) + "\n\n"
+    if result["retrieval"]:
+        depths = sorted({r["depth"] for r in result["retrieval"]})
+        lines: dict[tuple[str, int], dict[float, str]] = {}
+        for row in result["retrieval"]:
+            lines.setdefault((row["setting"], row["context"]), {})[row["depth"]] = f"{row['correct']}/{row['items']}"
+        body += ("Pass-key retrieval (greedy answer right when its first five-digit number is the key), correct out "
+                 "of items, by needle depth (0 = start of the haystack, 1 = just before the question):\n\n")
+        body += markdown_table(["setting", "bytes", "context"] + [f"depth {d:g}" for d in depths] + ["all"],
+                               [[name, f"{bytes_of[name]:.3f}" if name in bytes_of else "-", context]
+                                + [cells.get(d, "-") for d in depths]
+                                + [(f"{sum(int(c.split('/')[0]) for c in cells.values())}/"
+                                   f"{sum(int(c.split('/')[1]) for c in cells.values())}")]
+                                for (name, context), cells in lines.items()]) + "\n"
+    return body
+
+
+def _generate_with(setting: Setting, tokenizer: Any, item: Any, budget: float) -> str:
+    """One greedy answer through a fresh cache of the setting (tiered: sized for the prompt + answer)."""
+    import torch
+
+    from plugin.retrieval import ANSWER_TOKENS
+
+    ids = tokenizer(item.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    cache = setting.cache(ids.shape[1] + ANSWER_TOKENS, budget)
+    with torch.no_grad():
+        out = setting.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                     max_new_tokens=ANSWER_TOKENS, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 if __name__ == "__main__":

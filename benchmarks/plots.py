@@ -30,37 +30,39 @@ def _save(plt: Any, fig: Any, path: str | Path, title: str) -> Path:
 
 
 def decode_memory_png(data: dict[str, Any], path: str | Path) -> Path:
-    """Cache size against context (batch 1 solid, 8 dashed) and batch-1 decode speed relative to the full cache."""
+    """Decode speed over the best transformers cache (left) and cache size (right) against context."""
     plt = _pyplot()
+    speed: dict[tuple[str, int, str], list[tuple[int, float]]] = defaultdict(list)
     size: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
-    speed: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for row in data["cache"]:
-        size[(row["setting"], int(row["batch"]))].append((int(row["context"]), float(row["cache_mib"])))
-    for row in data["speed"]:
-        speed[row["setting"]].append((int(row["context"]), float(row["speed_ratio"])))
+    for row in data["rows"]:
+        key = (row["setting"], int(row["batch"]), row["dtype"])
+        speed[key].append((int(row["context"]), float(row["speed_vs_best_baseline"])))
+        if row["dtype"] == "float32":
+            size[(row["setting"], int(row["batch"]))].append((int(row["context"]), row["cache_bytes"] / 2**20))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"full": "black", "1.0": "tab:gray", "0.5": "tab:blue", "0.25": "tab:green"}
-
-    def name(setting: str) -> str:
-        return "full cache" if setting == "full" else f"PcaLlama {setting}"
-
+    colours = {"dynamic": "black", "static": "tab:brown", "1.0": "tab:gray", "0.5": "tab:blue", "0.25": "tab:green"}
+    batches = sorted({b for _, b in size})
+    styles = {b: s for b, s in zip(batches, ["-", "--", ":", "-."])}
+    for (setting, batch, dtype), points in sorted(speed.items()):
+        xs, ys = zip(*sorted(points))
+        left.plot(xs, ys, marker="o" if dtype == "float32" else "x", color=colours.get(setting),
+                  linestyle=styles[batch], label=f"{setting}, batch {batch}, {dtype}")
     for (setting, batch), points in sorted(size.items()):
+        if setting == "static":
+            continue  # holds the same tokens as dynamic
         xs, ys = zip(*sorted(points))
-        left.plot(xs, ys, marker="o", color=colours.get(setting), linestyle="-" if batch == 1 else "--",
-                  label=f"{name(setting)}, batch {batch}")
-    for setting, points in sorted(speed.items()):
-        xs, ys = zip(*sorted(points))
-        right.plot(xs, ys, marker="o", color=colours.get(setting), label=f"{name(setting)}, batch 1")
-    left.set_yscale("log", base=2)
-    left.set_ylabel("KV cache (MiB, read from the cache object)")
-    right.set_ylabel("decode tokens/s relative to the full cache")
-    right.axhline(1.0, color="black", linewidth=0.8)
+        right.plot(xs, ys, marker="o", color=colours.get(setting), linestyle=styles[batch],
+                   label=f"{setting}, batch {batch}")
+    left.axhline(1.0, color="black", linewidth=0.8)
+    left.set_ylabel("decode tokens/s over the best baseline")
+    right.set_yscale("log", base=2)
+    right.set_ylabel("KV cache MiB, float32 (read from the cache object)")
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
-    return _save(plt, fig, path, "KV cache size by budget, and batch-1 decode speed (CPU, random-state caches)")
+        ax.legend(fontsize=6, loc="upper left", ncol=2)
+    return _save(plt, fig, path, "Decode after a real prefill: PcaLlama vs transformers' DynamicCache / StaticCache (CPU)")
 
 
 def training_cost_png(data: dict[str, Any], path: str | Path) -> Path:

@@ -282,3 +282,32 @@ def default_models() -> tuple:
         "IDENTITY bases (no PCA, no training). Set MKV_MODEL to a PCA-initialised or trained "
         "checkpoint for real numbers.")
     return out, base
+
+
+def shipped_checkpoint(name: str = "embedded-matryoshka") -> str:
+    """A PcaLlama checkpoint directory of the embedded SmolLM2-135M with projections shipped in
+    the package (``plugin/trained/<name>``), written once into the cache (temp dir, then rename)."""
+    import shutil
+    import tempfile
+
+    from plugin.loading import SHIPPED
+    if name not in SHIPPED:
+        raise ValueError(f"no shipped projections named {name!r}; choose from {sorted(SHIPPED)}")
+    out = os.path.join(_ds.cache_dir(), f"smollm2-135m-{name}")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from plugin import assets
+        from plugin.modeling import PcaLlamaForCausalLM
+        base = str(assets.embedded_model_dir())
+        llama = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+        pca = PcaLlamaForCausalLM.from_llama(llama, projections=SHIPPED[name])
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".tmp-pcallama-")
+        pca.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    return out

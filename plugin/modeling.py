@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,14 @@ class PcaLlamaModel(LlamaModel):
         quant = getattr(config, "kv_quant", None)  # integer codes for the cache (set_kv_bits)
         self.kv_quant: QuantSpec | None = QuantSpec.from_dict(quant) if quant else None
 
-    def new_cache(self) -> CompressedCache:
-        """An empty cache for the current setting: quantized when bits are set, else projected."""
+    def new_cache(self, reserve: int | None = None) -> CompressedCache:
+        """An empty cache for the current setting: quantized when bits are set, else projected.
+
+        `reserve`: the expected final length in tokens, allocated at the first update.
+        """
         if self.kv_quant is not None and not self.kv_quant.is_identity():
             return QuantizedPcaCache(self.kv_quant)
-        return PcaCache()
+        return PcaCache(reserve=reserve)
 
     def forward(self, *args: Any, past_key_values: Any = None, use_cache: bool | None = None, **kwargs: Any) -> Any:
         if len(args) > len(FORWARD_ARGS):
@@ -400,7 +404,9 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         return model
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> None:
-        factory = self.model.new_cache
+        # generate knows the final length (prompt + new tokens): allocate it once, no doubling.
+        length = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None)
+        factory = partial(self.model.new_cache, reserve=length if isinstance(length, int) else None)
         prepare_generation_cache(generation_config, model_kwargs, CompressedCache, factory)  # refuses static caches
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         prepare_generation_cache(generation_config, model_kwargs, CompressedCache, factory)

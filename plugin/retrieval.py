@@ -69,3 +69,33 @@ def passkey_items(
             prompt_ids = stretch[:cut] + needle + stretch[cut:] + question
             items.append(PassKeyItem(tokenizer.decode(prompt_ids), key, float(depth), len(prompt_ids)))
     return items
+
+
+ANSWER_TOKENS = 8
+
+
+def generate_answers(model: Any, tokenizer: Any, items: Sequence[PassKeyItem], max_new_tokens: int = ANSWER_TOKENS,
+                     desc: str = "pass key") -> list[str]:
+    """Greedy answers to the items' prompts, one prompt per generate call (no padding), with progress."""
+    import torch
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    for item in tqdm(items, desc=desc, unit="prompt", disable=len(items) < 4):
+        ids = tokenizer(item.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def accuracy_by_depth(items: Sequence[PassKeyItem], answers: Sequence[str]) -> dict[float, tuple[int, int]]:
+    """{depth: (correct, items)} in the items' depth order."""
+    out: dict[float, tuple[int, int]] = {}
+    for item, answer in zip(items, answers, strict=True):
+        hits, total = out.get(item.depth, (0, 0))
+        out[item.depth] = (hits + int(is_correct(answer, item.key)), total + 1)
+    return out

@@ -125,6 +125,31 @@ def test_eval_kv_bits_sweeps_ranks_times_bits(base, tmp_path) -> None:
     assert half_q["cache_ratio"] == pytest.approx((4 + 2 + 2 + 4) / 128)  # value scales stay per token
 
 
+def test_eval_passkey_scores_retrieval_by_depth(base, tmp_path) -> None:
+    pca = tmp_path / "pca"
+    assert _calibrate(base, pca) == 0
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(pca), "--model", str(base[0]), "--label", "pca", "--label", "base",
+                 "--budgets", "1,0.5", "--data", str(base[1]), "--tokens", "128", "--seq-len", "64",
+                 "--passkey", "96", "--passkey-depths", "0,1", "--passkey-per-depth", "2", "--out", str(out)]) == 0
+    rows = json.loads(Path(f"{out}.json").read_text())["passkey"]
+    assert {(r["model"], r["setting"], r["depth"]) for r in rows} == {
+        (m, s, d) for m, s in (("pca", "1"), ("pca", "0.5"), ("base", "full")) for d in (0.0, 1.0)}
+    assert all(r["items"] == 2 == len(r["answers"]) and r["accuracy"] == r["correct"] / 2 for r in rows)
+    answers = {(r["model"], r["setting"], r["depth"]): r["answers"] for r in rows}
+    for depth in (0.0, 1.0):  # full rank generates exactly what the base model generates
+        assert answers[("pca", "1", depth)] == answers[("base", "full", depth)]
+
+
+def test_eval_refuses_a_too_short_passkey_prompt_before_any_inference(base, tmp_path, capsys, monkeypatch) -> None:
+    _no_model_loading(monkeypatch)
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(base[0]), "--passkey", "32", "--data", str(base[1]), "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("mkv: error:") and "--passkey" in last
+    assert not list(tmp_path.glob("eval*"))
+
+
 @pytest.mark.parametrize("bits", ["3", "4/5", "x", "4/4/4"])
 def test_eval_refuses_unsupported_bits_before_any_inference(base, tmp_path, capsys, monkeypatch, bits) -> None:
     _no_model_loading(monkeypatch)

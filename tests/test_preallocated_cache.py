@@ -33,7 +33,7 @@ def test_growth_policy_does_not_change_a_single_bit() -> None:
     model = _model()
     ids = torch.randint(0, 128, (2, 70), generator=torch.Generator().manual_seed(0))
     reference = _decode(model, PcaCache(chunk=1), ids, 20)  # reallocates at every token, like concatenation
-    for cache in (PcaCache(), PcaCache(chunk=16), PcaCache(max_length=80)):
+    for cache in (PcaCache(), PcaCache(chunk=16), PcaCache(max_length=80), PcaCache(reserve=70), PcaCache(reserve=30)):
         got = _decode(model, cache, ids, 20)
         assert all(torch.equal(a, b) for a, b in zip(reference, got))
         assert cache.nbytes() == _bytes_formula(70, 2)
@@ -95,6 +95,32 @@ def test_fixed_capacity_refuses_to_overflow() -> None:
         PcaCache(chunk=0)
 
 
+def test_reserve_allocates_the_expected_length_once_and_still_grows() -> None:
+    model = _model()
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(6))
+    cache = PcaCache(chunk=16, reserve=50)
+    model(input_ids=ids[:, :10], past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    pointer = layer._keys[0].data_ptr()
+    for t in range(10, 50):
+        model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+    assert layer.capacity() == 50 and layer._keys[0].data_ptr() == pointer  # never moved, no spare room
+    assert layer.allocated_bytes() == layer.nbytes()
+    model(input_ids=ids[:, 50:], past_key_values=cache, use_cache=True)
+    assert layer.capacity() >= 60 and cache.nbytes() == _bytes_formula(60, 1)
+    with pytest.raises(ValueError, match="reserve must be >= 0"):
+        PcaCache(reserve=-1).update([torch.zeros(1, 1, 1, 1)], [torch.zeros(1, 1, 1, 1)], 0)
+
+
+def test_generate_allocates_prompt_plus_new_tokens() -> None:
+    model = _model()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, do_sample=False,
+                         return_dict_in_generate=True, pad_token_id=0)
+    layer = out.past_key_values.layers[0]
+    assert layer.capacity() == layer.get_seq_length() == 12 + 8  # exactly what is cached (the last token never is)
+
+
 @pytest.mark.parametrize("target", ["budget", "table"])
 def test_shrink_then_attend_equals_the_lower_rank_from_the_start(target: str) -> None:
     """Exact for the cached states: one layer, so the cached keys and values depend on nothing but the
@@ -121,3 +147,15 @@ def test_shrink_then_attend_equals_the_lower_rank_from_the_start(target: str) ->
     assert cache.nbytes() == fresh.nbytes() == 2 * 36 * sum(ranks["key"][0] + ranks["value"][0]) * 4
     with pytest.raises(ValueError, match="can only shrink"):
         model.shrink_cache(cache, budget=1.0)
+
+
+def test_a_fixed_capacity_cache_keeps_its_shape_through_a_shrink() -> None:
+    model = _model()
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(8))
+    cache = PcaCache(max_length=24)
+    model(input_ids=ids[:, :16], past_key_values=cache, use_cache=True)
+    model.shrink_cache(cache, budget=0.25)
+    for t in range(16, 24):  # appends after the shrink fit the same capacity
+        model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+    assert all(layer.capacity() == 24 for layer in cache.layers)
+    assert cache.nbytes() == 24 * sum(sum(row) for kind in ("key", "value") for row in model.get_kv_ranks()[kind]) * 4

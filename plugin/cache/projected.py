@@ -51,19 +51,24 @@ class PcaCacheLayer(TensorMapLayer):
     Buffers grow by whole chunks (capacity doubles, rounded up to `chunk` tokens), so appending a
     token writes in place: amortised O(1), not the O(length) copy of a concatenation.  With
     `max_length` the buffers are allocated once at that capacity and never move (static shapes,
-    as `torch.compile` wants); exceeding it is an error.  Attention reads views of the filled part.
+    as `torch.compile` wants); exceeding it is an error.  `reserve` sizes the first allocation when
+    the final length is known (`generate` passes prompt + new tokens), so decoding never
+    reallocates and no doubling leaves spare capacity; the cache can still grow past it.
+    Attention reads views of the filled part.
     """
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, chunk: int = 256, max_length: int | None = None) -> None:
+    def __init__(self, chunk: int = 256, max_length: int | None = None, reserve: int | None = None) -> None:
         super().__init__()
         if chunk < 1:
             raise ValueError(f"the cache chunk must be >= 1 token; got {chunk}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1 token; got {max_length}")
-        self.chunk, self.max_length = chunk, max_length
+        if reserve is not None and reserve < 0:
+            raise ValueError(f"reserve must be >= 0 tokens; got {reserve}")
+        self.chunk, self.max_length, self.reserve = chunk, max_length, reserve or 0
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._start = 0  # first live token in the buffers (a sliding window moves it; see .window)
@@ -95,6 +100,8 @@ class PcaCacheLayer(TensorMapLayer):
             if self._keys or wanted > self.max_length:
                 raise ValueError(f"the cache holds at most max_length={self.max_length} tokens; {wanted} needed")
             capacity = self.max_length
+        elif not self._keys and wanted <= self.reserve:
+            capacity = self.reserve
         else:
             # Doubling (from the live tokens once some were forgotten): amortised O(1) appends.
             capacity = max(wanted, 2 * (live if self._start else self.capacity()))
@@ -192,6 +199,9 @@ class PcaCacheLayer(TensorMapLayer):
         for entry, k, v in zip(self.signature, self.key_groups, self.value_groups):
             for position, head in enumerate(entry[2:]):
                 keys[head], values[head] = k[:, position], v[:, position]
+        # New buffers of the same capacity: a fixed-capacity cache keeps its static shape and
+        # decoding goes on without reallocating; the old, wider buffers are freed.
+        capacity, live = self.capacity(), self._length - self._start
         new_keys, new_values = [], []
         for entry in signature:
             rank_k, rank_v, heads = entry[0], entry[1], entry[2:]
@@ -201,10 +211,13 @@ class PcaCacheLayer(TensorMapLayer):
                         f"cannot shrink head {head} to ranks ({rank_k}, {rank_v}): the cache holds "
                         f"({keys[head].shape[-1]}, {values[head].shape[-1]}); a cache only shrinks"
                     )
-            new_keys.append(torch.stack([keys[h][..., :rank_k] for h in heads], dim=1).contiguous())
-            new_values.append(torch.stack([values[h][..., :rank_v] for h in heads], dim=1).contiguous())
-        self._keys, self._values, self.signature = new_keys, new_values, signature  # the old buffers are freed
-        self._length, self._start = self._length - self._start, 0
+            for out, held, rank in ((new_keys, keys, rank_k), (new_values, values, rank_v)):
+                sample = held[heads[0]]
+                buffer = sample.new_empty(sample.shape[0], len(heads), capacity, rank)
+                buffer[..., :live, :] = torch.stack([held[h][..., :rank] for h in heads], dim=1)
+                out.append(buffer)
+        self._keys, self._values, self.signature = new_keys, new_values, signature
+        self._length, self._start = live, 0
         self._sync()
 
     def reset(self) -> None:
@@ -235,14 +248,16 @@ class PcaCache(CompressedCache):
     """Projected KV cache for `PcaLlamaForCausalLM`; layers are created lazily on first update.
 
     `chunk`: growth granularity of the preallocated buffers; `max_length`: a fixed capacity
-    allocated at the first update (static shapes); `sliding_window`: keep only the last
-    window - 1 tokens of every layer (Mistral), see :mod:`.window`.
+    allocated at the first update (static shapes); `reserve`: tokens to allocate at the first
+    update when more than it writes (the expected final length; growth stays possible);
+    `sliding_window`: keep only the last window - 1 tokens of every layer (Mistral), see :mod:`.window`.
     """
 
-    def __init__(self, chunk: int = 256, max_length: int | None = None, sliding_window: int | None = None) -> None:
+    def __init__(self, chunk: int = 256, max_length: int | None = None, sliding_window: int | None = None,
+                 reserve: int | None = None) -> None:
         if sliding_window is not None and max_length is not None:
             raise ValueError("a sliding-window cache already has a fixed size; give max_length or sliding_window")
-        self.chunk, self.max_length, self.sliding_window = chunk, max_length, sliding_window
+        self.chunk, self.max_length, self.sliding_window, self.reserve = chunk, max_length, sliding_window, reserve
         self._new_layer()  # checks the arguments now, not at the first update
         super().__init__(layer_class_to_replicate=PcaCacheLayer)
 
@@ -251,7 +266,7 @@ class PcaCache(CompressedCache):
             from .window import WindowPcaCacheLayer
 
             return WindowPcaCacheLayer(self.sliding_window, self.chunk)
-        return PcaCacheLayer(self.chunk, self.max_length)
+        return PcaCacheLayer(self.chunk, self.max_length, self.reserve)
 
     def update(self, key_states: Any, value_states: Any, layer_idx: int, cache_kwargs: dict | None = None) -> Any:
         while len(self.layers) <= layer_idx:

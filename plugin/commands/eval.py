@@ -23,6 +23,8 @@ examples:
       ranks x bits: every budget at unquantized, 4-bit and 4-bit-key/2-bit-value caches
   mkv eval --model outputs/pca --baselines weight-pca,weight-pca-shared,svd-latent
       the seed baselines, built from the base model at each budget, in the same table and plot
+  mkv eval --model embedded-matryoshka --model embedded --budgets 1,0.5,0.25 --passkey 128,256
+      also pass-key retrieval by needle depth (greedy answers) at each budget, in OUT.json["passkey"]
 """
 
 DEFAULT_BUDGETS = "1,0.875,0.75,0.625,0.5,0.375,0.25"
@@ -52,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--out", default="outputs/eval", help="output prefix: writes OUT.json, OUT.csv, OUT.png")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--passkey", default="",
+                        help="also score pass-key retrieval at these prompt lengths in tokens (e.g. 128,256,1024)")
+    parser.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+    parser.add_argument("--passkey-per-depth", type=int, default=4, help="prompts per (length, depth) (default 4)")
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -101,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(labels)} --label for {len(args.model)} --model; give one label per model or none")
     labels = labels or [os.path.basename(os.path.normpath(m)) or m for m in args.model]
     texts = load_texts(args.data, split="evaluation")
+    passkey = PasskeySweep(args, texts)
 
     rows, windows = [], None
     for spec, label in zip(args.model, labels):
@@ -114,11 +121,13 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     model.set_kv_bits(key_bits, value_bits, group=args.kv_group, residual=args.kv_residual)
                 rows += budget_sweep(model, windows, budgets, args.rank_file, args.batch_size, label=label)
+                passkey.sweep(model, tokenizer, label, budgets, args.rank_file, f"{key_bits}/{value_bits}")
         else:
             full = full_cache_bytes_per_token(model)
             rows.append({"model": label, "setting": "full", "budget": 1.0,
                          "perplexity": perplexity(model, windows, args.batch_size, desc=label),
                          "cache_bytes_per_token": full, "full_cache_bytes_per_token": full, "cache_ratio": 1.0})
+            passkey.score(model, tokenizer, label, "full")
     if methods:
         base, tokenizer = load_model(args.base_model, device=args.device)
         if windows is None:
@@ -138,7 +147,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"data": args.data or "sotu:evaluation", "tokens": int(windows.numel()), "seq_len": args.seq_len}
-    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    result = {"meta": meta, "rows": rows}
+    if passkey.rows:
+        passkey.print_table()
+        result["passkey"] = passkey.rows
+    Path(f"{out}.json").write_text(json.dumps(result, indent=1))
     with open(f"{out}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]), extrasaction="ignore")
         writer.writeheader()
@@ -151,6 +164,52 @@ def run(args: argparse.Namespace) -> int:
                    x="cache_ratio")
     print(f"wrote {out}.json, {out}.csv, {out}.png")
     return 0
+
+
+class PasskeySweep:
+    """Pass-key retrieval (plugin.retrieval) at each setting of each model, when --passkey is given."""
+
+    def __init__(self, args: argparse.Namespace, texts: list[str]) -> None:
+        self.contexts = [int(c) for c in args.passkey.split(",") if c.strip()]
+        self.depths = [float(d) for d in args.passkey_depths.split(",") if d.strip()]
+        if any(c < 64 for c in self.contexts):
+            raise ValueError(f"--passkey lengths must be at least 64 tokens; got {args.passkey}")
+        if any(not 0 <= d <= 1 for d in self.depths) or not self.depths:
+            raise ValueError(f"--passkey-depths must be numbers in [0, 1]; got {args.passkey_depths!r}")
+        self.per_depth, self.texts, self.rows = args.passkey_per_depth, texts, []
+        self._items: dict[int, list] = {}
+
+    def score(self, model, tokenizer, label: str, setting: str) -> None:
+        from ..retrieval import accuracy_by_depth, generate_answers, passkey_items
+
+        for context in self.contexts:
+            if context not in self._items:
+                self._items[context] = passkey_items(tokenizer, self.texts, context, self.depths, self.per_depth)
+            items = self._items[context]
+            answers = generate_answers(model, tokenizer, items, desc=f"{label} {setting} pass key @ {context}")
+            for depth, (hits, total) in accuracy_by_depth(items, answers).items():
+                said = [a for item, a in zip(items, answers) if item.depth == depth]
+                self.rows.append({"model": label, "setting": setting, "context": context, "depth": depth,
+                                  "correct": hits, "items": total, "accuracy": hits / total, "answers": said})
+
+    def sweep(self, model, tokenizer, label: str, budgets: list[float], rank_files: list[str], bits: str) -> None:
+        if not self.contexts:
+            return
+        suffix = "" if bits == "16/16" else f" {bits}b"
+        initial = model.get_kv_bits()
+        for budget in budgets:
+            model.set_kv_budget(budget)
+            self.score(model, tokenizer, label, f"{budget:g}{suffix}")
+        for path in rank_files:
+            model.load_rank_file(path)  # may carry its own bit widths: for its row only
+            self.score(model, tokenizer, label, f"{Path(path).stem}{suffix}")
+            model.set_kv_quant(initial)
+
+    def print_table(self) -> None:
+        print(f"{'model':<16} {'setting':<12} {'context':>7} {'depth':>5} {'correct':>8}")
+        for row in self.rows:
+            print(f"{str(row['model'])[:16]:<16} {str(row['setting'])[-12:]:<12} {row['context']:>7} "
+                  f"{row['depth']:>5.2f} {row['correct']:>4}/{row['items']:<3}")
 
 
 def print_table(rows: list[dict]) -> None:

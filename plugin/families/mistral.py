@@ -40,9 +40,9 @@ class PcaMistralModel(PcaLlamaModel):
     config_class = PcaMistralConfig
     attention_class = PcaMistralAttention
 
-    def new_cache(self) -> CompressedCache:
+    def new_cache(self, reserve: int | None = None) -> CompressedCache:
         if self.config.sliding_window is None:
-            return super().new_cache()
+            return super().new_cache(reserve)
         if self.kv_quant is not None and not self.kv_quant.is_identity():
             raise ValueError("quantized caches do not keep a sliding window yet; clear_kv_bits() for this model")
         return PcaCache(sliding_window=self.config.sliding_window)
