@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-quant", default="",
                         help="transformers QuantizedCache rows on --base, backend:bits (e.g. quanto:4,hqq:2); needs "
                              "pip install -r benchmarks/requirements-competitors.txt")
-    parser.add_argument("--tiered", default="", help="W@R: age-tiered rows for the first --model (e.g. 512@32)")
+    parser.add_argument("--tiered", default="", help="W@R[,W@R]: age-tiered rows for the first --model (e.g. 512@32)")
     parser.add_argument("--tiered-budget", type=float, default=0.25, help="the uniform budget whose bytes tiers match")
     parser.add_argument("--contexts", default="512,1024,2048", help="retrieval prompt lengths (tokens); '' for none")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppl-windows", type=int, default=2, help="windows per length (default 2)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "longctx.json"))
     parser.add_argument("--docs", action="store_true", help="also write the section of docs/benchmarks.md")
+    parser.add_argument("--append", action="store_true",
+                        help="add to --out's rows: (setting, length) pairs already there are skipped, not re-measured")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the docs/benchmarks.md section from --out, measuring nothing")
     args = parser.parse_args(argv)
@@ -215,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_model(spec)
         model.eval()
         settings += [Setting(f"{label} {b:g}", label, model, b) for b in _floats(args.budgets)]
-        if args.tiered and spec == args.model[0]:
-            window, recent = (int(x) for x in args.tiered.split("@"))
+        for tier in filter(None, (t.strip() for t in args.tiered.split(","))) if spec == args.model[0] else ():
+            window, recent = (int(x) for x in tier.split("@"))
             settings.append(Setting(f"tiered {window}@{recent} <= {args.tiered_budget:g}", "tiered", model,
                                     recent / model.config.head_dim, tiered=(window, recent)))
     if args.quant_bits or args.hf_quant or args.full:
@@ -236,10 +238,20 @@ def main(argv: list[str] | None = None) -> int:
     texts = load_texts(None, split="evaluation")
     prompts = {c: passkey_items(tokenizer, texts, c, _floats(args.depths), args.per_depth) for c in _ints(args.contexts)}
     windows = {c: token_windows(tokenizer, texts, c, c * args.ppl_windows) for c in _ints(args.ppl_contexts)}
-    retrieval, perplexity = [], []
+    retrieval, perplexity, commands = [], [], []
+    if args.append and Path(args.out).exists():
+        import json
+
+        previous = json.loads(Path(args.out).read_text())
+        retrieval, perplexity = previous["retrieval"], previous["perplexity"]
+        commands = previous.get("commands", [previous["command"]])
+    done_ppl = {(r["setting"], r["context"]) for r in perplexity}
+    done_retrieval = {(r["setting"], r["context"]) for r in retrieval}
     for setting in settings:
         setting.apply()
         for context, rows in windows.items():
+            if (setting.name, context) in done_ppl:
+                continue
             start = time.perf_counter()
             nll, count = 0.0, 0
             for row in rows:
@@ -252,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{setting.name}: last-512 perplexity at {context} = {math.exp(nll / count):.2f}, "
                   f"bytes {perplexity[-1]['bytes_fraction']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
         for context, items in prompts.items():
+            if (setting.name, context) in done_retrieval:
+                continue
             start = time.perf_counter()
             if setting.tiered is not None:
                 try:
@@ -270,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                 and r["context"] == context) + f" ({time.perf_counter() - start:.0f} s)", flush=True)
     del settings
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    result = {"command": "python benchmarks/longctx.py " + " ".join(argv or sys.argv[1:]), "machine": machine(),
+    commands.append("python benchmarks/longctx.py " + " ".join(argv or sys.argv[1:]))
+    result = {"command": " && ".join(commands), "commands": commands, "machine": machine(),
               "versions": versions(), "date": time.strftime("%Y-%m-%d"), "retrieval": retrieval,
               "perplexity": perplexity}
     write_json(args.out, result)
@@ -283,11 +298,15 @@ def render(result: dict) -> str:
     """The docs section: perplexity by context and retrieval by depth, one row per setting with its bytes."""
     from benchmarks.common import markdown_table
 
-    body = (f"Command: `{result['command']}`  \nMachine: {result['machine']}  \nDate: {result['date']}  \n"
+    body = ("Commands (one after the other, each adding rows): " + ", ".join(f"`{c}`" for c in result["commands"])
+            if len(result.get("commands", [])) > 1 else f"Command: `{result['command']}`")
+    body += (f"  \nMachine: {result['machine']}  \nDate: {result['date']}  \n"
             f"Versions: {result['versions']}\n\n")
+    if result.get("note"):
+        body += result["note"] + "\n\n"
     bytes_of = {}
     for row in result["perplexity"]:
-        bytes_of.setdefault(row["setting"], row["bytes_fraction"])
+        bytes_of[row["setting"]] = max(bytes_of.get(row["setting"], 0.0), row["bytes_fraction"])  # the most held
     contexts = sorted({r["context"] for r in result["perplexity"]})
     if contexts:
         table = {}
@@ -295,7 +314,8 @@ def render(result: dict) -> str:
             table.setdefault(row["setting"], {})[row["context"]] = row["last512_perplexity"]
         body += ("Perplexity of the last 512 tokens of held-out windows, the tokens before them read into the "
                  "setting's cache first (`bytes` = cache bytes as a fraction of a bfloat16 full cache; windows per "
-                 f"length: {result['perplexity'][0]['windows']}):\n\n")
+                 "length: " + ", ".join(f"{c}: {w}" for c, w in sorted({(r["context"], r["windows"])
+                                                                       for r in result["perplexity"]})) + "):\n\n")
         body += markdown_table(["setting", "bytes"] + [f"{c} tokens" for c in contexts],
                                [[name, f"{bytes_of[name]:.3f}"] + [f"{ctx.get(c, float('nan')):.2f}" for c in contexts]
                                 for name, ctx in table.items()]) + "\n\n"
