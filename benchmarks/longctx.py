@@ -317,7 +317,7 @@ def render(result: dict) -> str:
                  "length: " + ", ".join(f"{c}: {w}" for c, w in sorted({(r["context"], r["windows"])
                                                                        for r in result["perplexity"]})) + "):\n\n")
         body += markdown_table(["setting", "bytes"] + [f"{c} tokens" for c in contexts],
-                               [[name, f"{bytes_of[name]:.3f}"] + [f"{ctx.get(c, float('nan')):.2f}" for c in contexts]
+                               [[name, f"{bytes_of[name]:.3f}"] + [f"{ctx[c]:.2f}" if c in ctx else "-" for c in contexts]
                                 for name, ctx in table.items()]) + "\n\n"
     if result["retrieval"]:
         depths = sorted({r["depth"] for r in result["retrieval"]})
