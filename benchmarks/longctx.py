@@ -170,7 +170,7 @@ def identity_model(base: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--model", action="append", required=True, help="PcaLlama dir or artifact (repeatable)")
+    parser.add_argument("--model", action="append", default=[], help="PcaLlama dir or artifact (repeatable)")
     parser.add_argument("--label", action="append", default=None)
     parser.add_argument("--budgets", default="1,0.5,0.25")
     parser.add_argument("--base", default="embedded", help="base model of the quant-only rows (default embedded)")
@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         write_section("longctx", "Long context: retrieval and last-512-token perplexity at equal bytes",
                       render(json.loads(Path(args.out).read_text())))
         return 0
+    if not args.model:
+        parser.error("give at least one --model")
     labels = args.label or [Path(m).name for m in args.model]
     if len(labels) != len(args.model):
         parser.error("give one --label per --model, or none")
