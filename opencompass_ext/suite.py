@@ -259,24 +259,7 @@ def default_models() -> tuple:
         if os.path.isfile(os.path.join(demo, "config.json")):
             logging.getLogger("matryoshka_kv").warning("MKV_MODEL is not set: evaluating %s (from `make demo`)", demo)
             return demo, base
-    out = os.path.join(_ds.cache_dir(), "smollm2-135m-pcallama-identity")
-    if not os.path.isfile(os.path.join(out, "config.json")):
-        import shutil
-        import tempfile
-
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from plugin.modeling import PcaLlamaForCausalLM
-        llama = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
-        pca = PcaLlamaForCausalLM.from_llama(llama)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".tmp-pcallama-")
-        pca.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+    out = _embedded_checkpoint("smollm2-135m-pcallama-identity")
     logging.getLogger("matryoshka_kv").warning(
         "MKV_MODEL is not set: evaluating the embedded SmolLM2-135M wrapped as PcaLlama with "
         "IDENTITY bases (no PCA, no training). Set MKV_MODEL to a PCA-initialised or trained "
@@ -286,28 +269,35 @@ def default_models() -> tuple:
 
 def shipped_checkpoint(name: str = "embedded-matryoshka") -> str:
     """A PcaLlama checkpoint directory of the embedded SmolLM2-135M with projections shipped in
-    the package (``plugin/trained/<name>``), written once into the cache (temp dir, then rename)."""
-    import shutil
-    import tempfile
-
+    the package (``plugin/trained/<name>``), written once into the cache."""
     from plugin.loading import SHIPPED
     if name not in SHIPPED:
         raise ValueError(f"no shipped projections named {name!r}; choose from {sorted(SHIPPED)}")
-    out = os.path.join(_ds.cache_dir(), f"smollm2-135m-{name}")
-    if not os.path.isfile(os.path.join(out, "config.json")):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    return _embedded_checkpoint(f"smollm2-135m-{name}", SHIPPED[name])
 
-        from plugin import assets
-        from plugin.modeling import PcaLlamaForCausalLM
-        base = str(assets.embedded_model_dir())
-        llama = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
-        pca = PcaLlamaForCausalLM.from_llama(llama, projections=SHIPPED[name])
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".tmp-pcallama-")
-        pca.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+
+def _embedded_checkpoint(dirname: str, projections=None) -> str:
+    """``<cache>/<dirname>``: the embedded SmolLM2-135M as a PcaLlama (identity bases, or the given
+    projections), with its tokenizer; written once (temp dir, then rename)."""
+    import shutil
+    import tempfile
+
+    out = os.path.join(_ds.cache_dir(), dirname)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from plugin import assets
+    from plugin.modeling import PcaLlamaForCausalLM
+    base = str(assets.embedded_model_dir())
+    llama = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    pca = PcaLlamaForCausalLM.from_llama(llama, projections=projections)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".tmp-pcallama-")
+    pca.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
     return out

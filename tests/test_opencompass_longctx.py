@@ -79,3 +79,18 @@ def test_opencompass_generates_and_scores_by_depth(tiny, tmp_path):
     assert set(predictions) == {"base-uncompressed", "pcallama-100%", "pcallama-50%"}
     assert len(predictions["base-uncompressed"]) == 4
     assert predictions["pcallama-100%"] == predictions["base-uncompressed"]
+
+
+def test_the_default_model_is_the_shipped_projections_written_once(tmp_path, monkeypatch):
+    from opencompass_ext import suite
+
+    with pytest.raises(ValueError, match="embedded-matryoshka"):
+        suite.shipped_checkpoint("no-such-projections")
+    monkeypatch.setenv("MKV_CACHE_DIR", str(tmp_path))
+    path = suite.shipped_checkpoint()
+    config = json.loads((Path(path) / "config.json").read_text())
+    assert config["model_type"] == "pcallama" and (Path(path) / "tokenizer.json").is_file()
+    written = (Path(path) / "model.safetensors").stat().st_mtime_ns
+    assert suite.shipped_checkpoint() == path  # the second call reuses it
+    assert (Path(path) / "model.safetensors").stat().st_mtime_ns == written
+    assert not [p.name for p in Path(path).parent.iterdir() if p.name.startswith(".tmp")]
