@@ -31,19 +31,6 @@ from benchmarks.common import machine, versions
 FRACTIONS = (1 / 2, 1 / 3, 1 / 4, 1 / 6, 1 / 8)
 
 
-def _identity_model(base):
-    import torch
-
-    from plugin.modeling import PcaLlamaForCausalLM
-
-    cfg = base.config
-    layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    eye = torch.eye(d).expand(layers, heads, d, d).contiguous()
-    return PcaLlamaForCausalLM.from_llama(base, key_bases=eye, value_bases=eye.clone(),
-                                          value_means=torch.zeros(layers, heads, d)).eval()
-
-
 def _measure(model, windows, batch_size: int) -> tuple[float, float]:
     """(perplexity, bytes per token read from a fresh cache after one window)."""
     import torch
@@ -86,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     quant_bits = [parse_bit_pair(b, "--quant-bits") for b in args.quant_bits.split(",") if b.strip()]
     base, tokenizer = load_model(args.base)
     windows = token_windows(tokenizer, load_texts(None, split="evaluation"), 512, args.tokens)
-    runs = [("quant-only", _identity_model(base), [1.0], quant_bits)]
+    from plugin.modeling import PcaLlamaForCausalLM
+
+    runs = [("quant-only", PcaLlamaForCausalLM.from_llama(base).eval(), [1.0], quant_bits)]  # identity bases
     runs += [(label, load_model(spec)[0], budgets, bits) for spec, label in zip(args.model, labels)]
     rows = []
     for label, model, model_budgets, model_bits in runs:

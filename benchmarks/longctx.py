@@ -35,6 +35,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -153,20 +154,6 @@ def last_tokens_nll(model: Any, ids: Any, cache: Any) -> tuple[float, int]:
     return float(nll), SCORED
 
 
-def identity_model(base: Any) -> Any:
-    """The base model as a PcaLlama with identity bases (no projection: quantization alone)."""
-    import torch
-
-    from plugin.modeling import PcaLlamaForCausalLM
-
-    cfg = base.config
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    eye = torch.eye(d).expand(cfg.num_hidden_layers, cfg.num_key_value_heads, d, d).contiguous()
-    return PcaLlamaForCausalLM.from_llama(base, key_bases=eye, value_bases=eye.clone(),
-                                          value_means=torch.zeros(cfg.num_hidden_layers, cfg.num_key_value_heads, d)
-                                          ).eval()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -206,12 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give one --label per --model, or none")
 
     import torch
-    from tqdm import tqdm
 
     from plugin.cache.quantize import parse_bit_pair
     from plugin.data import load_texts, token_windows
     from plugin.loading import load_model
-    from plugin.retrieval import ANSWER_TOKENS, accuracy_by_depth, passkey_items
+    from plugin.retrieval import ANSWER_TOKENS, accuracy_by_depth, generate_answers, passkey_items
 
     settings: list[Setting] = []
     tokenizer = None
@@ -229,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.full:
         settings.insert(0, Setting("full", "full", base))
     if args.quant_bits:
-        quant = identity_model(base)
+        from plugin.modeling import PcaLlamaForCausalLM
+
+        quant = PcaLlamaForCausalLM.from_llama(base).eval()  # identity bases: k' = k, v' = v
         for text in args.quant_bits.split(","):
             bits = parse_bit_pair(text.strip(), "--quant-bits")
             settings.append(Setting(f"quant-only {text.strip()}b", "quant-only", quant, 1.0, bits=bits))
@@ -275,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                 except ValueError as err:  # too short to demote anything within the budget
                     print(f"{setting.name}, {context} tokens: skipped ({err})", flush=True)
                     continue
-            answers = [_generate_with(setting, tokenizer, item, args.tiered_budget)
-                       for item in tqdm(items, desc=f"{setting.name} @ {context}", unit="prompt")]
+            answers = generate_answers(setting.model, tokenizer, items, desc=f"{setting.name} @ {context}",
+                                       cache_for=partial(setting.cache, budget=args.tiered_budget))
             for depth, (hits, total) in accuracy_by_depth(items, answers).items():
                 retrieval.append({"setting": setting.name, "method": setting.method, "budget": setting.budget,
                                   "context": context, "depth": depth, "correct": hits, "items": total,
@@ -335,21 +323,6 @@ def render(result: dict) -> str:
                                    f"{sum(int(c.split('/')[1]) for c in cells.values())}")]
                                 for (name, context), cells in lines.items()]) + "\n"
     return body
-
-
-def _generate_with(setting: Setting, tokenizer: Any, item: Any, budget: float) -> str:
-    """One greedy answer through a fresh cache of the setting (tiered: sized for the prompt + answer)."""
-    import torch
-
-    from plugin.retrieval import ANSWER_TOKENS
-
-    ids = tokenizer(item.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    cache = setting.cache(ids.shape[1] + ANSWER_TOKENS, budget)
-    with torch.no_grad():
-        out = setting.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                                     max_new_tokens=ANSWER_TOKENS, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,8 +75,12 @@ ANSWER_TOKENS = 8
 
 
 def generate_answers(model: Any, tokenizer: Any, items: Sequence[PassKeyItem], max_new_tokens: int = ANSWER_TOKENS,
-                     desc: str = "pass key") -> list[str]:
-    """Greedy answers to the items' prompts, one prompt per generate call (no padding), with progress."""
+                     desc: str = "pass key", cache_for: Callable[[int], Any] | None = None) -> list[str]:
+    """Greedy answers to the items' prompts, one prompt per generate call (no padding), with progress.
+
+    `cache_for(total_tokens)`, when given, makes the fresh cache each prompt is generated through
+    (e.g. an age-tiered or a transformers quantized cache); otherwise the model makes its own.
+    """
     import torch
     from tqdm import tqdm
 
@@ -85,9 +89,10 @@ def generate_answers(model: Any, tokenizer: Any, items: Sequence[PassKeyItem], m
     answers = []
     for item in tqdm(items, desc=desc, unit="prompt", disable=len(items) < 4):
         ids = tokenizer(item.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        extra = {} if cache_for is None else {"past_key_values": cache_for(ids.shape[1] + max_new_tokens)}
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad)
+                                 do_sample=False, pad_token_id=pad, **extra)
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return answers
 
