@@ -49,7 +49,7 @@ for _name, _path in (('MKV_MODEL', _model), ('MKV_BASE_MODEL', _base)):
         raise FileNotFoundError(f'{_name}={_path!r} is not a checkpoint directory')
 _contexts = _numbers('MKV_PASSKEY_CONTEXTS', '128,256,512', int)
 _budgets_raw = os.environ.get('MKV_BUDGETS', '').strip() or '100,50,25'
-_rank_files = [os.path.abspath(p) for p in os.environ.get('MKV_RANK_FILE', '').split(',') if p.strip()]
+_rank_files = _suite.rank_files_from_env()
 
 datasets = _longctx.passkey_datasets(
     _model, _contexts, depths=_numbers('MKV_PASSKEY_DEPTHS', '0,0.25,0.5,0.75,1', float),

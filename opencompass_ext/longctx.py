@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from plugin.retrieval import ANSWER_TOKENS  # the answer length every front end generates
+
 try:
     from opencompass.datasets.base import BaseDataset as _OCBase
     from opencompass.openicl.icl_evaluator import BaseEvaluator as _OCEvaluator
@@ -21,7 +23,6 @@ PASSKEY_EVALUATOR = "opencompass_ext.longctx.PassKeyEvaluator"
 GEN_INFERENCER = "opencompass.openicl.icl_inferencer.GenInferencer"
 PROMPT_TEMPLATE = "opencompass.openicl.icl_prompt_template.PromptTemplate"
 ZERO_RETRIEVER = "opencompass.openicl.icl_retriever.ZeroRetriever"
-ANSWER_TOKENS = 8
 
 
 class PassKeyDataset(_OCBase):

@@ -210,6 +210,15 @@ def default_suite() -> str:
     return "full" if has_cuda() else "cpu"
 
 
+def rank_files_from_env() -> list[str]:
+    """MKV_RANK_FILE as absolute paths, each checked to exist."""
+    rank_files = [os.path.abspath(os.path.expanduser(p)) for p in (_env_list("MKV_RANK_FILE") or [])]
+    for rf in rank_files:
+        if not os.path.isfile(rf):
+            raise FileNotFoundError(f"MKV_RANK_FILE: {rf!r} does not exist")
+    return rank_files
+
+
 def config_from_env(need_suite: bool = True) -> dict:
     """Read the MKV_* variables of configs/pcallama*.py (see that file's header)."""
     suite = os.environ.get("MKV_SUITE", "").strip().lower() or default_suite()
@@ -217,10 +226,7 @@ def config_from_env(need_suite: bool = True) -> dict:
         raise ValueError(f"MKV_SUITE={suite!r}: choose one of {', '.join(_ds.SUITES)}")
     budgets_raw = os.environ.get("MKV_BUDGETS", "").strip()
     budgets = [] if budgets_raw.lower() == "none" else parse_budgets(budgets_raw)
-    rank_files = [os.path.abspath(os.path.expanduser(p)) for p in (_env_list("MKV_RANK_FILE") or [])]
-    for rf in rank_files:
-        if not os.path.isfile(rf):
-            raise FileNotFoundError(f"MKV_RANK_FILE: {rf!r} does not exist")
+    rank_files = rank_files_from_env()
     model = os.environ.get("MKV_MODEL", "").strip()
     base = os.environ.get("MKV_BASE_MODEL", "").strip()
     if not model:
