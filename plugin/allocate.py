@@ -77,24 +77,11 @@ def cache_kl(model: Any, windows: torch.Tensor, reference: torch.Tensor) -> floa
     return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
 
 
-def allocate(
-    model: Any,
-    byte_budget: float,
-    windows: torch.Tensor,
-    choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES,
-    group: int = 64,
-    step: int | None = None,
-    mode: str = "fast",
-    **search_kwargs: Any,
-) -> Allocation:
-    """Best (ranks, bits) with bytes <= `byte_budget` of a bf16 full cache, by KL through the cache."""
-    from .search import run_search_many
-
+def _targets(byte_budget: float, choices: Sequence[tuple[int, int]], d: int, step: int,
+             group: int) -> dict[tuple[int, int], list[float]]:
+    """Per bit choice, the largest grid rank budget that fits `byte_budget` and the one below it."""
     if not 0.0 < byte_budget <= 1.0:
         raise ValueError(f"the byte budget must lie in (0, 1] (a fraction of the bf16 full cache); got {byte_budget}")
-    cfg = model.config
-    d = cfg.head_dim
-    step = check_step(d, step or cfg.kv_rank_step)
     grid = step / d
     targets: dict[tuple[int, int], list[float]] = {}
     for kb, vb in choices:
@@ -106,35 +93,72 @@ def allocate(
     if not targets:
         raise ValueError(f"no bit choice fits {byte_budget:g} of the bf16 cache with at least {step} dims per head; "
                          "give a larger budget or lower bits")
-    budgets = sorted({b for values in targets.values() for b in values}, reverse=True)
+    return targets
+
+
+def allocate(
+    model: Any,
+    byte_budget: float,
+    windows: torch.Tensor,
+    choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES,
+    group: int = 64,
+    step: int | None = None,
+    mode: str = "fast",
+    **search_kwargs: Any,
+) -> Allocation:
+    """Best (ranks, bits) with bytes <= `byte_budget` of a bf16 full cache, by KL through the cache."""
+    return allocate_many(model, [byte_budget], windows, choices, group, step, mode, **search_kwargs)[0]
+
+
+def allocate_many(
+    model: Any,
+    byte_budgets: Sequence[float],
+    windows: torch.Tensor,
+    choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES,
+    group: int = 64,
+    step: int | None = None,
+    mode: str = "fast",
+    **search_kwargs: Any,
+) -> list[Allocation]:
+    """`allocate` for several byte budgets (in the order given), sharing one greedy descent."""
+    from .search import run_search_many
+
+    cfg = model.config
+    d = cfg.head_dim
+    step = check_step(d, step or cfg.kv_rank_step)
+    per_budget = [_targets(b, choices, d, step, group) for b in byte_budgets]
+    budgets = sorted({b for targets in per_budget for values in targets.values() for b in values}, reverse=True)
     searched = {round(r.target, 9): r.ranks for r in run_search_many(model, budgets, windows, step=step, mode=mode,
                                                                        **search_kwargs)}
     saved_ranks, saved_bits = model.get_kv_ranks(), model.get_kv_bits()
     with model.exact_full_rank():
         reference = model(input_ids=windows, use_cache=False).logits.float()
-    candidates, best = [], None
+    results = []
     try:
-        for (kb, vb), options in targets.items():
-            for budget in options:
-                ranks = searched[round(budget, 9)]
-                used = bytes_fraction(ranks, kb, vb, d, group)
-                if used > byte_budget + 1e-9:
-                    continue
-                model.set_kv_ranks(ranks)
-                if (kb, vb) == (FULL_PRECISION, FULL_PRECISION):
-                    model.clear_kv_bits()
-                else:
-                    model.set_kv_bits(kb, vb, group=group)
-                kl = cache_kl(model, windows, reference)
-                candidates.append({"key_bits": kb, "value_bits": vb, "rank_budget": round(budget, 6),
-                                   "bytes_fraction": round(used, 6), "kl": kl})
-                if best is None or kl < best.kl:
-                    best = Allocation(ranks, kb, vb, group, used, kl, candidates)
-                break  # the larger rank budget fitted: the lower one can only be worse
+        for byte_budget, targets in zip(byte_budgets, per_budget):
+            candidates, best = [], None
+            for (kb, vb), options in targets.items():
+                for budget in options:
+                    ranks = searched[round(budget, 9)]
+                    used = bytes_fraction(ranks, kb, vb, d, group)
+                    if used > byte_budget + 1e-9:
+                        continue
+                    model.set_kv_ranks(ranks)
+                    if (kb, vb) == (FULL_PRECISION, FULL_PRECISION):
+                        model.clear_kv_bits()
+                    else:
+                        model.set_kv_bits(kb, vb, group=group)
+                    kl = cache_kl(model, windows, reference)
+                    candidates.append({"key_bits": kb, "value_bits": vb, "rank_budget": round(budget, 6),
+                                       "bytes_fraction": round(used, 6), "kl": kl})
+                    if best is None or kl < best.kl:
+                        best = Allocation(ranks, kb, vb, group, used, kl, candidates)
+                    break  # the larger rank budget fitted: the lower one can only be worse
+            if best is None:
+                raise ValueError(f"no searched allocation fits {byte_budget:g} of the bf16 cache")
+            best.candidates = candidates
+            results.append(best)
     finally:
         model.set_kv_ranks(saved_ranks)
         model.set_kv_quant(saved_bits)
-    if best is None:
-        raise ValueError(f"no searched allocation fits {byte_budget:g} of the bf16 cache")
-    best.candidates = candidates
-    return best
+    return results

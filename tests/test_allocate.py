@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_llama
 from helpers import save_tiny_base, to_pca
 
-from plugin.allocate import allocate, bytes_fraction, parse_choices, rank_budget_for
+from plugin.allocate import allocate, allocate_many, bytes_fraction, parse_choices, rank_budget_for
 from plugin.cache import QuantizedPcaCache
 from plugin.cli import main
 
@@ -43,6 +43,20 @@ def test_allocation_fits_the_budget_and_beats_or_ties_every_candidate() -> None:
     assert {(c["key_bits"], c["value_bits"]) for c in result.candidates} <= {(16, 16), (8, 8), (4, 4), (4, 2), (2, 2)}
     assert len(result.candidates) >= 3
     assert model.get_kv_bits() is None and model.kv_budget() == 1.0  # the model is left as it was
+
+
+def test_several_budgets_share_one_descent_and_match_separate_searches() -> None:
+    """Exact mode: the greedy path does not depend on the target, so one descent serves every budget."""
+    model = to_pca(make_tiny_llama("gqa", attn_implementation="sdpa"))
+    windows = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    together = allocate_many(model, [0.3, 0.15], windows, group=16, step=4, mode="exact", progress=False)
+    for budget, joint in zip((0.3, 0.15), together):
+        alone = allocate(model, budget, windows, group=16, step=4, mode="exact", progress=False)
+        assert (joint.ranks, joint.key_bits, joint.value_bits) == (alone.ranks, alone.key_bits, alone.value_bits)
+        assert joint.kl == pytest.approx(alone.kl, rel=1e-6) and joint.bytes_fraction <= budget + 1e-9
+    assert together[1].bytes_fraction < together[0].bytes_fraction
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+        allocate_many(model, [0.3, 1.5], windows)
 
 
 def test_search_budget_bytes_writes_a_file_that_loads_with_its_bits(tmp_path, capsys) -> None:
