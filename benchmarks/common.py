@@ -30,7 +30,7 @@ def machine() -> str:
 
 
 def versions() -> str:
-    names = ["torch", "transformers", "llamafactory", "opencompass", "deepspeed"]
+    names = ["torch", "transformers", "llamafactory", "opencompass", "deepspeed", "kvpress", "numpy"]
     found = []
     for name in names:
         try:

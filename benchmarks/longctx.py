@@ -10,6 +10,10 @@ Settings (every one on the same prompts and windows, in one process):
 * `tiered` (with --tiered W@R): the first --model with its newest W tokens at rank R and older ones at the
   highest rank that keeps the cache's bytes at or below the --tiered-budget uniform cache's (per context
   length; see plugin/cache/tiered.py).
+* token eviction (with --kvpress PRESS:B, run from the benchmark-only env of benchmarks/kvpress_env.sh):
+  an NVIDIA kvpress press on --base, acting on the prefill of the tokens read first (the context before the
+  scored 512, or the pass-key prompt), at the compression ratio that leaves B of the full cache's bytes once
+  the scored (or answer) tokens are held too; presses: knorm, snapkv, expected-attention.
 
 Bytes are a fraction of a bfloat16 full cache: for projected and tiered caches the measured `nbytes()` over
 the full-rank cache's on the same tokens (the ratio does not depend on the dtype); for quantized caches the
@@ -25,12 +29,16 @@ formula of codes + float16 scales and zeros, checked against the measured cache 
     python benchmarks/longctx.py --full --model embedded-matryoshka --label matryoshka --model outputs/demo/pca \\
         --label pca --budgets 0.5,0.25 --tiered 256@32 --quant-bits 4,2 --hf-quant quanto:4,quanto:2 \\
         --contexts 128,256 --per-depth 6 --ppl-contexts 2048,4096 --docs    # docs/longctx.json
+    bash benchmarks/kvpress_env.sh && .venv-kvpress/bin/python benchmarks/longctx.py --append \
+        --kvpress knorm:0.5,snapkv:0.5,knorm:0.25,snapkv:0.25 --contexts 128,256 --per-depth 6 \
+        --ppl-contexts 2048,4096,8192 --ppl-windows 1 --docs
     python benchmarks/longctx.py --model <tiny> --contexts 128 --ppl-contexts 256 --per-depth 1 --out /tmp/l
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -64,6 +72,7 @@ class Setting:
     bits: tuple[int, int] | None = None
     tiered: tuple[int, int] | None = None  # (window, recent rank): the old rank depends on the length
     hf_quant: tuple[str, int] | None = None  # transformers' QuantizedCache: (backend, bits)
+    press: str | None = None  # a kvpress press acting on the prefill, at the bytes of `budget`
 
     def apply(self) -> None:
         if not hasattr(self.model, "set_kv_budget"):
@@ -73,6 +82,12 @@ class Setting:
             self.model.clear_kv_bits()
         else:
             self.model.set_kv_bits(*self.bits)
+
+    def reading(self, context: int, after: int) -> contextlib.AbstractContextManager:
+        """Entered around the prefill of `context` tokens that `after` more will follow (kvpress: its press)."""
+        if self.press is None:
+            return contextlib.nullcontext()
+        return make_press(self.press, eviction_ratio(self.budget, context, after))(self.model)
 
     def cache(self, total: int, budget: float) -> Any:
         """A fresh cache for a sequence of `total` tokens (tiered: its old rank for that length)."""
@@ -109,8 +124,9 @@ class Setting:
         if self.hf_quant is not None:
             codes, groups, elements = hf_quant_counts(cache)
             return (codes + 2 * 2 * groups) / (2 * elements)
-        if not hasattr(self.model, "set_kv_budget"):
-            return 1.0  # the unmodified model's own cache
+        if not hasattr(self.model, "set_kv_budget"):  # a DynamicCache: its tensors, after any eviction
+            held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
+            return held / (full * tokens)
         return cache.nbytes() / (full * tokens * self.model.dtype.itemsize)
 
 
@@ -130,6 +146,28 @@ def hf_quant_counts(cache: Any) -> tuple[int, int, int]:
     return codes, groups, elements
 
 
+PRESSES = ("knorm", "snapkv", "expected-attention")
+
+
+def make_press(name: str, ratio: float) -> Any:
+    """A kvpress press by short name (kvpress's own defaults otherwise: what a user gets)."""
+    import kvpress
+
+    classes = {"knorm": kvpress.KnormPress, "snapkv": kvpress.SnapKVPress,
+               "expected-attention": kvpress.ExpectedAttentionPress}
+    return classes[name](compression_ratio=ratio)
+
+
+def eviction_ratio(budget: float, context: int, after: int) -> float:
+    """The share of `context` prefill tokens to evict so that they, plus `after` tokens kept in full, hold
+    `budget` of the full cache's bytes."""
+    ratio = 1.0 - (budget * (context + after) - after) / context
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{after} tokens kept in full already hold more than {budget:g} of a "
+                         f"{context + after}-token cache")
+    return ratio
+
+
 def tiered_old_rank(budget_rank: float, recent_rank: int, total: int, window: int) -> int:
     """The highest old-token rank at which the tiered cache holds no more bytes than uniform `budget_rank`."""
     if total <= window:
@@ -140,14 +178,17 @@ def tiered_old_rank(budget_rank: float, recent_rank: int, total: int, window: in
     return rank
 
 
-def last_tokens_nll(model: Any, ids: Any, cache: Any) -> tuple[float, int]:
+def last_tokens_nll(model: Any, ids: Any, cache: Any,
+                    reading: contextlib.AbstractContextManager | None = None) -> tuple[float, int]:
     """(summed NLL of the last 512 tokens of `ids` [1, T], their count): the tokens before them are read into
-    the fresh `cache` first, then the 512 are scored in one forward through it."""
+    the fresh `cache` first (inside `reading`, e.g. a token-eviction press), then the 512 are scored in one
+    forward through it."""
     import torch
 
     context = ids.shape[1] - SCORED
     with torch.no_grad():
-        first = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True).logits[:, -1:]
+        with reading or contextlib.nullcontext():
+            first = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True).logits[:, -1:]
         rest = model(input_ids=ids[:, context:], past_key_values=cache, use_cache=True).logits
     logits = torch.cat([first, rest[:, :-1]], dim=1).float()[0]
     nll = torch.nn.functional.cross_entropy(logits, ids[0, context:], reduction="sum")
@@ -166,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-quant", default="",
                         help="transformers QuantizedCache rows on --base, backend:bits (e.g. quanto:4,hqq:2); needs "
                              "pip install -r benchmarks/requirements-competitors.txt")
+    parser.add_argument("--kvpress", default="",
+                        help="token-eviction rows on --base, PRESS:BUDGET (e.g. knorm:0.5,snapkv:0.25; presses: "
+                             + ", ".join(PRESSES) + "); needs the env of benchmarks/kvpress_env.sh")
     parser.add_argument("--tiered", default="", help="W@R[,W@R]: age-tiered rows for the first --model (e.g. 512@32)")
     parser.add_argument("--tiered-budget", type=float, default=0.25, help="the uniform budget whose bytes tiers match")
     parser.add_argument("--contexts", default="512,1024,2048", help="retrieval prompt lengths (tokens); '' for none")
@@ -186,8 +230,20 @@ def main(argv: list[str] | None = None) -> int:
         write_section("longctx", "Long context: retrieval and last-512-token perplexity at equal bytes",
                       render(json.loads(Path(args.out).read_text())))
         return 0
-    if not args.model:
-        parser.error("give at least one --model")
+    if not (args.model or args.kvpress):
+        parser.error("give at least one --model (or --kvpress)")
+    presses = []
+    for text in filter(None, (t.strip() for t in args.kvpress.split(","))):
+        name, _, budget = text.partition(":")
+        if name not in PRESSES or not budget:
+            parser.error(f"--kvpress {text!r}: give PRESS:BUDGET with PRESS one of {', '.join(PRESSES)}")
+        presses.append((name, float(budget)))
+    if presses:
+        try:
+            import kvpress  # noqa: F401
+        except ImportError:
+            parser.error("--kvpress needs NVIDIA kvpress, which the project's env cannot hold (numpy >= 2): run "
+                         "`bash benchmarks/kvpress_env.sh` and this script with .venv-kvpress/bin/python")
     labels = args.label or [Path(m).name for m in args.model]
     if len(labels) != len(args.model):
         parser.error("give one --label per --model, or none")
@@ -209,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
             window, recent = (int(x) for x in tier.split("@"))
             settings.append(Setting(f"tiered {window}@{recent} <= {args.tiered_budget:g}", "tiered", model,
                                     recent / model.config.head_dim, tiered=(window, recent)))
-    if args.quant_bits or args.hf_quant or args.full:
-        base, _ = load_model(args.base)
+    if args.quant_bits or args.hf_quant or args.full or presses:
+        base, base_tokenizer = load_model(args.base)
+        tokenizer = tokenizer or base_tokenizer
         base.eval()
     if args.full:
         settings.insert(0, Setting("full", "full", base))
@@ -224,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     for text in filter(None, (t.strip() for t in args.hf_quant.split(","))):
         backend, _, nbits = text.partition(":")
         settings.append(Setting(f"{backend} {nbits}b", f"hf-{backend}", base, hf_quant=(backend, int(nbits))))
+
+    for name, budget in presses:
+        settings.append(Setting(f"{name} {budget:g}", f"kvpress-{name}", base, budget, press=name))
 
     texts = load_texts(None, split="evaluation")
     prompts = {c: passkey_items(tokenizer, texts, c, _floats(args.depths), args.per_depth) for c in _ints(args.contexts)}
@@ -244,9 +304,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             start = time.perf_counter()
             nll, count = 0.0, 0
+            try:
+                if setting.press is not None:
+                    eviction_ratio(setting.budget, context - SCORED, SCORED)
+            except ValueError as err:  # the scored tokens alone exceed the budget
+                print(f"{setting.name}, {context} tokens: skipped ({err})", flush=True)
+                continue
             for row in rows:
                 cache = setting.cache(row.numel(), args.tiered_budget)
-                a, b = last_tokens_nll(setting.model, row[None], cache)
+                a, b = last_tokens_nll(setting.model, row[None], cache, setting.reading(context - SCORED, SCORED))
                 nll, count = nll + a, count + b
             perplexity.append({"setting": setting.name, "method": setting.method, "budget": setting.budget,
                                "context": context, "last512_perplexity": math.exp(nll / count),
@@ -264,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{setting.name}, {context} tokens: skipped ({err})", flush=True)
                     continue
             answers = generate_answers(setting.model, tokenizer, items, desc=f"{setting.name} @ {context}",
-                                       cache_for=partial(setting.cache, budget=args.tiered_budget))
+                                       cache_for=partial(setting.cache, budget=args.tiered_budget),
+                                       context_for=setting.reading)
             for depth, (hits, total) in accuracy_by_depth(items, answers).items():
                 retrieval.append({"setting": setting.name, "method": setting.method, "budget": setting.budget,
                                   "context": context, "depth": depth, "correct": hits, "items": total,
@@ -274,9 +341,15 @@ def main(argv: list[str] | None = None) -> int:
                 and r["context"] == context) + f" ({time.perf_counter() - start:.0f} s)", flush=True)
     del settings
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    commands.append("python benchmarks/longctx.py " + " ".join(argv or sys.argv[1:]))
+    interpreter = "python"
+    if Path(sys.prefix).name != ".venv":  # e.g. the kvpress env: say which interpreter made these rows
+        interpreter = f"{Path(sys.prefix).name}/bin/python"
+    commands.append(f"{interpreter} benchmarks/longctx.py " + " ".join(argv or sys.argv[1:]))
+    now = versions()
+    if args.append and Path(args.out).exists() and previous.get("versions") not in (None, now):
+        now = f"{previous['versions']}; {interpreter}: {now}"
     result = {"command": " && ".join(commands), "commands": commands, "machine": machine(),
-              "versions": versions(), "date": time.strftime("%Y-%m-%d"), "retrieval": retrieval,
+              "versions": now, "date": time.strftime("%Y-%m-%d"), "retrieval": retrieval,
               "perplexity": perplexity}
     write_json(args.out, result)
     if args.docs:

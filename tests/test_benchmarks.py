@@ -307,6 +307,71 @@ def test_longctx_on_a_tiny_model(tmp_path) -> None:
     assert "| tiny 0.5 | 0.500 |" in section and "| quant-only 4b |" in section and "depth 1" in section
 
 
+class _KeepFirstPress:
+    """Stands in for a kvpress press (the real ones live in a separate env): at the prefill forward of each
+    attention layer it keeps the first (1 - ratio) of the cached tokens, as a press prunes the cache."""
+
+    def __init__(self, compression_ratio: float) -> None:
+        self.compression_ratio = compression_ratio
+
+    def __call__(self, model):
+        import contextlib
+
+        @contextlib.contextmanager
+        def hooked():
+            def hook(module, args, kwargs, output):
+                layer = kwargs["past_key_values"].layers[module.layer_idx]
+                q_len = kwargs["hidden_states"].shape[1]
+                if layer.keys.shape[-2] == q_len:  # the prefill: the cache holds only this forward's tokens
+                    keep = round(q_len * (1 - self.compression_ratio))
+                    layer.keys, layer.values = layer.keys[:, :, :keep], layer.values[:, :, :keep]
+                    _KeepFirstPress.prefills += 1
+                return output
+
+            handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        return hooked()
+
+
+def test_longctx_kvpress_rows_evict_in_the_prefill_at_measured_bytes(tmp_path, monkeypatch) -> None:
+    """--kvpress wiring on a tiny base: the press acts on the tokens read first only, at the ratio that leaves the
+    budget's bytes once the scored tokens are held; a length whose scored tokens alone exceed it is skipped."""
+    import types
+
+    from conftest import make_tiny_llama
+    from helpers import save_tiny_base
+
+    fake = types.ModuleType("kvpress")
+    fake.KnormPress = fake.SnapKVPress = fake.ExpectedAttentionPress = _KeepFirstPress
+    monkeypatch.setitem(sys.modules, "kvpress", fake)
+    _KeepFirstPress.prefills = 0
+    save_tiny_base(make_tiny_llama("gqa", attn_implementation="sdpa"), tmp_path / "base")
+    spec = importlib.util.spec_from_file_location("mkv_bench_longctx_press", BENCH / "longctx.py")
+    longctx = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, longctx)
+    spec.loader.exec_module(longctx)
+    assert longctx.eviction_ratio(0.5, 688, 512) == pytest.approx(1 - 88 / 688)
+    with pytest.raises(ValueError, match="already hold more than 0.5"):
+        longctx.eviction_ratio(0.5, 88, 512)
+    out = tmp_path / "press.json"
+    assert longctx.main(["--kvpress", "knorm:0.5", "--base", str(tmp_path / "base"), "--contexts", "200",
+                         "--depths", "0,1", "--per-depth", "1", "--ppl-contexts", "600,1200", "--ppl-windows", "1",
+                         "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ppl = {r["context"]: r for r in result["perplexity"]}
+    assert set(ppl) == {1200}  # at 600 tokens the 512 scored ones alone are more than half the cache
+    assert ppl[1200]["bytes_fraction"] == pytest.approx(0.5) and ppl[1200]["method"] == "kvpress-knorm"
+    assert {(r["setting"], r["depth"]) for r in result["retrieval"]} == {("knorm 0.5", 0.0), ("knorm 0.5", 1.0)}
+    assert _KeepFirstPress.prefills == 2 * 3  # one prefill per window and per prompt, in each of 2 layers
+    with pytest.raises(SystemExit):
+        longctx.main(["--kvpress", "pyramid:0.5", "--out", str(out)])
+
+
 @pytest.mark.slow
 def test_scale_sim_quick(tmp_path, docs_untouched):
     """Every stage of the 7B-path simulation on a small shape: ZeRO-3 training on 2 processes included."""
