@@ -346,8 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         interpreter = f"{Path(sys.prefix).name}/bin/python"
     commands.append(f"{interpreter} benchmarks/longctx.py " + " ".join(argv or sys.argv[1:]))
     now = versions()
-    if args.append and Path(args.out).exists() and previous.get("versions") not in (None, now):
+    if args.append and Path(args.out).exists() and previous.get("versions") and now not in previous["versions"]:
         now = f"{previous['versions']}; {interpreter}: {now}"
+    elif args.append and Path(args.out).exists() and previous.get("versions"):
+        now = previous["versions"]
     result = {"command": " && ".join(commands), "commands": commands, "machine": machine(),
               "versions": now, "date": time.strftime("%Y-%m-%d"), "retrieval": retrieval,
               "perplexity": perplexity}

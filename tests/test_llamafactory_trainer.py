@@ -353,22 +353,24 @@ def test_teacher_is_the_base_model_without_adapters(tiny, tmp_path):
     assert not torch.allclose(adapted[real], expected[real], atol=1e-3)  # the adapter does change the student
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 512])
-def test_chunked_distillation_terms_equal_one_pass_with_gradients(chunk):
-    """Chunks with recomputation give the same sums and the same gradients as one pass over all tokens."""
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("chunk,recompute", [(1, 0), (3, 0), (3, 10**9), (512, 0), (512, 10**9)])
+def test_chunked_distillation_terms_equal_one_pass_with_gradients(chunk, recompute, temperature):
+    """Chunks, recomputed or kept, give the same sums and the same gradients as one pass over all tokens."""
     torch.manual_seed(0)
     student = torch.randn(2, 9, 11, requires_grad=True)
     teacher = torch.randn(2, 9, 11)
     labels = torch.tensor([[1, 2, 3, -100, -100, 4, 5, 6, 7], [-100, 4, 5, 6, 1, 2, -100, -100, -100]])
-    kl, ce, count = distillation_terms(student, teacher, labels, temperature=2.0, chunk_tokens=chunk)
+    kl, ce, count = distillation_terms(student, teacher, labels, temperature=temperature, chunk_tokens=chunk,
+                                       recompute_above=recompute)
     (0.25 * kl + 0.75 * ce).backward()
     grad = student.grad.clone()
 
     reference = student.detach().clone().requires_grad_(True)
     mask = labels[:, 1:] != -100
     s, t = reference[:, :-1][mask], teacher[:, :-1][mask]
-    ref_kl = torch.nn.functional.kl_div((s / 2).log_softmax(-1), (t / 2).log_softmax(-1), reduction="sum",
-                                        log_target=True) * 4
+    ref_kl = torch.nn.functional.kl_div((s / temperature).log_softmax(-1), (t / temperature).log_softmax(-1),
+                                        reduction="sum", log_target=True) * temperature**2
     ref_ce = torch.nn.functional.cross_entropy(s, labels[:, 1:][mask], reduction="sum")
     (0.25 * ref_kl + 0.75 * ref_ce).backward()
     assert int(count) == int(mask.sum()) == 11
