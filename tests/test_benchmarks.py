@@ -307,6 +307,26 @@ def test_longctx_on_a_tiny_model(tmp_path) -> None:
     assert "| tiny 0.5 | 0.500 |" in section and "| quant-only 4b |" in section and "depth 1" in section
 
 
+def test_quant_kernels_measures_ours_with_exact_bytes_and_bounded_error(tmp_path) -> None:
+    """benchmarks/quant_kernels.py in process on a small shape: this project's row has the formula's bytes and
+    an error within half a grid step; competitors are measured when installed, else reported missing."""
+    spec = importlib.util.spec_from_file_location("mkv_bench_quant_kernels", BENCH / "quant_kernels.py")
+    kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels)
+    rows = kernels.measure([40], [4], heads=3, tokens=128, repeats=1)
+    assert {row["backend"] for row in rows} == set(kernels.BACKENDS)
+    ours = next(row for row in rows if row["backend"].startswith("torch"))
+    elements = 3 * 128 * 40
+    assert ours["keys_bytes"] == elements // 2 + 2 * 2 * 3 * (128 // 64) * 40  # codes + fp16 scale, zero per block
+    assert ours["values_bytes"] == elements // 2 + 2 * 2 * 3 * 128  # codes + fp16 scale, zero per token
+    # uniform 4-bit grid: squared error per element <= (range / 15 / 2)^2; relative to these states well under 1%
+    assert 0 < ours["keys_rel_error"] < 0.01 and 0 < ours["values_rel_error"] < 0.01
+    for row in rows:
+        assert "error" in row or row["keys_rel_error"] < 0.02
+    text = kernels.render({"command": "x", "heads": 3, "tokens": 128, "repeats": 1, "rows": rows})
+    assert "| torch (this project) | 40 | 4 |" in text
+
+
 class _KeepFirstPress:
     """Stands in for a kvpress press (the real ones live in a separate env): at the prefill forward of each
     attention layer it keeps the first (1 - ratio) of the cached tokens, as a press prunes the cache."""
