@@ -256,7 +256,10 @@ def render(result: dict) -> str:
             verdict = "only ours fits" if ours else "-"
         table.append([f"1/{round(1 / entry['fraction'])}", _cell(quant)] + [_cell(entry[label]) for label in labels]
                      + [verdict])
-    lines += [markdown_table(headers, table), "", "![bytes vs perplexity](frontier.png)", ""]
+    lines += [markdown_table(headers, table), ""]
+    if result.get("note"):  # the reading of this run, kept in OUT.json by hand and re-rendered with it
+        lines += [result["note"], ""]
+    lines += ["![bytes vs perplexity](frontier.png)", ""]
     lines += ["All rows:", "", markdown_table(
         ["method", "ranks", "bits (K/V)", "bytes vs bf16", "perplexity"],
         [[r["method"], f"{r['budget']:.3f}", r["bits"], f"{r['bf16_ratio']:.4f}", f"{r['perplexity']:.2f}"]
