@@ -6,7 +6,10 @@ Settings, each decoding the same tokens after the same context:
 * `static`: the unmodified model with transformers' StaticCache (preallocated, attends over its
   whole capacity with a mask);
 * `1.0`, `0.5`, `0.25`: PcaLlama with the shipped projections (`embedded-matryoshka`) at that
-  budget, PcaCache preallocated for context + new tokens (no reallocation while decoding).
+  budget, PcaCache preallocated for context + new tokens (no reallocation while decoding);
+* with --quant-bits B: also `1.0xBb` and `0.5xBb`, the same PcaLlama with its cache quantized (keys per
+  channel over blocks of 64 tokens, values per token, a full-precision tail of recent tokens), which
+  dequantizes what it holds at every step; results go to docs/decode_quant.json and their own section.
 
 The context is real held-out text, prefilled once per length by the base model in float32 (in
 chunks, progress shown) and saved; every setting's cache is built from those states: the
@@ -23,6 +26,8 @@ process's RSS before the cache existed (weights, runtime), i.e. the cache plus a
   python benchmarks/decode_memory.py                # full run (about 40 min on 2 cores), docs section
   python benchmarks/decode_memory.py --quick        # CI smoke test (tiny sizes, temp dir, no docs)
   python benchmarks/decode_memory.py --render-only  # rewrite the docs section and PNG from docs/decode_memory.json
+  python benchmarks/decode_memory.py --quant-bits 4 --contexts 8192 --batches 1,8 --dtypes float32 \
+      --work-dir outputs/decode                     # quantized cache's decode speed (docs/decode_quant.json)
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ BASELINES = ["dynamic", "static"]
 BUDGETS = ["1.0", "0.5", "0.25"]
 SETTINGS = BASELINES + BUDGETS
 RSS_STEPS = 3
+
+
+def settings_for(quant_bits: str) -> list[str]:
+    """The settings of a run: the baselines, the budgets, and `1.0xBb` / `0.5xBb` per --quant-bits B."""
+    bits = [int(b) for b in quant_bits.split(",") if b.strip()]
+    return SETTINGS + [f"{budget}x{b}b" for b in bits for budget in ("1.0", "0.5")]
 
 
 def _status(field: str) -> int:
@@ -100,8 +111,11 @@ def load_models(args: argparse.Namespace, settings: list[str]):
         if setting in BASELINES:
             models[setting] = base
         else:
+            budget, _, bits = setting.partition("x")
             model = PcaLlamaForCausalLM.from_llama(base, projections=SHIPPED[args.projections]).eval()
-            model.set_kv_budget(float(setting))
+            model.set_kv_budget(float(budget))
+            if bits:
+                model.set_kv_bits(int(bits.removesuffix("b")))
             models[setting] = model
     return models
 
@@ -111,8 +125,6 @@ def build_cache(setting: str, model, states: dict, batch: int, capacity: int):
     import torch
     from transformers import DynamicCache, StaticCache
 
-    from plugin import PcaCache
-
     dtype = model.dtype
     length = states["keys"][0].shape[-2]
     if setting == "dynamic":
@@ -120,7 +132,7 @@ def build_cache(setting: str, model, states: dict, batch: int, capacity: int):
     elif setting == "static":
         cache = StaticCache(config=model.config, max_cache_len=capacity)
     else:
-        cache = PcaCache(reserve=capacity)
+        cache = model.model.new_cache(reserve=capacity)  # PcaCache, or the quantized cache when bits are set
         attns = model.attention_layers()
     with torch.no_grad():
         for index, (k, v) in enumerate(zip(states["keys"], states["values"])):
@@ -141,8 +153,8 @@ def build_cache(setting: str, model, states: dict, batch: int, capacity: int):
 
 def cache_bytes(cache) -> tuple[int, int]:
     """(bytes of the cached tokens, bytes allocated), read from the cache object."""
-    if hasattr(cache, "nbytes"):  # PcaCache
-        return cache.nbytes(), sum(layer.allocated_bytes() for layer in cache.layers)
+    if hasattr(cache, "nbytes"):  # PcaCache (allocated: its buffers) or the quantized cache (holds what it uses)
+        return cache.nbytes(), sum(getattr(layer, "allocated_bytes", layer.nbytes)() for layer in cache.layers)
     held = allocated = 0
     for layer in cache.layers:
         allocated += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
@@ -169,14 +181,15 @@ def speed_worker(args: argparse.Namespace) -> None:
     states = torch.load(args.states)
     length = states["keys"][0].shape[-2]
     capacity = length + args.new_tokens + 1
-    models = load_models(args, SETTINGS)
-    caches = {s: build_cache(s, models[s], states, args.batch, capacity) for s in SETTINGS}
+    settings = settings_for(args.quant_bits)
+    models = load_models(args, settings)
+    caches = {s: build_cache(s, models[s], states, args.batch, capacity) for s in settings}
     del states
-    tokens = {s: torch.full((args.batch, 1), 0) for s in SETTINGS}
-    times: dict[str, list[float]] = {s: [] for s in SETTINGS}
-    faults: dict[str, int] = {s: 0 for s in SETTINGS}
+    tokens = {s: torch.full((args.batch, 1), 0) for s in settings}
+    times: dict[str, list[float]] = {s: [] for s in settings}
+    faults: dict[str, int] = {s: 0 for s in settings}
     for step in range(args.new_tokens + 1):
-        order = SETTINGS[step % len(SETTINGS):] + SETTINGS[: step % len(SETTINGS)]
+        order = settings[step % len(settings):] + settings[: step % len(settings)]
         for setting in order:
             before, start = _minor_faults(), time.perf_counter()
             tokens[setting] = decode_step(models[setting], caches[setting], tokens[setting], length + step)
@@ -185,7 +198,7 @@ def speed_worker(args: argparse.Namespace) -> None:
                 times[setting].append(elapsed)
                 faults[setting] += faulted
     result = {}
-    for setting in SETTINGS:
+    for setting in settings:
         median = sorted(times[setting])[len(times[setting]) // 2]
         held, allocated = cache_bytes(caches[setting])
         result[setting] = {"tokens_per_s": args.batch / median, "faults_per_token":
@@ -239,7 +252,8 @@ def rss_only(args: argparse.Namespace, work: Path) -> None:
 
 def _run(args: argparse.Namespace, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--threads", str(args.threads), "--base", args.base,
-           "--projections", args.projections, "--new-tokens", str(args.new_tokens), *extra]
+           "--projections", args.projections, "--new-tokens", str(args.new_tokens), "--quant-bits", args.quant_bits,
+           *extra]
     out = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -257,6 +271,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--rss-contexts", default="8192", help="contexts at which peak RSS is measured per setting")
     parser.add_argument("--rss-dtypes", default="float32", help="dtypes at which peak RSS is measured per setting")
+    parser.add_argument("--quant-bits", default="", help="also the quantized cache at these bit widths (e.g. 4); "
+                        "results to docs/decode_quant.json")
     parser.add_argument("--new-tokens", type=int, default=8, help="timed decode steps per setting (after one warm-up)")
     parser.add_argument("--prefill-chunk", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process (run nothing else meanwhile)")
@@ -291,8 +307,10 @@ def main() -> None:
     if args.rss_only:
         rss_only(args, Path(args.work_dir or "."))
         return
+    rss_settings = SETTINGS
     if args.quick:
         args.contexts, args.batches, args.dtypes, args.rss_contexts, args.new_tokens = "64", "2", "float32", "64", 2
+        rss_settings = ("dynamic", "0.5")  # one process per RSS reading: two show the path, five cost a minute
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     dtypes = args.dtypes.split(",")
@@ -313,9 +331,9 @@ def main() -> None:
                 common = ["--states", str(states), "--batch", str(batch), "--dtype", dtype]
                 speed = _run(args, "--speed-worker", *common)
                 best = max(speed[b]["tokens_per_s"] for b in BASELINES)
-                rss = {s: _run(args, "--rss-worker", "--setting", s, *common) for s in SETTINGS} \
+                rss = {s: _run(args, "--rss-worker", "--setting", s, *common) for s in rss_settings} \
                     if context in rss_contexts and dtype in rss_dtypes else {}
-                for setting in SETTINGS:
+                for setting in settings_for(args.quant_bits):
                     r = speed[setting]
                     rows.append({"context": context, "batch": batch, "dtype": dtype, "setting": setting,
                                  "tokens_per_s": r["tokens_per_s"], "speed_vs_best_baseline": r["tokens_per_s"] / best,
@@ -323,12 +341,15 @@ def main() -> None:
                                  "faults_per_token": r["faults_per_token"], "cache_bytes": r["cache_bytes"],
                                  "allocated_bytes": r["allocated_bytes"],
                                  "cache_share": r["cache_bytes"] / speed["dynamic"]["cache_bytes"],
-                                 "peak_rss_mib": rss[setting]["peak_rss"] / 2**20 if rss else None,
+                                 "peak_rss_mib": rss[setting]["peak_rss"] / 2**20 if setting in rss else None,
                                  "rss_over_model_mib": (rss[setting]["peak_rss"] - rss[setting]["model_rss"]) / 2**20
-                                 if rss else None})
+                                 if setting in rss else None})
                 print(f"{context} tokens, batch {batch}, {dtype} ({(time.time() - started) / 60:.0f} min): " + ", ".join(
-                    f"{s} {speed[s]['tokens_per_s']:.1f} tok/s" for s in SETTINGS), flush=True)
+                    f"{s} {speed[s]['tokens_per_s']:.1f} tok/s" for s in speed), flush=True)
     command = "python benchmarks/decode_memory.py" + (" --quick" if args.quick else "")
+    if args.quant_bits:
+        command += (f" --quant-bits {args.quant_bits} --contexts {args.contexts} --batches {args.batches}"
+                    f" --dtypes {args.dtypes} --rss-contexts '{args.rss_contexts}'")
     result = {"meta": {"header": header(command), "base": args.base, "projections": args.projections,
                        "new_tokens": args.new_tokens, "threads": args.threads}, "rows": rows}
     if args.quick:
@@ -336,12 +357,16 @@ def main() -> None:
         decode_memory_png(result, work / "decode_memory.png")
         print(f"decode_memory quick run ok: {work / 'decode_memory.json'} {work / 'decode_memory.png'}")
         return
+    if args.quant_bits:  # its own file and section: the main table keeps its own complete run
+        (DOCS / "decode_quant.json").write_text(json.dumps(result, indent=1))
+        write_section("decode_quant", "Decode speed of the quantized projected cache", render(result, png=None))
+        return
     (DOCS / "decode_memory.json").write_text(json.dumps(result, indent=1))
     write_section("decode_memory", "Memory and decode speed", render(result))
     decode_memory_png(result, DOCS / "decode_memory.png")
 
 
-def render(result: dict) -> str:
+def render(result: dict, png: str | None = "decode_memory.png") -> str:
     """The docs section from a decode_memory JSON (new runs and --render-only alike)."""
     meta, rows = result["meta"], result["rows"]
     body = meta["header"] + "\n"
@@ -355,7 +380,12 @@ def render(result: dict) -> str:
              f"(`{meta['projections']}` projections) at that budget with its preallocated PcaCache. `vs best` is "
              "tokens/s over the faster baseline in the same process. Cache bytes are read from the cache object "
              "(held: the cached tokens; the StaticCache allocates context + new tokens up front, as does PcaCache "
-             "here).\n\n")
+             "here).")
+    if any("x" in r["setting"] for r in rows):
+        body += (" `1.0xBb` / `0.5xBb`: the same PcaLlama with its cache quantized to B bits (keys per channel over "
+                 "blocks of 64 tokens, values per token, float16 scales and zeros, the newest tokens in a "
+                 "full-precision tail); it dequantizes everything it holds at every step.")
+    body += "\n\n"
     body += markdown_table(
         ["context", "batch", "dtype", "setting", "tokens/s", "vs best baseline", "vs dynamic", "cache MiB",
          "cache / full", "page faults / token", "peak RSS MiB", "over model MiB"],
@@ -364,7 +394,9 @@ def render(result: dict) -> str:
           f"{r['cache_share']:.3f}", f"{r['faults_per_token']:.0f}",
           *(f"{r[k]:.0f}" if r.get(k) is not None else "-" for k in ("peak_rss_mib", "rss_over_model_mib"))]
          for r in rows])
-    body += "\n\n![decode speed against the best baseline, and cache size](decode_memory.png)\n"
+    body += "\n"
+    if png:
+        body += f"\n![decode speed against the best baseline, and cache size]({png})\n"
     return body
 
 

@@ -26,6 +26,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 GPU_ONLY = "needs a CUDA GPU"
 
+# DeepSpeed builds a small CPU op (~50 s) the first time a process group starts; every test and benchmark
+# subprocess inherits this one folder, so it is built once per machine rather than once per folder.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "matryoshka-kv",
+                                                           "torch_extensions"))
+
 
 def _strict() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")

@@ -63,12 +63,19 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_embedded_model_cache_rebuilds_when_corrupt(tmp_path, monkeypatch, caplog):
+    """A copy of the machine's built cache is used as it is; corrupted, it is rebuilt (one build, ~50 s)."""
+    import shutil
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model_dir = assets.embedded_model_dir(tmp_path)
+    model_dir = tmp_path / assets.MODEL_SUBDIR
+    shutil.copytree(assets.embedded_model_dir(), model_dir)
     for name in ("config.json", "model.safetensors", "tokenizer.json", assets.MARKER_FILE):
         assert (model_dir / name).is_file()
     assert assets.assets_state(tmp_path)["model_cached"] is True
-    assert assets.embedded_model_dir(tmp_path) == model_dir  # cached: no rebuild
+    stamp = (model_dir / assets.MARKER_FILE).stat().st_mtime_ns
+    with caplog.at_level("WARNING", logger="plugin.assets"):
+        assert assets.embedded_model_dir(tmp_path) == model_dir  # cached: no rebuild
+    assert "building" not in caplog.text and (model_dir / assets.MARKER_FILE).stat().st_mtime_ns == stamp
 
     # corrupt the weights (same size, different bytes at the end)
     weights = model_dir / "model.safetensors"

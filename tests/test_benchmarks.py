@@ -72,14 +72,17 @@ def docs_untouched():
 
 @pytest.mark.slow
 def test_decode_memory_quick(tmp_path, docs_untouched):
-    proc = _run("decode_memory.py", "--work-dir", str(tmp_path))
+    proc = _run("decode_memory.py", "--work-dir", str(tmp_path), "--quant-bits", "4")
     assert "decode_memory quick run ok" in proc.stdout
     result = json.loads((tmp_path / "decode_memory.json").read_text())
     from plugin import assets
 
     layers, kv_heads, head_dim = _shape(Path(assets.embedded_model_dir()) / "config.json")
     rows = {row["setting"]: row for row in result["rows"]}
-    assert set(rows) == {"dynamic", "static", "1.0", "0.5", "0.25"}
+    assert set(rows) == {"dynamic", "static", "1.0", "0.5", "0.25", "1.0x4b", "0.5x4b"}
+    for budget in ("1.0", "0.5"):  # 4-bit codes + scales and a full-precision tail: fewer bytes than unquantized
+        assert 0 < rows[f"{budget}x4b"]["cache_bytes"] < rows[budget]["cache_bytes"]
+        assert rows[f"{budget}x4b"]["tokens_per_s"] > 0 and rows[f"{budget}x4b"]["peak_rss_mib"] is None
     batch = rows["dynamic"]["batch"]
     tokens = rows["dynamic"]["context"] + result["meta"]["new_tokens"] + 1  # the prefill, a warm-up step, the timed steps
     full = 2 * layers * kv_heads * head_dim * FLOAT32 * tokens * batch

@@ -61,9 +61,6 @@ def env():
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
     environment["PATH"] = os.pathsep.join([str(BIN), environment.get("PATH", "")])  # FORCE_TORCHRUN runs `torchrun`
-    environment.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "matryoshka-kv" / "torch_extensions")
-    )  # DeepSpeed's CPU op is built once, then reused
     environment.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
                        LLAMAFACTORY_VERBOSITY="INFO", DISABLE_VERSION_CHECK="1", WANDB_DISABLED="true")
     for key in ("FORCE_TORCHRUN", "NPROC_PER_NODE", "ALLOW_EXTRA_ARGS", "MKV_DISABLE_LLAMAFACTORY_HOOK"):

@@ -86,6 +86,11 @@ def test_the_default_model_is_the_shipped_projections_written_once(tmp_path, mon
 
     with pytest.raises(ValueError, match="embedded-matryoshka"):
         suite.shipped_checkpoint("no-such-projections")
+    import shutil
+
+    from plugin import assets
+
+    shutil.copytree(assets.embedded_model_dir(), tmp_path / assets.MODEL_SUBDIR)  # the base, not rebuilt here
     monkeypatch.setenv("MKV_CACHE_DIR", str(tmp_path))
     path = suite.shipped_checkpoint()
     config = json.loads((Path(path) / "config.json").read_text())
