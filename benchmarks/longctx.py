@@ -189,7 +189,9 @@ def last_tokens_nll(model: Any, ids: Any, cache: Any,
     with torch.no_grad():
         with reading or contextlib.nullcontext():
             first = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True).logits[:, -1:]
-        rest = model(input_ids=ids[:, context:], past_key_values=cache, use_cache=True).logits
+        # True positions for RoPE: a cache that evicted tokens holds fewer than `context` (kvpress passes them too)
+        positions = torch.arange(context, ids.shape[1], device=ids.device)[None]
+        rest = model(input_ids=ids[:, context:], past_key_values=cache, position_ids=positions, use_cache=True).logits
     logits = torch.cat([first, rest[:, :-1]], dim=1).float()[0]
     nll = torch.nn.functional.cross_entropy(logits, ids[0, context:], reduction="sum")
     return float(nll), SCORED
