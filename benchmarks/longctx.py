@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     interpreter = "python"
     if Path(sys.prefix).name != ".venv":  # e.g. the kvpress env: say which interpreter made these rows
         interpreter = f"{Path(sys.prefix).name}/bin/python"
-    commands.append(f"{interpreter} benchmarks/longctx.py " + " ".join(argv or sys.argv[1:]))
+    commands.append(f"{interpreter} benchmarks/longctx.py " + " ".join(shlex.quote(a) for a in argv or sys.argv[1:]))
     now = versions()
     if args.append and Path(args.out).exists() and previous.get("versions") and now not in previous["versions"]:
         now = f"{previous['versions']}; {interpreter}: {now}"
@@ -355,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": " && ".join(commands), "commands": commands, "machine": machine(),
               "versions": now, "date": time.strftime("%Y-%m-%d"), "retrieval": retrieval,
               "perplexity": perplexity}
+    if args.append and Path(args.out).exists() and previous.get("note"):
+        result["note"] = previous["note"]  # the reading written for the earlier rows stays until rewritten
     write_json(args.out, result)
     if args.docs:
         write_section("longctx", "Long context: retrieval and last-512-token perplexity at equal bytes", render(result))
