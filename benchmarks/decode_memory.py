@@ -290,6 +290,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for bits in filter(None, (b.strip() for b in args.quant_bits.split(","))):
+        if bits not in ("2", "4", "8"):
+            parser.error(f"--quant-bits {bits!r}: the quantized cache stores 2, 4 or 8 bits")
     if args.render_only:
         result = json.loads((DOCS / "decode_memory.json").read_text())
         write_section("decode_memory", "Memory and decode speed", render(result))

@@ -395,6 +395,13 @@ def test_longctx_kvpress_rows_evict_in_the_prefill_at_measured_bytes(tmp_path, m
         longctx.main(["--kvpress", "pyramid:0.5", "--out", str(out)])
 
 
+def test_decode_memory_refuses_an_unsupported_bit_width_before_any_work(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, str(BENCH / "decode_memory.py"), "--quant-bits", "3", "--work-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "stores 2, 4 or 8 bits" in proc.stderr
+    assert not list(tmp_path.iterdir())  # no prefill written
+
+
 @pytest.mark.slow
 def test_scale_sim_quick(tmp_path, docs_untouched):
     """Every stage of the 7B-path simulation on a small shape: ZeRO-3 training on 2 processes included."""
