@@ -144,9 +144,8 @@ def build_cache(setting: str, model, states: dict, batch: int, capacity: int):
             else:
                 attn = attns[index]
                 weights = attn._inference_weights(dtype)
-                keys = [torch.matmul(g.select(k, 1), e["key"]) for g, e in zip(attn.groups, weights["groups"])]
-                values = [torch.matmul(g.select(v, 1) - e["mean"].unsqueeze(1), e["value"])
-                          for g, e in zip(attn.groups, weights["groups"])]
+                keys = [attn.project_keys(g, e, k) for g, e in zip(attn.groups, weights["groups"])]
+                values = [attn.project_values(g, e, v) for g, e in zip(attn.groups, weights["groups"])]
                 cache.update(keys, values, index, {"signature": attn.signature()})
     return cache
 

@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--searched", action="store_true",
-                        help="also score each --model with the allocator's ranks x bits at each table fraction")
+    parser.add_argument("--searched", nargs="?", const="*", default=None, metavar="LABELS",
+                        help="also score each --model (or only these comma-separated labels) with the allocator's "
+                             "ranks x bits at each table fraction")
     parser.add_argument("--search-samples", type=int, default=1, help="--searched: calibration windows (default 1)")
     parser.add_argument("--search-seq-len", type=int, default=64, help="--searched: tokens per window (default 64)")
     parser.add_argument("--search-fraction", type=float, default=0.5,
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     labels = args.label or [Path(m).name for m in args.model]
     if len(labels) != len(args.model):
         parser.error("give one --label per --model, or none")
+    searched = set(labels) if args.searched == "*" else {x for x in (args.searched or "").split(",") if x}
+    if searched - set(labels):
+        parser.error(f"--searched names no --label: {', '.join(sorted(searched - set(labels)))}")
 
     import torch
 
@@ -132,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = [("quant-only", PcaLlamaForCausalLM.from_llama(base).eval(), [1.0], quant_bits)]  # identity bases
     runs += [(label, load_model(spec)[0], budgets, bits) for spec, label in zip(args.model, labels)]
     rows = []
-    if args.searched:
+    if searched:
         calibration = token_windows(tokenizer, load_texts(None, split="calibration"), args.search_seq_len,
                                     args.search_samples * args.search_seq_len)[: args.search_samples]
         for label, model, _, _ in runs[1:]:
-            rows += _searched_rows(label, model, calibration, windows, args)
+            if label in searched:
+                rows += _searched_rows(label, model, calibration, windows, args)
     for label, model, model_budgets, model_bits in runs:
         for key_bits, value_bits in model_bits:
             for budget in model_budgets:

@@ -11,6 +11,10 @@ Four paths:
 - sampled (training): full-width projections with trailing dims masked to the sampled ranks;
 - truncated (training without sampling, or folding disabled): sliced bases, gradients flow;
 - folded (inference): U_V and mu_V folded into v_proj and o_proj, computed once per rank change.
+
+At inference a head kept at full rank caches its keys (or values) in the model's own basis: with an
+orthogonal U that is exact, two matmuls cheaper, and what quantization wants (the per-channel outliers
+of post-RoPE keys that KIVI-style quantization isolates are spread over all channels by a rotation).
 """
 
 from __future__ import annotations
@@ -151,6 +155,16 @@ class PcaLlamaAttention(LlamaAttention):
     def signature(self) -> tuple[tuple[int, ...], ...]:
         return tuple((g.key_rank, g.value_rank, *g.heads) for g in self.groups)
 
+    @torch.no_grad()
+    def rebase_to_nested(self, kind: str, head: int, states: torch.Tensor, rank: int) -> torch.Tensor:
+        """Cached states of one head, moved from the model's own basis (full rank) into U when cut below it."""
+        if states.shape[-1] != self.head_dim or rank == self.head_dim:
+            return states
+        key_basis, value_basis, value_mean = self.kv_proj()
+        if kind == "key":
+            return (states.float() @ key_basis[head]).to(states.dtype)
+        return ((states.float() - value_mean[head]) @ value_basis[head]).to(states.dtype)
+
     # -- derived weights for inference ---------------------------------------------------------
     def folds(self) -> bool:
         """Whether inference folds U_V into v_proj / o_proj.  Not under ZeRO-3: folding reads their weights
@@ -161,28 +175,60 @@ class PcaLlamaAttention(LlamaAttention):
     def _inference_weights(self, dtype: torch.dtype) -> dict[str, Any]:
         if self._inference is not None and self._inference["dtype"] == dtype:
             return self._inference
-        per_group = self._group_bases(*self.kv_proj())  # a module call: ZeRO-3 gathers its parameters
+        # a module call: ZeRO-3 gathers its parameters
+        per_group = self._group_bases(*self.kv_proj(), own_basis_at_full_rank=True)
         weights: dict[str, Any] = {"dtype": dtype, "groups": per_group}
         if self.folds():
             weights.update(self._fold(per_group, dtype))  # folded in float32, then cast
         for entry in per_group:
             for name in entry:
-                entry[name] = entry[name].to(dtype)
+                if entry[name] is not None:
+                    entry[name] = entry[name].to(dtype)
         self._inference = weights
         return weights
 
     def _group_bases(
-        self, key_basis: torch.Tensor, value_basis: torch.Tensor, value_mean: torch.Tensor
-    ) -> list[dict[str, torch.Tensor]]:
-        """Per head group: U_K[:, :r_k], U_V[:, :r_v] and mu_V of its heads."""
-        return [
-            {
-                "key": g.select(key_basis, 0)[..., : g.key_rank],
-                "value": g.select(value_basis, 0)[..., : g.value_rank],
-                "mean": g.select(value_mean, 0),
-            }
-            for g in self.groups
-        ]
+        self, key_basis: torch.Tensor, value_basis: torch.Tensor, value_mean: torch.Tensor,
+        own_basis_at_full_rank: bool = False,
+    ) -> list[dict[str, torch.Tensor | None]]:
+        """Per head group: U_K[:, :r_k], U_V[:, :r_v] and mu_V of its heads.
+
+        With ``own_basis_at_full_rank`` a full-rank key (value) group gets ``None`` for its basis, meaning
+        the model's own basis, and a zero mean for values: softmax rows sum to one, so (v - mu) + mu = v.
+        """
+        entries: list[dict[str, torch.Tensor | None]] = []
+        d = self.head_dim
+        for g in self.groups:
+            own_key = own_basis_at_full_rank and g.key_rank == d
+            own_value = own_basis_at_full_rank and g.value_rank == d
+            mean = g.select(value_mean, 0)
+            entries.append({
+                "key": None if own_key else g.select(key_basis, 0)[..., : g.key_rank],
+                "value": None if own_value else g.select(value_basis, 0)[..., : g.value_rank],
+                "mean": torch.zeros_like(mean) if own_value else mean,
+            })
+        return entries
+
+    @staticmethod
+    def project_keys(group: HeadGroup, entry: dict[str, Any], key: torch.Tensor) -> torch.Tensor:
+        """k' of this group's heads ([B, heads, L, r_k]) from post-RoPE keys of all KV heads."""
+        selected = group.select(key, 1)
+        return selected if entry["key"] is None else torch.matmul(selected, entry["key"])
+
+    @staticmethod
+    def project_values(group: HeadGroup, entry: dict[str, Any], value: torch.Tensor) -> torch.Tensor:
+        """v' = (v - mu_V) U_V of this group's heads ([B, heads, L, r_v])."""
+        selected = group.select(value, 1)
+        if entry["value"] is None:
+            return selected
+        return torch.matmul(selected - entry["mean"].unsqueeze(1), entry["value"])
+
+    @staticmethod
+    def unproject_values(entry: dict[str, Any], out: torch.Tensor) -> torch.Tensor:
+        """Attention output over v' ([B, heads, n_rep, L, r_v]) back to the head dimension."""
+        if entry["value"] is None:
+            return out
+        return torch.matmul(out, entry["value"].transpose(-1, -2).unsqueeze(1)) + entry["mean"][:, None, None, :]
 
     def _fold(self, per_group: list[dict[str, torch.Tensor]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """v_proj' = U_V^T (W_v x + b_v - mu_V) per head; o_proj' = W_o U_V with bias W_o mu_V (+ b_o)."""
@@ -193,7 +239,10 @@ class PcaLlamaAttention(LlamaAttention):
         v_weights, v_biases, o_weights = [], [], []
         all_means = torch.zeros(self.num_kv_heads, d, device=w_v.device)
         for group, entry in zip(self.groups, per_group):
-            basis, mean = entry["value"], entry["mean"]
+            mean = entry["mean"]
+            # the model's own basis at full rank: the identity, the heads' own rows and columns
+            basis = entry["value"] if entry["value"] is not None else torch.eye(d, device=w_v.device).expand(
+                len(group.heads), d, d)
             shift = -mean if b_v is None else group.select(b_v, 0) - mean
             v_weights.append(torch.einsum("hdr,hdi->hri", basis, group.select(w_v, 0)).reshape(-1, hidden))
             v_biases.append(torch.einsum("hdr,hd->hr", basis, shift).reshape(-1))
@@ -269,14 +318,15 @@ class PcaLlamaAttention(LlamaAttention):
             value_all = torch.nn.functional.linear(hidden_states, weights["v_weight"], weights["v_bias"])
             value_parts = value_all.split(weights["v_split"], dim=-1)
         for index, (group, entry) in enumerate(zip(self.groups, weights["groups"])):
-            key_groups.append(torch.matmul(group.select(key, 1), entry["key"]))
-            query_groups.append(torch.matmul(group.select(query, 1), entry["key"].unsqueeze(1)))
+            key_groups.append(self.project_keys(group, entry, key))
+            selected_query = group.select(query, 1)
+            query_groups.append(selected_query if entry["key"] is None
+                                else torch.matmul(selected_query, entry["key"].unsqueeze(1)))
             if folded:
                 part = value_parts[index].view(batch, q_len, len(group.heads), group.value_rank)
                 value_groups.append(part.transpose(1, 2))
             else:
-                centred = group.select(value, 1) - entry["mean"].unsqueeze(1)
-                value_groups.append(torch.matmul(centred, entry["value"]))
+                value_groups.append(self.project_values(group, entry, value))
 
         if past_key_values is not None:
             key_groups, value_groups = past_key_values.update(
@@ -294,12 +344,11 @@ class PcaLlamaAttention(LlamaAttention):
             return torch.nn.functional.linear(flat, weights["o_weight"], weights["o_bias"]), None
 
         if len(self.groups) == 1 and len(self.groups[0].heads) == n_kv:
-            entry = weights["groups"][0]
-            full = torch.matmul(outputs[0], entry["value"].transpose(-1, -2).unsqueeze(1)) + entry["mean"][:, None, None, :]
+            full = self.unproject_values(weights["groups"][0], outputs[0])
         else:
             full = query.new_zeros(batch, n_kv, n_rep, q_len, d)
             for group, entry, out in zip(self.groups, weights["groups"], outputs):
-                back = torch.matmul(out, entry["value"].transpose(-1, -2).unsqueeze(1)) + entry["mean"][:, None, None, :]
+                back = self.unproject_values(entry, out)
                 full = full.index_copy(1, torch.tensor(group.heads, device=full.device), back)
         return self.o_proj(full.permute(0, 3, 1, 2, 4).reshape(batch, q_len, -1)), None
 

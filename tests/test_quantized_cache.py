@@ -7,6 +7,7 @@ import torch
 from conftest import make_tiny_llama
 from helpers import to_pca
 
+from plugin import PcaLlamaForCausalLM
 from plugin.cache import PcaCache, QuantizedPcaCache, QuantSpec
 from plugin.cache.quantize import dequantize_keys, dequantize_values, pack, quantize_keys, quantize_values, unpack
 
@@ -179,3 +180,24 @@ def test_from_pretrained_kv_bits_keyword(tmp_path) -> None:
     assert isinstance(model.model.new_cache(), QuantizedPcaCache)
     with pytest.raises(ValueError, match="one of 2, 4, 8 or 16"):
         PcaLlamaForCausalLM.from_pretrained(tmp_path / "m", kv_bits=5)
+
+
+def test_full_rank_heads_quantize_in_the_models_own_basis() -> None:
+    """At full rank any orthogonal basis is exact, so the cache keeps the model's own keys and values: a
+    trained PcaLlama at full rank x 4 bits is exactly KIVI-style quantization of the base model."""
+    rotated = to_pca(make_tiny_llama("gqa", attn_implementation="sdpa"))
+    identity = PcaLlamaForCausalLM.from_llama(make_tiny_llama("gqa", attn_implementation="sdpa")).eval()
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(5))
+    logits = []
+    for model in (rotated, identity):
+        model.set_kv_bits(4, group=8)
+        logits.append(model(input_ids=ids, past_key_values=model.model.new_cache(), use_cache=True).logits)
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+    # heads below full rank still cache their projection, and a mixed layer stays exact unquantized
+    for model in (rotated, identity):
+        model.set_kv_bits(16)
+    rotated.set_kv_ranks({"key": [[16, 4], [16, 16]], "value": [[8, 16], [16, 2]]})
+    cache = PcaCache()
+    rotated(input_ids=ids, past_key_values=cache, use_cache=True)
+    widths = sorted(int(group.shape[-1]) for group in cache.layers[0].key_groups)
+    assert widths == [4, 16]

@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 GroupSignature = tuple[tuple[int, ...], ...]
+Rebase = Callable[[str, int, torch.Tensor, int], torch.Tensor]
 
 
 class TensorMapLayer(CacheLayerMixin):
@@ -185,12 +186,14 @@ class PcaCacheLayer(TensorMapLayer):
         if self._keys:
             self.keys, self.values = self.key_groups[0], self.value_groups[0]
 
-    def shrink(self, signature: GroupSignature) -> None:
+    def shrink(self, signature: GroupSignature, rebase: Rebase | None = None) -> None:
         """Cut the cached states to lower ranks in place of recomputing them (nested bases).
 
         `signature` is the attention's new grouping ``((r_k, r_v, *heads), ...)``; every head's new
         ranks must not exceed its cached ones.  The first r dimensions of a rank-R state are the
-        rank-r state, so attending afterwards equals attending at rank r from the start.
+        rank-r state, so attending afterwards equals attending at rank r from the start.  `rebase`
+        (kind, head, states, new rank) -> states first moves a head held in another basis (a full-rank
+        head in the model's own basis) into the nested one.
         """
         if not self.is_initialized or self.signature == signature:
             self.signature = signature if self.is_initialized else self.signature
@@ -211,10 +214,12 @@ class PcaCacheLayer(TensorMapLayer):
                         f"cannot shrink head {head} to ranks ({rank_k}, {rank_v}): the cache holds "
                         f"({keys[head].shape[-1]}, {values[head].shape[-1]}); a cache only shrinks"
                     )
-            for out, held, rank in ((new_keys, keys, rank_k), (new_values, values, rank_v)):
+            for kind, out, held, rank in (("key", new_keys, keys, rank_k), ("value", new_values, values, rank_v)):
                 sample = held[heads[0]]
                 buffer = sample.new_empty(sample.shape[0], len(heads), capacity, rank)
-                buffer[..., :live, :] = torch.stack([held[h][..., :rank] for h in heads], dim=1)
+                states = [held[h][..., :live, :] if rebase is None else rebase(kind, h, held[h][..., :live, :], rank)
+                          for h in heads]
+                buffer[..., :live, :] = torch.stack([state[..., :rank] for state in states], dim=1)
                 out.append(buffer)
         self._keys, self._values, self.signature = new_keys, new_values, signature
         self._length, self._start = live, 0
