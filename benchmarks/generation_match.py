@@ -2,9 +2,16 @@
 
 For each held-out instruction of plugin.instructions (never used for calibration or training),
 the model answers in its chat template (greedy, --new-tokens tokens) with the full cache and at
-each budget; an answer "matches" when its first sentence equals the full-cache answer's first
-sentence (plugin.chat.same_first_sentence: strict, reproducible, no judge model).  The full-cache
-answers come from the first model at budget 1 (every PcaLlama at full rank is the base model).
+each budget.  Two rules, both without a judge model:
+
+* strict: the first sentence equals the full-cache answer's first sentence (plugin.chat.same_first_sentence);
+* similar: word-level ROUGE-L with the full-cache answer at or above a threshold calibrated on the full
+  model itself (plugin.answer_match): its greedy answers against --samples sampled answers of its own
+  (temperature 0.7; same meaning) and against its answer to the next instruction (another meaning),
+  the cut that best separates them.
+
+The full-cache answers come from the first model at budget 1 (every PcaLlama at full rank is the base
+model).
 
     python benchmarks/generation_match.py --model outputs/demo/pca --model outputs/recipe/train \\
         --label pca --label recipe                       # docs/generation_match.json
@@ -34,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--examples", type=int, default=6, help="examples kept per row (default 6)")
+    parser.add_argument("--samples", type=int, default=3,
+                        help="sampled full-cache answers per instruction that calibrate the similarity rule (default 3)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "generation_match.json"))
     args = parser.parse_args(argv)
     labels = args.label or [Path(m).name for m in args.model]
@@ -41,36 +50,55 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give one --label per --model, or none")
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
 
+    from plugin.answer_match import calibrate_threshold, calibration_pairs, rouge_l
     from plugin.chat import first_sentence, generate_answers, same_first_sentence
     from plugin.instructions import instructions
     from plugin.loading import load_model
 
     prompts = instructions("heldout")[: args.prompts]
-    rows, reference = [], None
+    rows, reference, threshold, calibration = [], None, None, {}
     for spec, label in zip(args.model, labels):
         model, tokenizer = load_model(spec)
         if reference is None:
             model.set_kv_budget(1.0)
             start = time.perf_counter()
             reference = generate_answers(model, tokenizer, prompts, args.new_tokens, args.batch_size, desc="full")
-            rows.append({"model": label, "budget": 1.0, "matches": len(prompts), "prompts": len(prompts),
-                         "rate": 1.0, "seconds": time.perf_counter() - start, "examples": []})
+            rows.append({"model": label, "budget": 1.0, "matches": len(prompts), "similar": len(prompts),
+                         "prompts": len(prompts), "rate": 1.0, "seconds": time.perf_counter() - start,
+                         "examples": []})
+            drawn = [generate_answers(model, tokenizer, prompts, args.new_tokens, args.batch_size, do_sample=True,
+                                      seed=seed, desc=f"full, sample {seed + 1}") for seed in range(args.samples)]
+            positives, negatives = calibration_pairs(reference, list(zip(*drawn)))
+            threshold = calibrate_threshold(positives, negatives)
+            calibration = {"threshold": threshold.value, "true_positive_rate": threshold.true_positive_rate,
+                           "false_positive_rate": threshold.false_positive_rate, "positives": positives,
+                           "negatives": negatives, "samples_per_prompt": args.samples}
+            print(f"similarity rule: ROUGE-L >= {threshold.value:.3f} (own resamples {threshold.true_positive_rate:.0%} "
+                  f"pass, answers to other instructions {threshold.false_positive_rate:.0%})", flush=True)
         for budget in budgets:
             model.set_kv_budget(budget)
             start = time.perf_counter()
             answers = generate_answers(model, tokenizer, prompts, args.new_tokens, args.batch_size,
                                        desc=f"{label} @ {budget:g}")
             same = [same_first_sentence(ref, ans) for ref, ans in zip(reference, answers)]
-            examples = [{"prompt": p, "full": first_sentence(r), "compressed": first_sentence(a), "match": m}
-                        for p, r, a, m in zip(prompts, reference, answers, same)][: args.examples]
-            rows.append({"model": label, "budget": budget, "matches": sum(same), "prompts": len(prompts),
-                         "rate": sum(same) / len(prompts), "seconds": time.perf_counter() - start,
-                         "examples": examples, "answers": answers})  # all of them, for other matching rules
-            print(f"{label} @ {budget:g}: {sum(same)}/{len(prompts)} first sentences equal", flush=True)
+            scores = [rouge_l(ref, ans) for ref, ans in zip(reference, answers)]
+            similar = [score >= threshold.value for score in scores]
+            examples = [{"prompt": p, "full": first_sentence(r), "compressed": first_sentence(a), "match": m,
+                         "rouge_l": round(score, 3), "similar": sim}
+                        for p, r, a, m, score, sim in zip(prompts, reference, answers, same, scores, similar)]
+            rows.append({"model": label, "budget": budget, "matches": sum(same), "similar": sum(similar),
+                         "prompts": len(prompts), "rate": sum(same) / len(prompts),
+                         "similar_rate": sum(similar) / len(prompts), "mean_rouge_l": sum(scores) / len(scores),
+                         "seconds": time.perf_counter() - start, "examples": examples[: args.examples],
+                         "answers": answers})  # all of them, for other matching rules
+            print(f"{label} @ {budget:g}: {sum(same)}/{len(prompts)} first sentences equal, "
+                  f"{sum(similar)}/{len(prompts)} similar", flush=True)
         del model
     result = {"command": "python benchmarks/generation_match.py " + " ".join(argv or sys.argv[1:]),
               "machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"),
               "rule": "first sentence (up to . ! ? or newline) identical to the full-cache answer's",
+              "similarity_rule": "word-level ROUGE-L F1 with the full-cache answer >= the calibrated threshold",
+              "calibration": calibration,
               "new_tokens": args.new_tokens, "full_answers": dict(zip(prompts, reference)), "rows": rows}
     write_json(args.out, result)
     return 0
