@@ -216,4 +216,4 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'model':<16} {'setting':<12} {'budget':>7} {'ppl':>9} {'bytes/token':>12} {'ratio':>6}")
     for row in rows:
         print(f"{str(row['model'])[:16]:<16} {str(row['setting'])[-12:]:<12} {row['budget']:>7.3f} "
-              f"{row['perplexity']:>9.3f} {row['cache_bytes_per_token']:>12.1f} {row['cache_ratio']:>6.3f}")
+              f"{row['perplexity']:>9.3f} {row['cache_bytes_per_token']:>12.10g} {row['cache_ratio']:>6.3f}")
