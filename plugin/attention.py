@@ -172,12 +172,12 @@ class PcaLlamaAttention(LlamaAttention):
         return bool(self.config.kv_fold) and not is_partitioned(self.v_proj.weight)
 
     @torch.no_grad()
-    def _inference_weights(self, dtype: torch.dtype) -> dict[str, Any]:
-        if self._inference is not None and self._inference["dtype"] == dtype:
+    def _inference_weights(self, dtype: torch.dtype, own_basis: bool = True) -> dict[str, Any]:
+        if self._inference is not None and (self._inference["dtype"], self._inference["own_basis"]) == (dtype, own_basis):
             return self._inference
         # a module call: ZeRO-3 gathers its parameters
-        per_group = self._group_bases(*self.kv_proj(), own_basis_at_full_rank=True)
-        weights: dict[str, Any] = {"dtype": dtype, "groups": per_group}
+        per_group = self._group_bases(*self.kv_proj(), own_basis_at_full_rank=own_basis)
+        weights: dict[str, Any] = {"dtype": dtype, "own_basis": own_basis, "groups": per_group}
         if self.folds():
             weights.update(self._fold(per_group, dtype))  # folded in float32, then cast
         for entry in per_group:
@@ -311,7 +311,7 @@ class PcaLlamaAttention(LlamaAttention):
             bases = (t.to(query.dtype) for t in self.kv_proj())
             weights: dict[str, Any] = {"groups": self._group_bases(*bases)}
         else:
-            weights = self._inference_weights(query.dtype)
+            weights = self._inference_weights(query.dtype, not getattr(past_key_values, "nested_bases", False))
 
         key_groups, query_groups, value_groups = [], [], []
         if folded:

@@ -292,7 +292,8 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
                                      "a filled cache can only shrink")
         self.set_kv_ranks(table)
         for layer, attn in zip(cache.layers, self.attention_layers()):
-            layer.shrink(attn.signature(), rebase=attn.rebase_to_nested)
+            # full-rank heads of a cache in the model's own basis move into U before they are sliced
+            layer.shrink(attn.signature(), rebase=None if cache.nested_bases else attn.rebase_to_nested)
 
     # -- bits ----------------------------------------------------------------------------------
     def set_kv_bits(self, key_bits: int | list[list[int]], value_bits: int | list[list[int]] | None = None,

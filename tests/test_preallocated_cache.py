@@ -121,16 +121,18 @@ def test_generate_allocates_prompt_plus_new_tokens() -> None:
     assert layer.capacity() == layer.get_seq_length() == 12 + 8  # exactly what is cached (the last token never is)
 
 
+@pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("target", ["budget", "table"])
-def test_shrink_then_attend_equals_the_lower_rank_from_the_start(target: str) -> None:
+def test_shrink_then_attend_equals_the_lower_rank_from_the_start(target: str, nested: bool) -> None:
     """Exact for the cached states: one layer, so the cached keys and values depend on nothing but the
-    input (deeper layers' states depend on the ranks the layers below had during prefill)."""
+    input (deeper layers' states depend on the ranks the layers below had during prefill).  Full-rank
+    heads start in the model's own basis (default) or in U (`nested_bases`): both shrink exactly."""
     model = to_pca(make_tiny_llama("mha", attn_implementation="sdpa", num_hidden_layers=1))
     start = {"key": [[16, 12, 16, 8]], "value": [[16, 16, 8, 12]]}
     lower = {"key": [[4, 12, 8, 4]], "value": [[8, 4, 4, 12]]} if target == "table" else None
     model.set_kv_ranks(start)
     ids = torch.randint(0, 128, (2, 36), generator=torch.Generator().manual_seed(5))
-    cache = PcaCache(chunk=8)
+    cache = PcaCache(chunk=8, nested_bases=nested)
     model(input_ids=ids[:, :30], past_key_values=cache, use_cache=True)
     if target == "budget":
         model.shrink_cache(cache, budget=0.5)

@@ -37,7 +37,7 @@ def test_tiers_equal_a_per_segment_reference_and_hold_the_formula_bytes(ranks) -
     model = _model(ranks=ranks)
     table = model.get_kv_ranks()
     with torch.no_grad():
-        tiered, plain = TieredPcaCache(WINDOW, *OLD, chunk=4), PcaCache()
+        tiered, plain = TieredPcaCache(WINDOW, *OLD, chunk=4), PcaCache(nested_bases=True)
         a = model(input_ids=IDS[:, :10], past_key_values=tiered, use_cache=True).logits
         b = model(input_ids=IDS[:, :10], past_key_values=plain, use_cache=True).logits
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the prefill attends at the model's ranks

@@ -236,7 +236,13 @@ class PcaCacheLayer(TensorMapLayer):
 
 
 class CompressedCache(Cache):
-    """A Cache whose layers report `nbytes()` and keep the batch on dim 0 of their `keys`."""
+    """A Cache whose layers report `nbytes()` and keep the batch on dim 0 of their `keys`.
+
+    `nested_bases`: the cache cuts states below the model's ranks by slicing (age tiers), so every head,
+    full rank included, must be cached in the nested basis U rather than the model's own basis.
+    """
+
+    nested_bases = False
 
     def nbytes(self) -> int:
         """Bytes held by everything cached."""
@@ -259,9 +265,10 @@ class PcaCache(CompressedCache):
     """
 
     def __init__(self, chunk: int = 256, max_length: int | None = None, sliding_window: int | None = None,
-                 reserve: int | None = None) -> None:
+                 reserve: int | None = None, nested_bases: bool = False) -> None:
         if sliding_window is not None and max_length is not None:
             raise ValueError("a sliding-window cache already has a fixed size; give max_length or sliding_window")
+        self.nested_bases = nested_bases
         self.chunk, self.max_length, self.sliding_window, self.reserve = chunk, max_length, sliding_window, reserve
         self._new_layer()  # checks the arguments now, not at the first update
         super().__init__(layer_class_to_replicate=PcaCacheLayer)

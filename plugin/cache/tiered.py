@@ -122,6 +122,8 @@ class TieredPcaCache(CompressedCache):
     """Projected cache whose tokens older than `window` are kept at ranks ``(old_key_rank, old_value_rank)``
     (capped at each head's own ranks); see the module docstring."""
 
+    nested_bases = True  # demotion slices: a full-rank head must be held in U too
+
     def __init__(self, window: int, old_key_rank: int, old_value_rank: int | None = None, chunk: int = 256) -> None:
         old_value_rank = old_key_rank if old_value_rank is None else old_value_rank
         self.window, self.old_ranks, self.chunk = window, (old_key_rank, old_value_rank), chunk
