@@ -30,10 +30,13 @@ $(DEMO)/matryoshka/config.json: $(DEMO)/pca/config.json | data/sotu_train.jsonl
 # about 80 min with data, calibration and evaluation): resumable,
 # run it again after an interruption and it continues from its last checkpoint.  Then the small
 # projections artifact and the held-out comparison with PCA.
+# `make recipe RECIPE_STEPS=240` after it continues the same run to 240 steps (a second cosine from half
+# the peak rate, about 60 min more: how the shipped projections were made).
 RECIPE := outputs/recipe
+RECIPE_STEPS ?= 120
 recipe: install data/sotu_train.jsonl data/self_chat_train.jsonl $(DEMO)/pca/config.json
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/llamafactory-cli train scripts/matryoshka_recipe.yaml \
-		model_name_or_path=$(DEMO)/pca output_dir=$(RECIPE)/train
+		model_name_or_path=$(DEMO)/pca output_dir=$(RECIPE)/train max_steps=$(RECIPE_STEPS)
 	$(VENV)/bin/mkv export-projections --model $(RECIPE)/train --out $(RECIPE)/projections --base-model embedded --overwrite
 	$(VENV)/bin/mkv eval --model $(DEMO)/pca --model $(RECIPE)/projections --label pca --label recipe \
 		--tokens 8192 --out $(RECIPE)/eval
