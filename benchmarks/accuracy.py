@@ -262,6 +262,10 @@ def main() -> None:
                         help="items per set of the prefix-sharing vs PPLInferencer timing; 0 skips it")
     parser.add_argument("--work-dir", default=None, help="default outputs/bench/accuracy (--quick: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny checkpoints, 2 items, no docs")
+    parser.add_argument("--json", default=str(DOCS / "accuracy.json"),
+                        help="result file (the PNG is written beside it, same stem; default docs/accuracy.json)")
+    parser.add_argument("--section", default="accuracy",
+                        help="docs/benchmarks.md section to rewrite, or 'none' to only print the table")
     parser.add_argument("--patch-rates", action="store_true",
                         help="only add the chance / majority rows to docs/benchmarks.md and docs/accuracy.json")
     args = parser.parse_args()
@@ -338,8 +342,12 @@ def main() -> None:
         same = total = 0
         for dataset, preds in predictions.get(model, {}).items():
             ref = base_preds.get(dataset, [])
-            same += sum(a == b for a, b in zip(preds, ref))
-            total += min(len(preds), len(ref))
+            agreed = sum(a == b for a, b in zip(preds, ref))
+            compared = min(len(preds), len(ref))
+            same, total = same + agreed, total + compared
+            for record in records:
+                if record["model"] == model and set_abbrs[record["dataset"]] == dataset and compared:
+                    record["agreement"] = 100 * agreed / compared  # % of the set's items answered as the base
         cells.append(f"{100 * same / total:.1f}" if total else "-")
         table_rows.append(cells)
     rates = {name: subset_rates([name], args.suite, counts[name])[name] for name in names}
@@ -355,8 +363,13 @@ def main() -> None:
         print(markdown_table(headers, table_rows))
         print(f"accuracy quick run ok: {work / 'accuracy.json'}")
         return
-    (DOCS / "accuracy.json").write_text(json.dumps(result, indent=1))
-    accuracy_png(result, DOCS / "accuracy.png")
+    out_json = Path(args.json)
+    out_json.write_text(json.dumps(result, indent=1))
+    accuracy_png(result, out_json.with_suffix(".png"))
+    if args.section == "none":
+        print(markdown_table(headers, table_rows))
+        print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
+        return
     cmd = "python benchmarks/accuracy.py"
     defaults = {"--items": (args.items, 500), "--datasets": (args.datasets, "csqa,piqa,obqa,siqa,boolq")}
     cmd += "".join(f" {flag} {value}" for flag, (value, default) in defaults.items() if value != default)

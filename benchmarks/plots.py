@@ -68,12 +68,12 @@ def decode_memory_png(data: dict[str, Any], path: str | Path) -> Path:
 def training_cost_png(data: dict[str, Any], path: str | Path) -> Path:
     """Seconds per optimizer step and peak RSS of each training variant.
 
-    distill and plain (same trainable parameters and tokens) are the comparison; any stock LLaMA-Factory
+    distill and plain (same trainable parameters, tokens and rank draws per micro-batch) are the comparison; any stock LLaMA-Factory
     rows are drawn grey and hatched because they train other parameters and are context only."""
     plt = _pyplot()
     rows = data["rows"]
     names = [r["variant"] for r in rows]
-    headline = {"distill": "tab:blue", "plain": "tab:cyan"}
+    headline = {"distill": "tab:blue", "plain": "tab:cyan", "distill-2draws": "tab:purple", "plain-2draws": "plum"}
     colours = [headline.get(n, "lightgray") for n in names]
     hatches = ["" if n in headline else "//" for n in names]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -8,6 +8,7 @@ before the first step (the PCA start, the same for every variant) and after the 
 
     python benchmarks/recipe_sweep.py                      # all variants, docs/recipe_sweep.json
     python benchmarks/recipe_sweep.py --only recipe,kl0.25 # some of them
+    python benchmarks/recipe_sweep.py --only recipe,draws2,recipe20 --variants-out docs/recipe_draws.json
     python benchmarks/recipe_sweep.py --steps 2 --variants-out /tmp/x.json --pca <tiny>  # smoke
 
 Finished variants are reused (delete outputs/recipe_sweep/<name> to rerun one): the sweep can be
@@ -44,6 +45,10 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
                                                          "matryoshka_rank_probs": "1,1,1,1,1,1,1,1"}),
     "speeches": ("speeches only (no self-chat)", {"dataset": "sotu_train", "mix_strategy": "concat",
                                                    "interleave_probs": "null"}),
+    # Two draws per micro-batch share one teacher forward: more student work per step at a lower teacher share.
+    # recipe20 gives the one-draw recipe about the same wall time as draws2 (5 vs 3 forward-equivalents a step).
+    "draws2": ("two rank draws per micro-batch, one teacher forward", {"matryoshka_rank_samples": "2"}),
+    "recipe20": ("the recipe for 20 steps (about the time of draws2's 12)", {"max_steps": "20"}),
     "lora": ("projections + LoRA r=8 on q,k,v,o (lr 2e-4)", {"finetuning_type": "lora",
                                                              "lora_target": "q_proj,k_proj,v_proj,o_proj",
                                                              "lora_rank": "8", "learning_rate": "2.0e-4"}),

@@ -11,6 +11,8 @@ invocation of this script, so the ratios compare runs on the same machine state:
 
   distill       matryoshka_trainer=distill  (the default: KL to the full-rank teacher + CE; projections train)
   plain         matryoshka_trainer=plain    (CE under sampled ranks, no teacher forward; projections train)
+  distill-2draws / plain-2draws   the same with matryoshka_rank_samples=2: every micro-batch is trained under
+                two rank draws; distill runs its teacher once per micro-batch for both
   stock-freeze  matryoshka_trainer=none finetuning_type=freeze freeze_trainable_layers=<all>
                 freeze_trainable_modules=self_attn   (context: LLaMA-Factory's CustomTrainer training q/k/v/o
                 + the projections, a different and larger set of parameters)
@@ -20,11 +22,11 @@ invocation of this script, so the ratios compare runs on the same machine state:
 Common overrides: max_steps=N, eval_strategy=no, save_strategy=no, plot_loss=false, output_dir=<temp>.
 Time per step = (elapsed at the last step - elapsed at step 1) / (N - 1) from trainer_log.jsonl (the first
 step carries warm-up), with train_runtime / N alongside. Every row's ratio is its s/step divided by the
-`plain` run's s/step. Peak memory = max RSS of the llamafactory-cli process tree
+s/step of the plain run with the same number of draws (`plain` for the stock rows). Peak memory = max RSS of the llamafactory-cli process tree
 (getrusage(RUSAGE_CHILDREN) in a fresh wrapper process per run).
 
   python benchmarks/training_cost.py                 # full run on outputs/demo/pca, docs/benchmarks.md section
-  python benchmarks/training_cost.py --quick         # CI: distill and plain on a tiny checkpoint, temp dir, no docs
+  python benchmarks/training_cost.py --quick         # CI: the Matryoshka rows on a tiny checkpoint, temp dir, no docs
 """
 
 from __future__ import annotations
@@ -47,12 +49,16 @@ BIN = Path(sys.executable).parent
 VARIANTS = {
     "distill": {"matryoshka_trainer": "distill"},
     "plain": {"matryoshka_trainer": "plain"},
+    "distill-2draws": {"matryoshka_trainer": "distill", "matryoshka_rank_samples": "2"},
+    "plain-2draws": {"matryoshka_trainer": "plain", "matryoshka_rank_samples": "2"},
     "stock-freeze": {"matryoshka_trainer": "none", "finetuning_type": "freeze",
                      "freeze_trainable_layers": "{layers}", "freeze_trainable_modules": "self_attn"},
     "stock-full": {"matryoshka_trainer": "none", "finetuning_type": "full"},
 }
-REFERENCE = "plain"
-HEADLINE = ("distill", "plain")
+# Each row is compared with plain Matryoshka training doing the same student work (rank draws per micro-batch).
+REFERENCE = {"distill-2draws": "plain-2draws", "plain-2draws": "plain-2draws"}
+DEFAULT_REFERENCE = "plain"
+HEADLINE = ("distill", "plain", "distill-2draws", "plain-2draws")
 WRAPPER = (
     "import json, resource, subprocess, sys, time\n"
     "t = time.perf_counter()\n"
@@ -152,7 +158,7 @@ def main() -> None:
         base.update(model_name_or_path=str(model), dataset="tiny_pt", dataset_dir=str(data), cutoff_len="32",
                     max_samples="48", val_size="0", max_steps="3")
         if args.variants == ",".join(VARIANTS):
-            args.variants = "distill,plain"  # the headline pair; the stock rows are context only
+            args.variants = ",".join(HEADLINE)  # the stock rows are context only
     config = json.loads((Path(base["model_name_or_path"]) / "config.json").read_text())
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -167,10 +173,12 @@ def main() -> None:
     for name in names:
         overrides = {k: v.format(layers=config["num_hidden_layers"]) for k, v in VARIANTS[name].items()}
         rows.append(run_variant(name, overrides, base, args.yaml, work, env))
-    # The reference is plain Matryoshka training: same trainable parameters and tokens as distill.
-    ref = next((r for r in rows if r["variant"] == REFERENCE), rows[0])
+    # The reference is plain Matryoshka training: same trainable parameters, tokens and rank draws as distill.
+    by_name = {r["variant"]: r for r in rows}
     for row in rows:
-        row["ratio_to_plain"] = (row["s_per_step"] / ref["s_per_step"]) if row["s_per_step"] and ref[
+        ref = by_name.get(REFERENCE.get(row["variant"], DEFAULT_REFERENCE))
+        row["reference"] = ref["variant"] if ref else None
+        row["ratio_to_plain"] = (row["s_per_step"] / ref["s_per_step"]) if ref and row["s_per_step"] and ref[
             "s_per_step"] else None
     result = {"meta": {"model": rel(base["model_name_or_path"]), "yaml": args.yaml, "steps": int(base["max_steps"])},
               "rows": rows}
@@ -193,7 +201,8 @@ def render(rows: list[dict], base: dict[str, str], args: argparse.Namespace) -> 
 
     def table(selected: list[dict]) -> str:
         cells = [[r["variant"], num(r["s_per_step"], ".1f"), num(r["runtime_per_step"], ".1f"),
-                  num(r["ratio_to_plain"], ".2f"), f"{r['peak_rss_mib']:.0f}", r["trainable"] or "-"]
+                  num(r["ratio_to_plain"], ".2f") + (f" ({r['reference']})" if r.get("reference") else ""),
+                  f"{r['peak_rss_mib']:.0f}", r["trainable"] or "-"]
                  for r in selected]
         return markdown_table(["variant", "s / step (steady)", "train_runtime / steps", "s/step vs plain",
                                "peak RSS MiB", "trainable parameters (LLaMA-Factory's log)"], cells)
@@ -202,21 +211,29 @@ def render(rows: list[dict], base: dict[str, str], args: argparse.Namespace) -> 
     headline = [by_name[n] for n in HEADLINE if n in by_name]
     context = [r for r in rows if r["variant"] not in HEADLINE]
     body = header("python benchmarks/training_cost.py") + "\n"
-    if len(headline) == 2 and all(r["s_per_step"] for r in headline):
-        distill, plain = headline
+    for teacher, plain_name in (("distill", "plain"), ("distill-2draws", "plain-2draws")):
+        distill, plain = by_name.get(teacher), by_name.get(plain_name)
+        if not (distill and plain and distill["s_per_step"] and plain["s_per_step"]):
+            continue
         same = distill["trainable"] == plain["trainable"]
-        body += (f"**Distillation costs {distill['ratio_to_plain']:.2f}x plain Matryoshka training per optimizer "
-                 f"step** ({distill['s_per_step']:.1f} vs {plain['s_per_step']:.1f} s/step; peak RSS "
-                 f"{distill['peak_rss_mib']:.0f} vs {plain['peak_rss_mib']:.0f} MiB), "
+        draws = "one rank draw" if teacher == "distill" else "two rank draws (`matryoshka_rank_samples: 2`)"
+        body += (f"**With {draws} per micro-batch, distillation costs {distill['ratio_to_plain']:.2f}x plain "
+                 f"Matryoshka training per optimizer step** ({distill['s_per_step']:.1f} vs "
+                 f"{plain['s_per_step']:.1f} s/step; peak RSS {distill['peak_rss_mib']:.0f} vs "
+                 f"{plain['peak_rss_mib']:.0f} MiB), "
                  + ("with the same trainable parameters" if same else "**with different trainable parameters**")
-                 + f" ({distill['trainable'] or '-'}) and the same batches and tokens: the difference is the "
-                 "no-grad full-rank teacher forward and the KL term per micro-batch.\n\n")
+                 + f" ({distill['trainable'] or '-'}) and the same batches, tokens and draws: the difference is the "
+                 "no-grad full-rank teacher forward (once per micro-batch, whatever the draws) and the KL "
+                 "term.\n\n")
     body += (f"`llamafactory-cli train {args.yaml}` on `{rel(base['model_name_or_path'])}` (SmolLM2-135M, PCA bases), "
              f"{base['max_steps']} optimizer steps per variant (batch 2 x gradient accumulation 2 = 4 sequences of "
              "256 tokens per step, float32, CPU, no gradient checkpointing), one variant after the other in one "
              "run. s/step = steady state from trainer_log.jsonl (elapsed from step 1 to the last step); "
-             "peak RSS = max resident set of the llamafactory-cli process tree; every ratio is against the "
-             "`plain` run's s/step.\n\n")
+             "peak RSS = max resident set of the llamafactory-cli process tree; every ratio is against the s/step "
+             "of the plain run with the same rank draws per micro-batch (in brackets). With two draws each "
+             "optimizer step trains every micro-batch twice, under two independent rank draws, so the -2draws rows "
+             "do twice the student work of the one-draw rows; what the second draw buys in quality is measured in "
+             "docs/recipe.md.\n\n")
     body += table(headline) + "\n\n"
     if context:
         body += ("Context only, a different workload: LLaMA-Factory's own trainer (`matryoshka_trainer: none`) on "

@@ -15,6 +15,9 @@ Common behaviour (:class:`MatryoshkaTrainerMixin`):
 
 * ranks are set for the whole ``training_step`` (forward *and* backward, so gradient
   checkpointing recomputes under the same ranks) and always cleared afterwards;
+* with ``matryoshka_rank_samples: n`` each micro-batch is trained under n independent draws, each
+  weighted 1/n; the distillation teacher runs once per micro-batch and serves all n, which is
+  what makes distillation cheap relative to plain training (not with DeepSpeed);
 * evaluation / prediction run at a fixed uniform budget (``matryoshka_eval_budget``), logged as
   ``eval_kv_budget``; the model's own ranks are restored afterwards;
 * with ``matryoshka_heldout_budgets``, held-out perplexity at those budgets is logged before the
@@ -207,6 +210,13 @@ class MatryoshkaTrainerMixin:
         self._rank_generator = torch.Generator(device="cpu")
         self._rank_generator.manual_seed(int(seed) + int(self.args.process_index))
         self._current_ranks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._batch_teacher: torch.Tensor | None = None  # the teacher's logits, shared by a micro-batch's rank draws
+        if margs.matryoshka_rank_samples > 1 and getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(
+                f"`matryoshka_rank_samples: {margs.matryoshka_rank_samples}` does not work with DeepSpeed: its engine "
+                "counts every backward pass as a micro-batch. Remove `deepspeed` or set `matryoshka_rank_samples: 1` "
+                "(and raise `gradient_accumulation_steps` for more draws per step)."
+            )
         self._in_eval_budget = False
         self._loss_parts: dict[str, list[torch.Tensor]] = {"kl": [], "ce": []}
         self.add_callback(BasesAcrossRanks(pca))  # first: later callbacks evaluate with the bases it syncs
@@ -249,10 +259,37 @@ class MatryoshkaTrainerMixin:
             self._pca.clear_sampled_ranks()
 
     def training_step(self, model, inputs, *args: Any, **kwargs: Any):
-        key, value = self.draw_ranks()
-        # Ranks stay set through backward: gradient checkpointing recomputes under the same ranks.
-        with self.sampled_ranks(key, value):
-            return super().training_step(model, inputs, *args, **kwargs)
+        samples = self.matryoshka_args.matryoshka_rank_samples
+        total = None
+        try:
+            for index in range(samples):
+                key, value = self.draw_ranks()
+                # Only the last draw's backward synchronises DDP gradients (the earlier ones accumulate locally).
+                last = index == samples - 1
+                no_sync = getattr(model, "no_sync", None)
+                quiet = no_sync() if not last and callable(no_sync) else contextlib.nullcontext()
+                # Ranks stay set through backward: gradient checkpointing recomputes under the same ranks.
+                with self.sampled_ranks(key, value), quiet:
+                    loss = super().training_step(model, inputs, *args, **kwargs)
+                total = loss if total is None else total + loss
+        finally:
+            self._batch_teacher = None
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        result = self.matryoshka_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        samples = self.matryoshka_args.matryoshka_rank_samples
+        if self._current_ranks is None or samples == 1:
+            return result
+        # Each draw contributes 1/samples of the micro-batch's gradient; the logged loss is their sum (the mean).
+        if return_outputs:
+            loss, outputs = result
+            return loss / samples, outputs
+        return result / samples
+
+    def matryoshka_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """The loss of one micro-batch under the ranks now set (the base trainer's LM loss)."""
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     # ------------------------------------------------------------------ evaluation at a fixed budget
     @contextlib.contextmanager
@@ -362,19 +399,29 @@ class DistillationMixin(MatryoshkaTrainerMixin):
 
     matryoshka_kind = "distill"
 
-    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        if self._current_ranks is None or "labels" not in inputs:  # evaluation / prediction: plain LM loss
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        margs = self.matryoshka_args
-        labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    def teacher_logits(self, model, model_inputs: dict[str, Any]) -> torch.Tensor:
+        """The full-rank teacher's logits for the current micro-batch, computed once for all its rank draws."""
+        if self._batch_teacher is not None:
+            return self._batch_teacher
         teacher_model = self.accelerator.unwrap_model(model)
         # The teacher is the base model: no projection (exact in bf16 too) and no LoRA adapter.
         disable_adapter = getattr(teacher_model, "disable_adapter", None)
         with torch.no_grad(), self._pca.exact_full_rank(), (
             disable_adapter() if callable(disable_adapter) else contextlib.nullcontext()
         ):
-            teacher_logits = teacher_model(**model_inputs).logits.detach()
+            logits = teacher_model(**model_inputs).logits.detach()
+        if self.matryoshka_args.matryoshka_rank_samples > 1:
+            self._batch_teacher = logits  # cleared by training_step when the micro-batch is done
+        return logits
+
+    def matryoshka_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        if self._current_ranks is None or "labels" not in inputs:  # evaluation / prediction: plain LM loss
+            return super().matryoshka_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
+        margs = self.matryoshka_args
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        teacher_logits = self.teacher_logits(model, model_inputs)
         outputs = model(**model_inputs)
         kl_sum, ce_sum, count = distillation_terms(
             outputs.logits, teacher_logits, labels, temperature=margs.matryoshka_temperature

@@ -143,6 +143,11 @@ def test_accuracy_quick(tmp_path, docs_untouched):
     summary = {(r["model"], r["dataset"]): r["accuracy"] for r in result["rows"]}
     for dataset in ("piqa", "obqa"):  # full rank computes the base model's function
         assert summary[("pca-100%", dataset)] == summary[("base-uncompressed", dataset)]
+    agreement = {(r["model"], r["dataset"]): r.get("agreement") for r in result["rows"]}
+    for dataset in ("piqa", "obqa"):  # per-set agreement with the base model's answers, the base with itself 100%
+        assert agreement[("base-uncompressed", dataset)] == 100.0
+        assert agreement[("pca-100%", dataset)] == 100.0
+        assert all(0 <= agreement[(m, dataset)] <= 100 for m in models)
     rates = result["meta"]["rates"]
     assert rates["piqa"]["n"] == rates["obqa"]["n"] == 2
     assert rates["piqa"]["chance"] == 0.5 and rates["obqa"]["chance"] == 0.25  # 2 and 4 options per item
@@ -157,7 +162,7 @@ def test_training_cost_quick(tmp_path, docs_untouched):
     assert "training_cost quick run ok" in proc.stdout
     result = json.loads((tmp_path / "training_cost.json").read_text())
     rows = {row["variant"]: row for row in result["rows"]}
-    assert set(rows) == {"distill", "plain"}
+    assert set(rows) == {"distill", "plain", "distill-2draws", "plain-2draws"}
     layers, kv_heads, head_dim = _shape(tmp_path / "model" / "config.json")
     # the same workload: per (layer, KV head) a d x d Cayley generator for K and for V, plus mu_V
     projections = layers * kv_heads * (2 * head_dim * head_dim + head_dim)
@@ -168,6 +173,10 @@ def test_training_cost_quick(tmp_path, docs_untouched):
         assert row["runtime_per_step"] == pytest.approx(runtime / 3)
     # the headline ratio is distill's time over plain's, not a row over itself
     assert rows["distill"]["ratio_to_plain"] == pytest.approx(rows["distill"]["s_per_step"] / rows["plain"]["s_per_step"])
+    two = rows["distill-2draws"]
+    assert two["reference"] == "plain-2draws"
+    assert two["ratio_to_plain"] == pytest.approx(two["s_per_step"] / rows["plain-2draws"]["s_per_step"])
+    assert "matryoshka_rank_samples=2" in two["command"]
     _assert_png(tmp_path / "training_cost.png")
 
 

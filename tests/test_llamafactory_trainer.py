@@ -250,6 +250,45 @@ def test_training_steps_decrease_loss_and_keep_base(tiny, tmp_path):
             assert torch.allclose(basis.transpose(-1, -2) @ basis, eye, atol=1e-5)
 
 
+@pytest.mark.parametrize("cls,kind", [(PcaLlamaDistillationTrainer, "distill"), (PcaLlamaTrainer, "plain")])
+def test_rank_samples_average_the_draws_and_share_one_teacher(tiny, tmp_path, cls, kind):
+    """``matryoshka_rank_samples: 2``: the gradient is the mean of two single-draw steps' (same draws, same seed);
+    the distillation teacher runs once per micro-batch."""
+    batch = _batch(tokenizer := _load(tiny["model"])[1])
+    grads, teacher_runs, losses = {}, {}, {}
+    for samples in (1, 2):
+        model, _ = _load(tiny["model"])
+        margs = MatryoshkaArguments(matryoshka_trainer=kind, matryoshka_rank_samples=samples, matryoshka_seed=7)
+        trainer = _trainer(cls, model, tokenizer, tmp_path / str(samples), margs)
+        trainer.current_gradient_accumulation_steps = 1
+        runs = []
+        original = trainer._pca.exact_full_rank
+
+        def counted(*args, _original=original, _runs=runs, **kwargs):
+            _runs.append(1)
+            return _original(*args, **kwargs)
+
+        trainer._pca.exact_full_rank = counted
+        model.train()
+        steps = 2 if samples == 1 else 1  # the same two draws either way
+        losses[samples] = sum(float(trainer.training_step(model, dict(batch))) for _ in range(steps))
+        grads[samples] = [p.grad.clone() for p in trainer._projection_params if p.grad is not None]
+        teacher_runs[samples] = len(runs)
+        assert trainer._batch_teacher is None  # not kept past the micro-batch
+    assert grads[1] and len(grads[1]) == len(grads[2])
+    for single, shared in zip(grads[1], grads[2]):
+        torch.testing.assert_close(shared * 2, single, rtol=1e-4, atol=1e-6)
+    assert losses[2] == pytest.approx(losses[1] / 2, rel=1e-4)  # the logged loss is the draws' mean
+    if kind == "distill":
+        assert teacher_runs == {1: 2, 2: 1}
+
+
+def test_rank_samples_must_be_a_positive_whole_number():
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="matryoshka_rank_samples"):
+            MatryoshkaArguments(matryoshka_rank_samples=bad)
+
+
 def test_ranks_cleared_on_exception(tiny, tmp_path):
     model, tokenizer = _load(tiny["model"])
     trainer = _trainer(PcaLlamaTrainer, model, tokenizer, tmp_path, MatryoshkaArguments(matryoshka_trainer="plain"))
