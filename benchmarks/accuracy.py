@@ -248,7 +248,8 @@ def patch_rates() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pca", default="outputs/demo/pca")
-    parser.add_argument("--trained", default="outputs/demo/matryoshka")
+    parser.add_argument("--trained", default="outputs/demo/matryoshka",
+                        help="trained PcaLlama checkpoint, or the name of shipped projections (embedded-matryoshka)")
     parser.add_argument("--base-model", default=None, help="uncompressed checkpoint (default: the embedded model)")
     parser.add_argument("--budgets", default="100,50,37.5")
     parser.add_argument("--rank-files", default="outputs/bench/quality/ranks-0.5.json,outputs/bench/quality/ranks-0.375.json",
@@ -289,6 +290,12 @@ def main() -> None:
         work = tmp
     else:
         work = Path(args.work_dir or ROOT / "outputs/bench/accuracy")
+    from plugin.loading import SHIPPED
+
+    if args.trained in SHIPPED:  # shipped projections on the embedded model, as a checkpoint OpenCompass can load
+        from opencompass_ext.suite import shipped_checkpoint
+
+        args.trained = shipped_checkpoint(args.trained)
     if args.base_model is None:
         from plugin import assets
 

@@ -188,8 +188,10 @@ def test_sft_lora_with_projections_and_export(env, tiny, tmp_path):
 
 
 def test_ddp_two_processes(env, tiny, tmp_path):
+    """DDP with two rank draws per micro-batch: the first draw's backward skips the gradient all-reduce."""
     out = tmp_path / "out"
-    rc, log = _run(env, _yaml(tiny, out), tmp_path / "ddp.yaml", {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
+    rc, log = _run(env, _yaml(tiny, out, matryoshka_rank_samples=2), tmp_path / "ddp.yaml",
+                   {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
     _assert_saved(rc, log, out, multi_process=True)
     assert "world size: 2" in log
     _check_checkpoint(tiny["model"], out)
