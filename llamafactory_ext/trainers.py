@@ -211,6 +211,7 @@ class MatryoshkaTrainerMixin:
         self._rank_generator.manual_seed(int(seed) + int(self.args.process_index))
         self._current_ranks: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batch_teacher: torch.Tensor | None = None  # the teacher's logits, shared by a micro-batch's rank draws
+        self._share_teacher = False  # only inside training_step: a direct compute_loss never sees another batch's
         if margs.matryoshka_rank_samples > 1 and getattr(self, "is_deepspeed_enabled", False):
             raise ValueError(
                 f"`matryoshka_rank_samples: {margs.matryoshka_rank_samples}` does not work with DeepSpeed: its engine "
@@ -261,6 +262,7 @@ class MatryoshkaTrainerMixin:
     def training_step(self, model, inputs, *args: Any, **kwargs: Any):
         samples = self.matryoshka_args.matryoshka_rank_samples
         total = None
+        self._share_teacher = samples > 1
         try:
             for index in range(samples):
                 key, value = self.draw_ranks()
@@ -273,7 +275,7 @@ class MatryoshkaTrainerMixin:
                     loss = super().training_step(model, inputs, *args, **kwargs)
                 total = loss if total is None else total + loss
         finally:
-            self._batch_teacher = None
+            self._batch_teacher, self._share_teacher = None, False
         return total
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
@@ -410,7 +412,7 @@ class DistillationMixin(MatryoshkaTrainerMixin):
             disable_adapter() if callable(disable_adapter) else contextlib.nullcontext()
         ):
             logits = teacher_model(**model_inputs).logits.detach()
-        if self.matryoshka_args.matryoshka_rank_samples > 1:
+        if self._share_teacher:
             self._batch_teacher = logits  # cleared by training_step when the micro-batch is done
         return logits
 

@@ -275,6 +275,11 @@ def test_rank_samples_average_the_draws_and_share_one_teacher(tiny, tmp_path, cl
         grads[samples] = [p.grad.clone() for p in trainer._projection_params if p.grad is not None]
         teacher_runs[samples] = len(runs)
         assert trainer._batch_teacher is None  # not kept past the micro-batch
+        if kind == "distill" and samples == 2:  # outside training_step every call runs its own teacher
+            with trainer.sampled_ranks(*trainer.draw_ranks()):
+                trainer.compute_loss(model, dict(batch))
+                trainer.compute_loss(model, dict(batch))
+            assert len(runs) == teacher_runs[2] + 2
     assert grads[1] and len(grads[1]) == len(grads[2])
     for single, shared in zip(grads[1], grads[2]):
         torch.testing.assert_close(shared * 2, single, rtol=1e-4, atol=1e-6)
