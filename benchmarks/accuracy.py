@@ -265,8 +265,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny checkpoints, 2 items, no docs")
     parser.add_argument("--json", default=str(DOCS / "accuracy.json"),
                         help="result file (the PNG is written beside it, same stem; default docs/accuracy.json)")
-    parser.add_argument("--section", default="accuracy",
-                        help="docs/benchmarks.md section to rewrite, or 'none' to only print the table")
+    parser.add_argument("--section", default="accuracy", choices=("accuracy", "none"),
+                        help="rewrite the 'accuracy' section of docs/benchmarks.md, or 'none': only print the table")
     parser.add_argument("--patch-rates", action="store_true",
                         help="only add the chance / majority rows to docs/benchmarks.md and docs/accuracy.json")
     args = parser.parse_args()
