@@ -339,22 +339,22 @@ def main() -> None:
     table_rows, records = [], []
     for model, scores in results.items():
         cells = [model]
+        same = total = 0
         for name in names:
             acc = scores.get(set_abbrs[name])
             se = stderr_points(acc, counts[name]) if acc is not None else None
-            records.append({"model": model, "dataset": name, "n": counts[name], "accuracy": acc, "stderr": se})
+            record = {"model": model, "dataset": name, "n": counts[name], "accuracy": acc, "stderr": se}
+            preds = predictions.get(model, {}).get(set_abbrs[name], [])
+            ref = base_preds.get(set_abbrs[name], [])
+            compared = min(len(preds), len(ref))
+            if compared:
+                agreed = sum(a == b for a, b in zip(preds, ref))
+                record["agreement"] = 100 * agreed / compared  # % of the set's items answered as the base
+                same, total = same + agreed, total + compared
+            records.append(record)
             cells.append(f"{acc:.1f} ± {se:.1f}" if acc is not None else "-")
         avg = scores.get("mkv-average")
         cells.append(f"{avg:.1f}" if avg is not None else "-")
-        same = total = 0
-        for dataset, preds in predictions.get(model, {}).items():
-            ref = base_preds.get(dataset, [])
-            agreed = sum(a == b for a, b in zip(preds, ref))
-            compared = min(len(preds), len(ref))
-            same, total = same + agreed, total + compared
-            for record in records:
-                if record["model"] == model and set_abbrs[record["dataset"]] == dataset and compared:
-                    record["agreement"] = 100 * agreed / compared  # % of the set's items answered as the base
         cells.append(f"{100 * same / total:.1f}" if total else "-")
         table_rows.append(cells)
     rates = {name: subset_rates([name], args.suite, counts[name])[name] for name in names}

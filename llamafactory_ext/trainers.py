@@ -263,12 +263,12 @@ class MatryoshkaTrainerMixin:
         samples = self.matryoshka_args.matryoshka_rank_samples
         total = None
         self._share_teacher = samples > 1
+        no_sync = getattr(model, "no_sync", None)
         try:
             for index in range(samples):
                 key, value = self.draw_ranks()
                 # Only the last draw's backward synchronises DDP gradients (the earlier ones accumulate locally).
                 last = index == samples - 1
-                no_sync = getattr(model, "no_sync", None)
                 quiet = no_sync() if not last and callable(no_sync) else contextlib.nullcontext()
                 # Ranks stay set through backward: gradient checkpointing recomputes under the same ranks.
                 with self.sampled_ranks(key, value), quiet:
