@@ -10,6 +10,9 @@ Settings (every one on the same prompts and windows, in one process):
 * `tiered` (with --tiered W@R): the first --model with its newest W tokens at rank R and older ones at the
   highest rank that keeps the cache's bytes at or below the --tiered-budget uniform cache's (per context
   length; see plugin/cache/tiered.py).
+* eviction x ranks x bits (with --evict R@BITS:B): the first --model at rank budget R and BITS (K or K/V;
+  16 = not quantized) with the project's own prefill eviction (plugin.eviction.SnapEviction) on its cache, evicting
+  the share of the prefill that leaves B of the full cache's bytes once the scored (or answer) tokens are held;
 * token eviction (with --kvpress PRESS:B, run from the benchmark-only env of benchmarks/kvpress_env.sh):
   an NVIDIA kvpress press on --base, acting on the prefill of the tokens read first (the context before the
   scored 512, or the pass-key prompt), at the compression ratio that leaves B of the full cache's bytes once
@@ -74,6 +77,7 @@ class Setting:
     tiered: tuple[int, int] | None = None  # (window, recent rank): the old rank depends on the length
     hf_quant: tuple[str, int] | None = None  # transformers' QuantizedCache: (backend, bits)
     press: str | None = None  # a kvpress press acting on the prefill, at the bytes of `budget`
+    evict_to: float | None = None  # the project's eviction on this setting's cache, down to these bytes
 
     def apply(self) -> None:
         if not hasattr(self.model, "set_kv_budget"):
@@ -86,9 +90,28 @@ class Setting:
 
     def reading(self, context: int, after: int) -> contextlib.AbstractContextManager:
         """Entered around the prefill of `context` tokens that `after` more will follow (kvpress: its press)."""
+        if self.evict_to is not None:
+            from plugin.eviction import SnapEviction
+
+            return SnapEviction(eviction_ratio(self.evict_to / self.rate(), context, after))(self.model)
         if self.press is None:
             return contextlib.nullcontext()
         return make_press(self.press, eviction_ratio(self.budget, context, after))(self.model)
+
+    def rate(self) -> float:
+        """Bytes per token of this setting's ranks and bits, as a fraction of a bfloat16 full cache's."""
+        import torch
+
+        cfg = self.model.config
+        full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+        return self.model.kv_cache_bytes_per_token(torch.bfloat16) / full
+
+    def checked(self, context: int, after: int) -> None:
+        """Raise ValueError where the `after` tokens kept whole alone exceed an eviction setting's bytes."""
+        if self.press is not None:
+            eviction_ratio(self.budget, context, after)
+        if self.evict_to is not None:
+            eviction_ratio(self.evict_to / self.rate(), context, after)
 
     def cache(self, total: int, budget: float) -> Any:
         """A fresh cache for a sequence of `total` tokens (tiered: its old rank for that length)."""
@@ -116,12 +139,11 @@ class Setting:
         caches: their rate, codes + float16 scales and zeros (ours: the formula, checked against the cache in
         benchmarks/frontier.py; transformers': counted from the cache's quantized tensors).
         """
-        import torch
 
         cfg = self.model.config
         full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-        if self.bits is not None:
-            return self.model.kv_cache_bytes_per_token(torch.bfloat16) / (full * 2)
+        if self.bits is not None:  # the rate times the share of the tokens the cache still holds
+            return self.rate() * cache.get_seq_length() / tokens
         if self.hf_quant is not None:
             codes, groups, elements = hf_quant_counts(cache)
             return (codes + 2 * 2 * groups) / (2 * elements)
@@ -213,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kvpress", default="",
                         help="token-eviction rows on --base, PRESS:BUDGET (e.g. knorm:0.5,snapkv:0.25; presses: "
                              + ", ".join(PRESSES) + "); needs the env of benchmarks/kvpress_env.sh")
+    parser.add_argument("--evict", default="",
+                        help="R@BITS:B[,...]: the first --model at rank budget R and BITS (K or K/V of 2, 4, 8, 16; "
+                             "16 = unquantized) with the project's prefill eviction down to B of the bytes (e.g. "
+                             "1@4:0.125,1@8/4:0.25)")
     parser.add_argument("--tiered", default="", help="W@R[,W@R]: age-tiered rows for the first --model (e.g. 512@32)")
     parser.add_argument("--tiered-budget", type=float, default=0.25, help="the uniform budget whose bytes tiers match")
     parser.add_argument("--contexts", default="512,1024,2048", help="retrieval prompt lengths (tokens); '' for none")
@@ -235,6 +261,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not (args.model or args.kvpress):
         parser.error("give at least one --model (or --kvpress)")
+    evictions = []
+    from plugin.cache.quantize import parse_bit_pair
+
+    for text in filter(None, (t.strip() for t in args.evict.split(","))):
+        try:
+            config, budget = text.split(":")
+            rank, bits = config.split("@")
+            evictions.append((float(rank), parse_bit_pair(bits, "--evict bits"), float(budget)))
+        except ValueError as err:
+            parser.error(f"--evict {text!r}: give RANK_BUDGET@BITS:BYTES_BUDGET with BITS K or K/V in 2, 4, 8, 16, "
+                         f"e.g. 1@4:0.125 or 1@8/4:0.25 ({err})")
+        if not (0 < evictions[-1][0] <= 1 and 0 < evictions[-1][2] <= 1):
+            parser.error(f"--evict {text!r}: the rank and bytes budgets are in (0, 1]")
+    if evictions and not args.model:
+        parser.error("--evict acts on the first --model: give one")
     presses = []
     for text in filter(None, (t.strip() for t in args.kvpress.split(","))):
         name, _, budget = text.partition(":")
@@ -253,7 +294,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from plugin.cache.quantize import parse_bit_pair
     from plugin.data import load_texts, token_windows
     from plugin.loading import load_model
     from plugin.retrieval import ANSWER_TOKENS, accuracy_by_depth, generate_answers, passkey_items
@@ -268,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
             window, recent = (int(x) for x in tier.split("@"))
             settings.append(Setting(f"tiered {window}@{recent} <= {args.tiered_budget:g}", "tiered", model,
                                     recent / model.config.head_dim, tiered=(window, recent)))
+        for rank, bits, budget in evictions if spec == args.model[0] else ():
+            written = str(bits[0]) if bits[0] == bits[1] else f"{bits[0]}/{bits[1]}"
+            settings.append(Setting(f"{label} {rank:g} x {written}b + evict <= {budget:g}", "evict-ranks-bits", model,
+                                    rank, bits=None if bits == (16, 16) else bits, evict_to=budget))
     if args.quant_bits or args.hf_quant or args.full or presses:
         base, base_tokenizer = load_model(args.base)
         tokenizer = tokenizer or base_tokenizer
@@ -308,8 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             nll, count = 0.0, 0
             try:
-                if setting.press is not None:
-                    eviction_ratio(setting.budget, context - SCORED, SCORED)
+                setting.checked(context - SCORED, SCORED)
             except ValueError as err:  # the scored tokens alone exceed the budget
                 print(f"{setting.name}, {context} tokens: skipped ({err})", flush=True)
                 continue

@@ -18,6 +18,7 @@ _EXPORTS = {
     "PcaLlamaConfig": "plugin.config",
     "PcaLlamaForCausalLM": "plugin.modeling",
     "PcaLlamaModel": "plugin.modeling",
+    "SnapEviction": "plugin.eviction",
     "register": "plugin.registration",
 }
 __all__ = list(_EXPORTS)

@@ -3,7 +3,8 @@
 For KV head h with ranks (r_k, r_v) and the query heads of its group:
     k' = RoPE(k) U_K[:, :r_k],  q' = RoPE(q) U_K[:, :r_k],  v' = (v - mu_V) U_V[:, :r_v]
     out = softmax(q' k'^T / sqrt(d) + mask) v' U_V[:, :r_v]^T + mu_V    -> o_proj
-Only k' and v' are cached. Heads with equal ranks are processed together as one group.
+Only k' and v' are cached (with a plugin.eviction.SnapEviction applied, only the tokens it keeps of a
+prefill). Heads with equal ranks are processed together as one group.
 
 Four paths:
 - exact full rank (the distillation teacher, `PcaLlamaForCausalLM.exact_full_rank()`): Llama's own
@@ -128,6 +129,7 @@ class PcaLlamaAttention(LlamaAttention):
         self.groups = group_heads(self.key_ranks, self.value_ranks)
         self.sampled_masks: tuple[torch.Tensor, torch.Tensor] | None = None
         self.observer: Observer | None = None
+        self.evictor: Any = None  # a plugin.eviction.SnapEviction while one is applied
         self.skip_projections = False  # full rank, computed as the base model does (see forward)
         self._inference: dict[str, Any] | None = None
 
@@ -329,9 +331,14 @@ class PcaLlamaAttention(LlamaAttention):
                 value_groups.append(self.project_values(group, entry, value))
 
         if past_key_values is not None:
-            key_groups, value_groups = past_key_values.update(
-                key_groups, value_groups, self.layer_idx, {"signature": self.signature()}
-            )
+            cache_kwargs = {"signature": self.signature()}
+            if self.evictor is not None and q_len > 1 and past_key_values.get_seq_length(self.layer_idx) == 0:
+                # the prefill attends to all its tokens; only the kept ones are cached
+                kept = self.evictor.evict(query_groups, key_groups, value_groups, self.scaling)
+                past_key_values.update(*kept, self.layer_idx, cache_kwargs)
+            else:
+                key_groups, value_groups = past_key_values.update(key_groups, value_groups, self.layer_idx,
+                                                                  cache_kwargs)
         kv_len = key_groups[0].shape[-2]
         mask, is_causal = prepare_mask(attention_mask, q_len, kv_len, query.device, query.dtype, eager)
         outputs = [

@@ -319,6 +319,42 @@ def test_longctx_on_a_tiny_model(tmp_path) -> None:
     assert "| tiny 0.5 | 0.500 |" in section and "| quant-only 4b |" in section and "depth 1" in section
 
 
+def test_longctx_evict_rows_compose_eviction_ranks_and_bits_at_measured_bytes(tmp_path, monkeypatch) -> None:
+    """--evict R@BITS:B: the project's prefill eviction on the first --model's cache at rank budget R and BITS,
+    evicting down to B of the bytes once the scored tokens are held; a length where they alone exceed it is skipped."""
+    from conftest import make_tiny_llama
+    from helpers import save_tiny_base, to_pca
+
+    base = make_tiny_llama("gqa", attn_implementation="sdpa")
+    save_tiny_base(base, tmp_path / "base")
+    to_pca(base).save_pretrained(tmp_path / "pca")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tmp_path / "base" / name).exists():
+            (tmp_path / "pca" / name).write_bytes((tmp_path / "base" / name).read_bytes())
+    spec = importlib.util.spec_from_file_location("mkv_bench_longctx_evict", BENCH / "longctx.py")
+    longctx = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, longctx)
+    spec.loader.exec_module(longctx)
+    out = tmp_path / "evict.json"
+    assert longctx.main(["--model", str(tmp_path / "pca"), "--label", "tiny", "--budgets", "1",
+                         "--evict", "1@4:0.2,0.5@16:0.3,1@8/4:0.3", "--contexts", "200", "--depths", "1", "--per-depth", "1",
+                         "--ppl-contexts", "600,1200", "--ppl-windows", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ppl = {(r["setting"], r["context"]): r for r in result["perplexity"]}
+    assert set(ppl) == {("tiny 1", 600), ("tiny 1", 1200), ("tiny 1 x 4b + evict <= 0.2", 1200),
+                        ("tiny 0.5 x 16b + evict <= 0.3", 1200), ("tiny 1 x 8/4b + evict <= 0.3", 1200)}
+    quantized, projected = ppl[("tiny 1 x 4b + evict <= 0.2", 1200)], ppl[("tiny 0.5 x 16b + evict <= 0.3", 1200)]
+    assert quantized["bytes_fraction"] == pytest.approx(0.2, abs=1e-3) and quantized["bytes_fraction"] <= 0.2
+    assert projected["bytes_fraction"] == pytest.approx(0.3, abs=1e-3) and projected["method"] == "evict-ranks-bits"
+    assert ppl[("tiny 1 x 8/4b + evict <= 0.3", 1200)]["bytes_fraction"] == pytest.approx(0.3, abs=1e-3)
+    full = ppl[("tiny 1", 1200)]["last512_perplexity"]
+    assert quantized["last512_perplexity"] != full and projected["last512_perplexity"] != full
+    assert {r["setting"] for r in result["retrieval"]} == {"tiny 1", "tiny 1 x 4b + evict <= 0.2",
+                                                          "tiny 0.5 x 16b + evict <= 0.3", "tiny 1 x 8/4b + evict <= 0.3"}
+    with pytest.raises(SystemExit):
+        longctx.main(["--model", str(tmp_path / "pca"), "--evict", "1@3:0.2", "--out", str(out)])
+
+
 def test_quant_kernels_measures_ours_with_exact_bytes_and_bounded_error(tmp_path) -> None:
     """benchmarks/quant_kernels.py in process on a small shape: this project's row has the formula's bytes and
     an error within half a grid step; competitors are measured when installed, else reported missing."""

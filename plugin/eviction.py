@@ -1,0 +1,104 @@
+"""Token eviction at prefill on the model's own cache (SnapKV-style), composable with ranks and bits.
+
+Low rank and quantization shrink every cached token; eviction drops whole tokens. They are different
+axes, so they compose: ``with SnapEviction(0.5)(model): model.generate(...)`` keeps half the prompt's
+tokens in whatever cache the model uses (projected, quantized, tiered), each at its ranks and bits.
+
+When a forward fills an empty cache with L > 1 tokens, each layer scores the tokens before the last
+``window`` by the attention the last ``window`` queries give them, computed as the layer computes it (in
+the projected space, at the current ranks), averaged over the window and the KV head's query heads and
+smoothed over ``kernel`` neighbours. Each KV head keeps the window and its best-scored earlier tokens,
+``int(L * (1 - compression_ratio))`` in all, and only those enter the cache. The prefill's own attention
+is exact; tokens read after it are all kept, at their true positions (``generate`` counts positions from
+the attention mask, not from the cache's length).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SnapEviction:
+    """Evict ``compression_ratio`` of a prefill's tokens, kept by the attention of its last ``window`` queries."""
+
+    compression_ratio: float
+    window: int = 64
+    kernel: int = 5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.compression_ratio < 1.0:
+            raise ValueError(f"compression_ratio is the share of prefill tokens evicted, in [0, 1); got "
+                             f"{self.compression_ratio}")
+        if self.window < 1:
+            raise ValueError(f"the observation window must be >= 1 token; got {self.window}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"the pooling kernel must be a positive odd number of tokens; got {self.kernel}")
+
+    def kept(self, length: int) -> int:
+        """Tokens a prefill of ``length`` keeps (at least one)."""
+        return max(1, int(length * (1.0 - self.compression_ratio)))
+
+    @torch.no_grad()
+    def select(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+        """Sorted indices ``[B, G, kept]`` of the tokens each KV head keeps.
+
+        ``query`` [B, G, n_rep, L, r] and ``key`` [B, G, L, r] of one head group, after projection.
+        """
+        length = key.shape[-2]
+        keep = self.kept(length)
+        window = min(self.window, length)
+        recent = torch.arange(length - min(keep, window), length, device=key.device)
+        if keep <= window:
+            return recent.expand(*key.shape[:2], keep)
+        logits = torch.matmul(query[..., -window:, :].float(), key.float().unsqueeze(2).transpose(-1, -2)) * scale
+        causal = torch.ones(window, window, dtype=torch.bool, device=key.device).tril()
+        logits[..., -window:] = logits[..., -window:].masked_fill(~causal, float("-inf"))
+        scores = torch.softmax(logits, dim=-1)[..., : length - window].mean(dim=(2, 3))  # [B, G, L - window]
+        batch, groups, older = scores.shape
+        pooled = F.avg_pool1d(scores.reshape(batch * groups, 1, older), self.kernel, stride=1,
+                              padding=self.kernel // 2, count_include_pad=False).view(batch, groups, older)
+        best = pooled.topk(keep - window, dim=-1).indices
+        return torch.cat([best.sort(dim=-1).values, recent.expand(batch, groups, window)], dim=-1)
+
+    def evict(
+        self, query_groups: list[torch.Tensor], key_groups: list[torch.Tensor], value_groups: list[torch.Tensor],
+        scale: float,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The kept keys and values of every head group (what enters the cache)."""
+        keys, values = [], []
+        for query, key, value in zip(query_groups, key_groups, value_groups):
+            index = self.select(query, key, scale).unsqueeze(-1)
+            keys.append(key.gather(2, index.expand(-1, -1, -1, key.shape[-1])))
+            values.append(value.gather(2, index.expand(-1, -1, -1, value.shape[-1])))
+        return keys, values
+
+    @contextlib.contextmanager
+    def __call__(self, model: Any) -> Iterator[Any]:
+        """Evict at every prefill of ``model`` (a PcaLlamaForCausalLM) while inside; always detached after."""
+        if not hasattr(model, "attention_layers"):
+            raise TypeError(f"SnapEviction acts on a PcaLlama model; got {type(model).__name__} (load the model "
+                            "with AutoModelForCausalLM from a PcaLlama checkpoint, or PcaLlamaForCausalLM.from_llama)")
+        layers = model.attention_layers()
+        hook = model.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
+        try:
+            for attn in layers:
+                attn.evictor = self
+            yield model
+        finally:
+            hook.remove()
+            for attn in layers:
+                attn.evictor = None
+
+
+def _refuse_padding(module: Any, args: tuple, kwargs: dict) -> None:
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+        raise ValueError("token eviction needs unpadded sequences (every sequence of a batch the same length); "
+                         "run padded prompts one at a time")
