@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, versions, write_json, write_section
+from benchmarks.plots import longctx_png
 
 SCORED = 512
 
@@ -256,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         import json
 
-        write_section("longctx", "Long context: retrieval and last-512-token perplexity at equal bytes",
-                      render(json.loads(Path(args.out).read_text())))
+        result = json.loads(Path(args.out).read_text())
+        write_section("longctx", "Long context: retrieval and last-512-token perplexity at equal bytes", render(result))
+        if result["perplexity"]:
+            longctx_png(result, Path(args.out).with_suffix(".png"))
         return 0
     if not (args.model or args.kvpress):
         parser.error("give at least one --model (or --kvpress)")
@@ -404,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, result)
     if args.docs:
         write_section("longctx", "Long context: retrieval and last-512-token perplexity at equal bytes", render(result))
+        if perplexity:
+            longctx_png(result, Path(args.out).with_suffix(".png"))
     return 0
 
 
@@ -432,6 +437,7 @@ def render(result: dict) -> str:
         body += markdown_table(["setting", "bytes"] + [f"{c} tokens" for c in contexts],
                                [[name, f"{bytes_of[name]:.3f}"] + [f"{ctx[c]:.2f}" if c in ctx else "-" for c in contexts]
                                 for name, ctx in table.items()]) + "\n\n"
+        body += "![perplexity against cache bytes at each context](longctx.png)\n\n"
     if result["retrieval"]:
         depths = sorted({r["depth"] for r in result["retrieval"]})
         lines: dict[tuple[str, int], dict[float, str]] = {}

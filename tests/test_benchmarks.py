@@ -351,6 +351,7 @@ def test_longctx_evict_rows_compose_eviction_ranks_and_bits_at_measured_bytes(tm
     assert quantized["last512_perplexity"] != full and projected["last512_perplexity"] != full
     assert {r["setting"] for r in result["retrieval"]} == {"tiny 1", "tiny 1 x 4b + evict <= 0.2",
                                                           "tiny 0.5 x 16b + evict <= 0.3", "tiny 1 x 8/4b + evict <= 0.3"}
+    _assert_png(longctx.longctx_png(result, tmp_path / "longctx.png"))
     with pytest.raises(SystemExit):
         longctx.main(["--model", str(tmp_path / "pca"), "--evict", "1@3:0.2", "--out", str(out)])
 
