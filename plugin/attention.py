@@ -158,11 +158,14 @@ class PcaLlamaAttention(LlamaAttention):
         return tuple((g.key_rank, g.value_rank, *g.heads) for g in self.groups)
 
     @torch.no_grad()
-    def rebase_to_nested(self, kind: str, head: int, states: torch.Tensor, rank: int) -> torch.Tensor:
-        """Cached states of one head, moved from the model's own basis (full rank) into U when cut below it."""
+    def rebase_to_nested(self, kind: str, head: int, states: torch.Tensor, rank: int,
+                         bases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Cached states of one head, moved from the model's own basis (full rank) into U when cut below it.
+
+        ``bases``: ``kv_proj()``'s output when the caller moves several heads (computed once, not per head)."""
         if states.shape[-1] != self.head_dim or rank == self.head_dim:
             return states
-        key_basis, value_basis, value_mean = self.kv_proj()
+        key_basis, value_basis, value_mean = self.kv_proj() if bases is None else bases
         if kind == "key":
             return (states.float() @ key_basis[head]).to(states.dtype)
         return ((states.float() - value_mean[head]) @ value_basis[head]).to(states.dtype)

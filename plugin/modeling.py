@@ -293,7 +293,11 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         self.set_kv_ranks(table)
         for layer, attn in zip(cache.layers, self.attention_layers()):
             # full-rank heads of a cache in the model's own basis move into U before they are sliced
-            layer.shrink(attn.signature(), rebase=None if cache.nested_bases else attn.rebase_to_nested)
+            rebase = None
+            if not cache.nested_bases:
+                with torch.no_grad():
+                    rebase = partial(attn.rebase_to_nested, bases=attn.kv_proj())
+            layer.shrink(attn.signature(), rebase=rebase)
 
     # -- bits ----------------------------------------------------------------------------------
     def set_kv_bits(self, key_bits: int | list[list[int]], value_bits: int | list[list[int]] | None = None,
