@@ -114,31 +114,38 @@ def accuracy_png(data: dict[str, Any], path: str | Path) -> Path:
 
 
 def longctx_png(data: dict[str, Any], path: str | Path) -> Path:
-    """Last-512-token perplexity against cache bytes at each long context, one line per method (log scale)."""
+    """Last-512-token perplexity against cache bytes at each long context, one line per method (log scales)."""
     plt = _pyplot()
     contexts = sorted({int(r["context"]) for r in data["perplexity"]})
-    fig, axes = plt.subplots(1, len(contexts), figsize=(5.2 * len(contexts), 4.4), squeeze=False)
+    methods = sorted({r["method"] for r in data["perplexity"]} - {"full"})
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}  # the same colour in every panel
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5.2 * len(contexts) + 2.2, 4.4), squeeze=False)
     for ax, context in zip(axes[0], contexts):
         points: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for row in data["perplexity"]:
             if int(row["context"]) == context:
                 points[row["method"]].append((float(row["bytes_fraction"]), float(row["last512_perplexity"])))
-        for method, xy in sorted(points.items()):
-            if method == "full":
-                ax.axhline(xy[0][1], color="black", linestyle="--", linewidth=1, label="full cache")
-                continue
+        if "full" in points:
+            ax.axhline(points.pop("full")[0][1], color="black", linestyle="--", linewidth=1)
+        for method, xy in points.items():
             xy.sort()
             # the best reading at or below each byte level: what the method offers there
             envelope = [(x, min(y for bx, y in xy if bx <= x + 1e-9)) for x, _ in xy]
-            ax.plot(*zip(*envelope), marker="o", markersize=3, label=method)
+            ax.plot(*zip(*envelope), marker="o", markersize=3, color=colors[method])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("cache bytes / bfloat16 full cache")
         ax.set_ylabel("perplexity of the last 512 tokens")
         ax.set_title(f"{context} tokens")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    return _save(plt, fig, path, "Long context: perplexity against measured cache bytes (lower left is better)")
+    handles = [plt.Line2D([], [], color="black", linestyle="--", label="full cache")]
+    handles += [plt.Line2D([], [], color=colors[m], marker="o", markersize=3, label=m) for m in methods]
+    fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.subplots_adjust(right=0.84)
+    fig.suptitle("Long context: perplexity against measured cache bytes (lower left is better)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 PLOTS = {"decode_memory": decode_memory_png, "training_cost": training_cost_png, "accuracy": accuracy_png,
