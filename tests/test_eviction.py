@@ -65,6 +65,19 @@ def test_the_cache_holds_only_the_kept_tokens_at_their_ranks_and_bits(bits: int 
         assert cache.nbytes() == full.nbytes()  # the same token count at the same ranks and bits holds the same bytes
 
 
+def test_an_age_tiered_cache_takes_the_kept_tokens_and_demotes_the_older_ones() -> None:
+    from plugin.cache import TieredPcaCache
+
+    model, ids = _model(1.0), _ids(100)
+    cache = TieredPcaCache(16, 4)
+    with SnapEviction(0.5, window=8)(model):
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    model(input_ids=ids[:, :1], past_key_values=cache, position_ids=torch.tensor([[100]]), use_cache=True)
+    assert all(layer.get_seq_length() == 51 for layer in cache.layers)
+    per_token = model.kv_cache_bytes_per_token(torch.float32)
+    assert 51 * per_token * 4 / 16 < cache.nbytes() < 51 * per_token  # older tokens held at rank 4 of 16
+
+
 def test_decoding_after_eviction_attends_to_the_kept_tokens_only() -> None:
     """With the window covering the prompt, each head keeps the newest half: the next token's logits equal a
     full forward whose last query is masked off the evicted older half (the prefill itself stays exact)."""
