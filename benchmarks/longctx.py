@@ -89,15 +89,25 @@ class Setting:
         else:
             self.model.set_kv_bits(*self.bits)
 
+    def eviction_share(self, context: int, after: int) -> float | None:
+        """The share of `context` prefill tokens this setting evicts (None: it does not evict); ValueError where
+        the `after` tokens kept whole alone exceed its bytes."""
+        if self.evict_to is not None:
+            return eviction_ratio(self.evict_to / self.rate(), context, after)
+        if self.press is not None:
+            return eviction_ratio(self.budget, context, after)
+        return None
+
     def reading(self, context: int, after: int) -> contextlib.AbstractContextManager:
-        """Entered around the prefill of `context` tokens that `after` more will follow (kvpress: its press)."""
+        """Entered around the prefill of `context` tokens that `after` more will follow (an eviction, if any)."""
+        share = self.eviction_share(context, after)
+        if share is None:
+            return contextlib.nullcontext()
         if self.evict_to is not None:
             from plugin.eviction import SnapEviction
 
-            return SnapEviction(eviction_ratio(self.evict_to / self.rate(), context, after))(self.model)
-        if self.press is None:
-            return contextlib.nullcontext()
-        return make_press(self.press, eviction_ratio(self.budget, context, after))(self.model)
+            return SnapEviction(share)(self.model)
+        return make_press(self.press, share)(self.model)
 
     def rate(self) -> float:
         """Bytes per token of this setting's ranks and bits, as a fraction of a bfloat16 full cache's."""
@@ -106,13 +116,6 @@ class Setting:
         cfg = self.model.config
         full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
         return self.model.kv_cache_bytes_per_token(torch.bfloat16) / full
-
-    def checked(self, context: int, after: int) -> None:
-        """Raise ValueError where the `after` tokens kept whole alone exceed an eviction setting's bytes."""
-        if self.press is not None:
-            eviction_ratio(self.budget, context, after)
-        if self.evict_to is not None:
-            eviction_ratio(self.evict_to / self.rate(), context, after)
 
     def cache(self, total: int, budget: float) -> Any:
         """A fresh cache for a sequence of `total` tokens (tiered: its old rank for that length)."""
@@ -140,7 +143,6 @@ class Setting:
         caches: their rate, codes + float16 scales and zeros (ours: the formula, checked against the cache in
         benchmarks/frontier.py; transformers': counted from the cache's quantized tensors).
         """
-
         cfg = self.model.config
         full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
         if self.bits is not None:  # the rate times the share of the tokens the cache still holds
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             nll, count = 0.0, 0
             try:
-                setting.checked(context - SCORED, SCORED)
+                setting.eviction_share(context - SCORED, SCORED)
             except ValueError as err:  # the scored tokens alone exceed the budget
                 print(f"{setting.name}, {context} tokens: skipped ({err})", flush=True)
                 continue
