@@ -13,7 +13,11 @@ children, OpenCompass subprocesses.
 Registration waits for the outermost transformers import to finish because ``PcaLlama``
 subclasses Llama's classes: when a library imports ``transformers.models.llama.modeling_llama``
 first, the auto modules load from inside it, and registering at that moment would import a
-half-executed ``modeling_llama`` ("cannot import name 'LlamaForCausalLM'").
+half-executed ``modeling_llama`` ("cannot import name 'LlamaForCausalLM'").  For the same reason
+it waits for every ``plugin`` module still executing: ``import plugin.attention`` loads transformers
+from inside ``plugin.attention``, and registering then would import ``plugin.modeling``, which needs
+the half-executed ``plugin.attention``; so the finder watches ``plugin``'s modules too and registers
+once the outermost of them has finished.
 
 Rules this module keeps:
 
@@ -37,7 +41,7 @@ import sys
 
 from plugin.post_import import PostImportFinder, module_executed
 
-PACKAGE = "transformers"
+PACKAGES = ("transformers", "plugin")  # registration waits until no module of these is executing
 TARGETS = (
     "transformers.models.auto.configuration_auto",
     "transformers.models.auto.modeling_auto",
@@ -84,8 +88,8 @@ def _register() -> bool:
     return True
 
 
-def _transformers_busy() -> bool:
-    """Whether some transformers module is still executing (an import further up the stack)."""
+def _busy() -> bool:
+    """Whether some transformers or plugin module is still executing (an import further up the stack)."""
     for name, module in list(sys.modules.items()):
         if _finder is not None and _finder.watches(name) and not module_executed(name, _finder):
             return True
@@ -93,7 +97,7 @@ def _transformers_busy() -> bool:
 
 
 def _on_executed(_name: str) -> None:
-    if all(module_executed(name, _finder) for name in TARGETS) and not _transformers_busy():
+    if all(module_executed(name, _finder) for name in TARGETS) and not _busy():
         _register()
 
 
@@ -109,7 +113,7 @@ def install() -> None:
         if all(name in sys.modules for name in TARGETS):
             _register()  # transformers' auto modules are already there: register now
             return
-        _finder = PostImportFinder(TARGETS, _on_executed, _warn, package=PACKAGE)
+        _finder = PostImportFinder(TARGETS, _on_executed, _warn, packages=PACKAGES)
         sys.meta_path.insert(0, _finder)
     except Exception as exc:  # noqa: BLE001 - must never break interpreter start
         with contextlib.suppress(Exception):

@@ -15,15 +15,15 @@ _WRAPPED = "_mkv_post_import"
 
 
 class PostImportFinder:
-    """Meta-path finder that finds nothing itself: for a module in `targets` (or in `package`) it asks
+    """Meta-path finder that finds nothing itself: for a module in `targets` (or in `packages`) it asks
     the finders after it for the spec and wraps the spec's loader so that `callback(name)` runs right
     after the module's code has executed (then `name` is in `executed`, although importlib still marks
     the module as initializing)."""
 
     def __init__(self, targets: Iterable[str], callback: Callable[[str], None],
-                 warn: Callable[[str], None], package: str | None = None) -> None:
+                 warn: Callable[[str], None], packages: Iterable[str] = ()) -> None:
         self.targets = frozenset(targets)
-        self.package = package  # also watch this package and every module below it
+        self.packages = tuple(packages)  # also watch these packages and every module below them
         self.callback = callback
         self.warn = warn
         self.executed: set[str] = set()
@@ -51,7 +51,7 @@ class PostImportFinder:
     def watches(self, fullname: str) -> bool:
         if fullname in self.targets:
             return True
-        return self.package is not None and (fullname == self.package or fullname.startswith(self.package + "."))
+        return any(fullname == package or fullname.startswith(package + ".") for package in self.packages)
 
     def invalidate_caches(self) -> None:
         pass
