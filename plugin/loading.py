@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
 
     register()
     spec = resolve_spec(spec)
-    if spec not in (None, EMBEDDED) and is_projections_dir(spec):
+    if spec not in (None, EMBEDDED) and holds_projections(spec):
         base_spec = base_model or read_projections_config(spec).get("base_model")
         if not base_spec:
             raise ValueError(f"projections {spec!r} record no base model; give the base Llama with --base-model")
@@ -67,6 +68,50 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
 
 def is_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file()
+
+
+def holds_projections(spec: str | os.PathLike) -> bool:
+    """A projections artifact, or a directory meant as one: its projections_config.json is read (and a broken one
+    reported as such) rather than the directory being taken for a model without config.json."""
+    from .projection_files import CONFIG_FILE, is_projections_dir
+
+    path = Path(spec)
+    return is_projections_dir(path) or ((path / CONFIG_FILE).is_file() and not is_checkpoint(path))
+
+
+def checkpoint_dir(spec: str) -> Path:
+    """A local checkpoint directory that any Hugging Face loader reads, for a name `load_model` understands.
+
+    ``embedded`` is the embedded SmolLM2-135M's own cache directory; a shipped projections name
+    (``embedded-matryoshka``) or a projections artifact becomes a PcaLlama checkpoint of the projections
+    on their base (with its tokenizer), written once into the cache (``$MKV_CACHE_DIR/checkpoints``) under a
+    name that carries a fingerprint of the projections, so changed projections get a new directory. A
+    checkpoint directory is returned as it is.
+    """
+    from .assets import _build_lock, cache_root, embedded_model_dir
+    from .projection_files import CONFIG_FILE, WEIGHTS_FILE, read_projections_config
+
+    if spec in (None, EMBEDDED):
+        return embedded_model_dir()
+    path = Path(resolve_spec(spec))
+    if is_checkpoint(path):
+        return path
+    if not holds_projections(path):
+        model_config(spec)  # the clear error for a path that is neither
+        return path
+    read_projections_config(path)  # a broken artifact is reported before the lock is taken
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        file = path / name
+        digest.update(file.read_bytes() if file.is_file() else b"")
+    root = cache_root() / "checkpoints"
+    out = root / f"{spec if spec in SHIPPED else path.name}-{digest.hexdigest()[:12]}"
+    with _build_lock(root):  # servers started together build it once
+        if not is_checkpoint(out):
+            model, tokenizer = load_model(spec)
+            save_checkpoint(model, tokenizer, out, extra={"mkv_source.json": {"projections": str(path)}},
+                            overwrite=True)
+    return out
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
@@ -98,14 +143,14 @@ def model_config(spec: str | None) -> dict[str, Any]:
     Cheap (no weights are read), so commands can validate their other inputs against the model's
     shape before any long work.
     """
-    from .projection_files import is_projections_dir, read_projections_config
+    from .projection_files import read_projections_config
 
     spec = resolve_spec(spec)
     if spec in (None, EMBEDDED):
         from .assets import embedded_model_dir
 
         path = embedded_model_dir()
-    elif is_projections_dir(spec):
+    elif holds_projections(spec):
         return {**read_projections_config(spec), "model_type": "pcallama"}  # it loads as a PcaLlama
     else:
         path = Path(spec)

@@ -150,6 +150,35 @@ def test_eval_refuses_a_too_short_passkey_prompt_before_any_inference(base, tmp_
     assert not list(tmp_path.glob("eval*"))
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--passkey", "abc"], "--passkey 'abc' must be comma-separated whole numbers"),
+    (["--passkey", "128,2k"], "--passkey '128,2k' must be comma-separated whole numbers"),
+    (["--passkey", "128", "--passkey-depths", "half"], "--passkey-depths 'half' must be comma-separated numbers"),
+    (["--passkey", "128", "--passkey-per-depth", "0"], "--passkey-per-depth must be at least 1"),
+])
+def test_eval_names_the_passkey_flag_of_a_bad_value(base, tmp_path, capsys, monkeypatch, flags, message) -> None:
+    _no_model_loading(monkeypatch)
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(base[0]), *flags, "--data", str(base[1]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "invalid literal" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mkv: error:") and message in last
+    assert not list(tmp_path.glob("eval*"))
+
+
+def test_a_corrupt_projections_config_is_reported_as_such(tmp_path, capsys, monkeypatch) -> None:
+    artifact = tmp_path / "projections"
+    artifact.mkdir()
+    (artifact / "projections_config.json").write_text('{"format": "matryoshka-kv-proj')  # cut short
+    (artifact / "projections.safetensors").write_bytes(b"\0" * 64)
+    _no_model_loading(monkeypatch)
+    assert main(["eval", "--model", str(artifact), "--out", str(tmp_path / "eval")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "projections_config.json' is not valid JSON" in last and "re-export" in last
+    assert "config.json)" not in last and "not a local Hugging Face model directory" not in last
+
+
 @pytest.mark.parametrize("bits", ["3", "4/5", "x", "4/4/4"])
 def test_eval_refuses_unsupported_bits_before_any_inference(base, tmp_path, capsys, monkeypatch, bits) -> None:
     _no_model_loading(monkeypatch)

@@ -166,16 +166,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number_list(text: str, flag: str, cast: type, example: str) -> list:
+    """Comma-separated numbers of one flag; a value that is not one names the flag."""
+    try:
+        return [cast(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        kind = "whole numbers" if cast is int else "numbers"
+        raise ValueError(f"{flag} {text!r} must be comma-separated {kind}, e.g. {example}") from None
+
+
 class PasskeySweep:
     """Pass-key retrieval (plugin.retrieval) at each setting of each model, when --passkey is given."""
 
     def __init__(self, args: argparse.Namespace, texts: list[str]) -> None:
-        self.contexts = [int(c) for c in args.passkey.split(",") if c.strip()]
-        self.depths = [float(d) for d in args.passkey_depths.split(",") if d.strip()]
+        self.contexts = _number_list(args.passkey, "--passkey", int, "128,256,1024")
+        self.depths = _number_list(args.passkey_depths, "--passkey-depths", float, "0,0.5,1")
         if any(c < 64 for c in self.contexts):
             raise ValueError(f"--passkey lengths must be at least 64 tokens; got {args.passkey}")
         if any(not 0 <= d <= 1 for d in self.depths) or not self.depths:
             raise ValueError(f"--passkey-depths must be numbers in [0, 1]; got {args.passkey_depths!r}")
+        if args.passkey_per_depth < 1:
+            raise ValueError(f"--passkey-per-depth must be at least 1; got {args.passkey_per_depth}")
         self.per_depth, self.texts, self.rows = args.passkey_per_depth, texts, []
         self._items: dict[int, list] = {}
 
