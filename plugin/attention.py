@@ -16,6 +16,13 @@ Four paths:
 At inference a head kept at full rank caches its keys (or values) in the model's own basis: with an
 orthogonal U that is exact, two matmuls cheaper, and what quantization wants (the per-channel outliers
 of post-RoPE keys that KIVI-style quantization isolates are spread over all channels by a rotation).
+
+With ``config.kv_key_space == "pre-rope"`` the key basis sits before RoPE (Palu, xKV, Eigen Attention):
+    c = k U_K[:, :r_k] is cached (k before RoPE),  k_hat = RoPE_p(c U_K[:, :r_k]^T),  q = RoPE_m(q)
+and attention compares full-width queries with keys rebuilt from the cache and rotated at their
+positions (slots of the cache, or the positions an eviction kept). Exact at full rank; the cache holds
+the same r_k numbers per head and token, and each step pays the rebuild (a [tokens, r_k] x [r_k, d]
+matmul per head) that post-RoPE keys avoid.
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb, rotate_half
 
 from .config import PcaLlamaConfig
 from .projections import KVProjection
+from .rope import RopeTable, rotate
 from .zero import is_partitioned
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -221,6 +229,13 @@ class PcaLlamaAttention(LlamaAttention):
         return selected if entry["key"] is None else torch.matmul(selected, entry["key"])
 
     @staticmethod
+    def rebuild_keys(entry: dict[str, Any], coefficients: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE keys: cached coefficients ``[B, heads, S, r_k]`` back to ``d`` dims, rotated at their positions."""
+        keys = coefficients if entry["key"] is None else torch.matmul(coefficients, entry["key"].transpose(-1, -2))
+        return keys * cos + rotate_half(keys) * sin
+
+    @staticmethod
     def project_values(group: HeadGroup, entry: dict[str, Any], value: torch.Tensor) -> torch.Tensor:
         """v' = (v - mu_V) U_V of this group's heads ([B, heads, L, r_v])."""
         selected = group.select(value, 1)
@@ -276,6 +291,11 @@ class PcaLlamaAttention(LlamaAttention):
         key = self.k_proj(hidden_states).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return query, key
 
+    @property
+    def pre_rope(self) -> bool:
+        """Whether the key basis sits before RoPE (``config.kv_key_space``)."""
+        return getattr(self.config, "kv_key_space", "post-rope") == "pre-rope"
+
     # -- forward -------------------------------------------------------------------------------
     def forward(
         self,
@@ -284,19 +304,25 @@ class PcaLlamaAttention(LlamaAttention):
         attention_mask: torch.Tensor | None,
         past_key_values: Any = None,
         cache_position: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        rope_table: RopeTable | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         if self.skip_projections and past_key_values is None and self.observer is None:
             # U is orthogonal, so full rank is the base model's attention: running the family's own forward
             # is exact in any dtype (no U U^T = I up to 2^-8 in bf16) and four matmuls per layer cheaper.
             output, _ = self.base_forward(hidden_states, position_embeddings, attention_mask, None, cache_position,
-                                          **kwargs)
+                                          position_ids=position_ids, **kwargs)
             return output, None
         batch, q_len, _ = hidden_states.shape
         d, n_kv, n_rep = self.head_dim, self.num_kv_heads, self.num_key_value_groups
         query, key = self.query_key(hidden_states)
         cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        pre_rope = self.pre_rope
+        if pre_rope:
+            query = rotate(query, cos.unsqueeze(1), sin.unsqueeze(1))  # keys stay before RoPE: rotated once rebuilt
+        else:
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
         query = query.reshape(batch, n_kv, n_rep, q_len, d)
 
         eager = self.config._attn_implementation == "eager"
@@ -309,7 +335,8 @@ class PcaLlamaAttention(LlamaAttention):
             self.observer(self.layer_idx, key, value)
 
         if self.sampled_masks is not None:
-            out = self._sampled_forward(query, key, value, attention_mask, eager, dropout)
+            out = self._sampled_forward(query, key, value, attention_mask, eager, dropout,
+                                        (cos, sin) if pre_rope else None)
             return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(batch, q_len, -1)), None
 
         if self.training:
@@ -325,7 +352,7 @@ class PcaLlamaAttention(LlamaAttention):
         for index, (group, entry) in enumerate(zip(self.groups, weights["groups"])):
             key_groups.append(self.project_keys(group, entry, key))
             selected_query = group.select(query, 1)
-            query_groups.append(selected_query if entry["key"] is None
+            query_groups.append(selected_query if entry["key"] is None or pre_rope
                                 else torch.matmul(selected_query, entry["key"].unsqueeze(1)))
             if folded:
                 part = value_parts[index].view(batch, q_len, len(group.heads), group.value_rank)
@@ -333,12 +360,16 @@ class PcaLlamaAttention(LlamaAttention):
             else:
                 value_groups.append(self.project_values(group, entry, value))
 
-        if past_key_values is not None:
+        if pre_rope:
+            key_groups, value_groups = self._pre_rope_keys(
+                weights["groups"], query_groups, key_groups, value_groups, (cos, sin), past_key_values,
+                position_ids if position_ids is not None else cache_position, rope_table)
+        elif past_key_values is not None:
             cache_kwargs = {"signature": self.signature()}
             if self.evictor is not None and q_len > 1 and past_key_values.get_seq_length(self.layer_idx) == 0:
                 # the prefill attends to all its tokens; only the kept ones are cached
-                kept = self.evictor.evict(query_groups, key_groups, value_groups, self.scaling)
-                past_key_values.update(*kept, self.layer_idx, cache_kwargs)
+                kept_keys, kept_values, _ = self.evictor.evict(query_groups, key_groups, value_groups, self.scaling)
+                past_key_values.update(kept_keys, kept_values, self.layer_idx, cache_kwargs)
             else:
                 key_groups, value_groups = past_key_values.update(key_groups, value_groups, self.layer_idx,
                                                                   cache_kwargs)
@@ -362,6 +393,67 @@ class PcaLlamaAttention(LlamaAttention):
                 full = full.index_copy(1, torch.tensor(group.heads, device=full.device), back)
         return self.o_proj(full.permute(0, 3, 1, 2, 4).reshape(batch, q_len, -1)), None
 
+    def _pre_rope_keys(
+        self,
+        entries: list[dict[str, Any]],
+        query_groups: list[torch.Tensor],
+        key_groups: list[torch.Tensor],
+        value_groups: list[torch.Tensor],
+        rotation: tuple[torch.Tensor, torch.Tensor],
+        cache: Any,
+        positions: torch.Tensor | None,
+        rope_table: RopeTable | None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Cache the pre-RoPE coefficients; return the keys attention compares with (rebuilt, rotated) and values.
+
+        Without a cache the keys are this forward's tokens, at the queries' positions. A cache holds
+        coefficients; they are rotated at slots counted from the cache's length (RoPE depends only on
+        distances, so a padded row's offset cancels), or at the positions an eviction stored.
+        """
+        cos, sin = (t.unsqueeze(1) for t in rotation)  # [B, 1, L, d]: one rotation for every head
+        if cache is None:
+            return [self.rebuild_keys(e, k, cos, sin) for e, k in zip(entries, key_groups)], value_groups
+        if rope_table is None:
+            raise ValueError("pre-RoPE keys with a cache need the model's rope table; call the PcaLlama model, "
+                             "not its attention layer alone")
+        cache_kwargs = {"signature": self.signature()}
+        q_len = key_groups[0].shape[-2]
+        if positions is None:
+            raise ValueError("pre-RoPE keys with a cache need position_ids or cache_position")
+        positions = positions.view(-1, q_len) if positions.dim() > 1 else positions.view(1, q_len)
+        if self.evictor is not None and q_len > 1 and cache.get_seq_length(self.layer_idx) == 0:
+            # the prefill attends to all its tokens (keys rotated at their own positions); the kept ones are cached
+            rotated = [self.rebuild_keys(e, k, cos, sin) for e, k in zip(entries, key_groups)]
+            kept_keys, kept_values, kept = self.evictor.evict(query_groups, key_groups, value_groups, self.scaling,
+                                                              scored_keys=rotated)
+            cache.update(kept_keys, kept_values, self.layer_idx, cache_kwargs)
+            batch = key_groups[0].shape[0]
+            cache.store_key_positions(self.layer_idx, [
+                positions.expand(batch, -1).unsqueeze(1).expand(-1, index.shape[1], -1).gather(2, index)
+                for index in kept])
+            return rotated, value_groups
+        stored = cache.stored_key_positions(self.layer_idx)
+        key_groups, value_groups = cache.update(key_groups, value_groups, self.layer_idx, cache_kwargs)
+        if stored is not None:  # an evicted cache: every head at the positions it kept, then the new tokens'
+            batch = key_groups[0].shape[0]
+            held = cache.store_key_positions(self.layer_idx, [
+                positions.expand(batch, -1).unsqueeze(1).expand(-1, len(g.heads), -1) for g in self.groups])
+            rotations = [rope_table.at(p, coefficients.dtype) for p, coefficients in zip(held, key_groups)]
+            return [self.rebuild_keys(e, k, c, s) for e, k, (c, s) in zip(entries, key_groups, rotations)], value_groups
+        # Slots: the cached keys are the last S of the cache.get_seq_length() tokens seen (a sliding window forgets)
+        seen, length = cache.get_seq_length(self.layer_idx), key_groups[0].shape[-2]
+        slot_cos, slot_sin = rope_table.span(seen - length, length, key_groups[0].dtype)
+        keys = [self.rebuild_keys(e, k, slot_cos, slot_sin) for e, k in zip(entries, key_groups)]
+        # the queries, rotated at the given positions above, move to their slots too (the last q_len ones)
+        if not torch.equal(positions[:, 0], torch.full_like(positions[:, 0], seen - q_len)) or \
+                not torch.equal(positions[:, -1], torch.full_like(positions[:, -1], seen - 1)):
+            query_cos, query_sin = slot_cos[-q_len:], slot_sin[-q_len:]
+            for index, query in enumerate(query_groups):
+                # undo the given rotation (R^T = rotation by the negated sine), then rotate at the slots
+                raw = rotate(query, cos.unsqueeze(1), -sin.unsqueeze(1))
+                query_groups[index] = rotate(raw, query_cos, query_sin)
+        return keys, value_groups
+
     def _sampled_forward(
         self,
         query: torch.Tensor,
@@ -370,12 +462,20 @@ class PcaLlamaAttention(LlamaAttention):
         attention_mask: torch.Tensor | None,
         eager: bool,
         dropout: float,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Training path: full-width projections with trailing dimensions zeroed to the sampled ranks."""
+        """Training path: full-width projections with trailing dimensions zeroed to the sampled ranks.
+
+        ``rotation`` (cos, sin): the keys are pre-RoPE; their masked coefficients are rebuilt and rotated."""
         key_mask, value_mask = self.sampled_masks
         key_basis, value_basis, value_mean = (t.to(query.dtype) for t in self.kv_proj())
         key_p = torch.matmul(key, key_basis) * key_mask.unsqueeze(1)
-        query_p = torch.matmul(query, key_basis.unsqueeze(1))
+        if rotation is None:
+            query_p = torch.matmul(query, key_basis.unsqueeze(1))
+        else:
+            cos, sin = (t.unsqueeze(1) for t in rotation)
+            key_p = rotate(torch.matmul(key_p, key_basis.transpose(-1, -2)), cos, sin)
+            query_p = query
         value_p = torch.matmul(value - value_mean.unsqueeze(1), value_basis) * value_mask.unsqueeze(1)
         q_len, kv_len = query.shape[-2], key.shape[-2]
         mask, is_causal = prepare_mask(attention_mask, q_len, kv_len, query.device, query.dtype, eager)

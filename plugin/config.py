@@ -8,6 +8,18 @@ from transformers import LlamaConfig
 
 from .ranks import RankTable, check_step, default_step, full_ranks, validate_ranks
 
+#: Where the key basis sits relative to RoPE: "post-rope" (the paper: keys and queries are projected after
+#: RoPE, attention runs in the r-dim space) or "pre-rope" (the cache holds r coefficients of the key before
+#: RoPE; keys are rebuilt and rotated at their positions when attended, as Palu / xKV / Eigen Attention do).
+KEY_SPACES = ("post-rope", "pre-rope")
+
+
+def check_key_space(key_space: str) -> str:
+    if key_space not in KEY_SPACES:
+        raise ValueError(f"kv_key_space {key_space!r} is not one of {', '.join(map(repr, KEY_SPACES))}; use "
+                         "'pre-rope' (keys projected before RoPE) or 'post-rope' (after RoPE, the paper's)")
+    return key_space
+
 
 class PcaLlamaConfig(LlamaConfig):
     """Llama configuration with orthogonal K/V projections truncated to per-head ranks.
@@ -19,6 +31,7 @@ class PcaLlamaConfig(LlamaConfig):
         kv_fold: at inference, fold U_V into v_proj and U_V^T into o_proj (fewer FLOPs per token).
         kv_quant: ``{"key_bits", "value_bits", "group", "residual"}`` of a quantized cache
             (``set_kv_bits``); None keeps the cache unquantized.
+        kv_key_space: "post-rope" (default of older checkpoints, the paper's) or "pre-rope"; see KEY_SPACES.
     """
 
     model_type = "pcallama"
@@ -30,6 +43,7 @@ class PcaLlamaConfig(LlamaConfig):
         kv_rank_step: int | None = None,
         kv_fold: bool = True,
         kv_quant: dict[str, Any] | None = None,
+        kv_key_space: str = "post-rope",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -38,6 +52,7 @@ class PcaLlamaConfig(LlamaConfig):
         self.kv_rank_step = check_step(self.head_dim, kv_rank_step or default_step(self.head_dim))
         self.kv_fold = bool(kv_fold)
         self.kv_quant = kv_quant
+        self.kv_key_space = check_key_space(kv_key_space)
         self.kv_ranks = (
             None
             if kv_ranks is None

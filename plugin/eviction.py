@@ -69,15 +69,20 @@ class SnapEviction:
 
     def evict(
         self, query_groups: list[torch.Tensor], key_groups: list[torch.Tensor], value_groups: list[torch.Tensor],
-        scale: float,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The kept keys and values of every head group (what enters the cache)."""
-        keys, values = [], []
-        for query, key, value in zip(query_groups, key_groups, value_groups):
-            index = self.select(query, key, scale).unsqueeze(-1)
-            keys.append(key.gather(2, index.expand(-1, -1, -1, key.shape[-1])))
-            values.append(value.gather(2, index.expand(-1, -1, -1, value.shape[-1])))
-        return keys, values
+        scale: float, scored_keys: list[torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """The kept keys and values of every head group (what enters the cache) and the kept indices ``[B, G, kept]``.
+
+        ``scored_keys``: the keys the queries are compared with, where the cache holds something else (pre-RoPE
+        coefficients, compared as rebuilt and rotated keys)."""
+        keys, values, kept = [], [], []
+        for index, (query, key, value) in enumerate(zip(query_groups, key_groups, value_groups)):
+            chosen = self.select(query, key if scored_keys is None else scored_keys[index], scale)
+            gather = chosen.unsqueeze(-1)
+            keys.append(key.gather(2, gather.expand(-1, -1, -1, key.shape[-1])))
+            values.append(value.gather(2, gather.expand(-1, -1, -1, value.shape[-1])))
+            kept.append(chosen)
+        return keys, values, kept
 
     @contextlib.contextmanager
     def __call__(self, model: Any) -> Iterator[Any]:

@@ -26,6 +26,7 @@ from .ranks import (
     validate_ranks,
     write_rank_file,
 )
+from .rope import RopeTable
 
 RANK_FILE = "kv_ranks.json"
 CONVERTIBLE = SOURCE_TYPES
@@ -62,7 +63,16 @@ class PcaLlamaModel(LlamaModel):
         past_key_values = own_cache(past_key_values, use_cache, CompressedCache, self.new_cache)
         kwargs["position_ids"] = positions_from_mask(kwargs)
         kwargs = self.family_inputs(past_key_values, kwargs)
+        if getattr(self.config, "kv_key_space", "post-rope") == "pre-rope" and past_key_values is not None:
+            kwargs["rope_table"] = self.rope_table()  # keys rebuilt from the cache are rotated when attended
         return super().forward(past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+    def rope_table(self) -> RopeTable:
+        """cos / sin at any position from this model's rotary embedding (one table, kept while it is the same)."""
+        table = getattr(self, "_rope_table", None)
+        if table is None or table.rotary is not self.rotary_emb:
+            table = self._rope_table = RopeTable(self.rotary_emb)
+        return table
 
     def family_inputs(self, past_key_values: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         """What a model family changes in the inputs of Llama's forward (Mistral: its sliding-window mask)."""
@@ -121,6 +131,7 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         value_means: torch.Tensor | None = None,
         ranks: RankTable | None = None,
         projections: str | os.PathLike | None = None,
+        key_space: str = "post-rope",
     ) -> PcaLlamaForCausalLM:
         """Wrap a LlamaForCausalLM (MHA or GQA) with identity or given bases.
 
@@ -128,6 +139,7 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         ``[n_layers, n_kv_heads, d]``. The new model shares the base weights' storage with `model`.
         `projections`, a directory written by save_projections / `mkv export-projections`, supplies
         bases, means and ranks instead (`ranks` still overrides); see plugin.projection_files.
+        `key_space`: "post-rope" (the paper's) or "pre-rope" (the key basis before RoPE; see plugin.attention).
         """
         from .families import check_convertible, family_of
 
@@ -153,7 +165,7 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
                      "use_sliding_window", "max_window_layers", "layer_types"):
             if name not in target.config_class.family_fields:
                 fields.pop(name, None)
-        pca_config = target.config_class(**fields, kv_ranks=ranks)
+        pca_config = target.config_class(**fields, kv_ranks=ranks, kv_key_space=key_space)
         pca_config._attn_implementation = config._attn_implementation
         pca_config.architectures = [target.__name__]
         device = next(model.parameters()).device

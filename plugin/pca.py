@@ -1,4 +1,9 @@
-"""PCA initialisation: streaming statistics of post-RoPE keys and of values per (layer, KV head).
+"""PCA initialisation: streaming statistics of keys and of values per (layer, KV head).
+
+Keys are read where the model's key basis sits: after RoPE (``kv_key_space="post-rope"``, the paper's)
+or before it ("pre-rope"). Before RoPE no mean is subtracted from keys and the truncated score
+q . R(p - m) P k moves with the key's position, so the key mean's error no longer cancels in softmax: pre-RoPE
+key bases diagonalise the uncentred second moment E[k k^T] by default (see default_key_statistic).
 
 Statistics are accumulated in float64 (sum and sum of outer products), so memory does not grow
 with the number of tokens.
@@ -30,6 +35,11 @@ from .modeling import PcaLlamaForCausalLM
 
 #: Matrices a key basis can be fitted to: "covariance" (default, E[k k^T] - mu mu^T) or "second-moment" (E[k k^T]).
 KEY_STATISTICS = ("covariance", "second-moment")
+
+
+def default_key_statistic(key_space: str) -> str:
+    """Covariance after RoPE (the dropped mean term cancels in softmax), the second moment before it (it does not)."""
+    return "second-moment" if key_space == "pre-rope" else "covariance"
 
 
 def check_key_statistic(key_statistic: str) -> str:
@@ -136,12 +146,27 @@ def observe_kv(model: PcaLlamaForCausalLM, stats: KVStatistics) -> Iterator[KVSt
             attn.observer = None
 
 
+def as_pca_model(model: Any, key_space: str | None = None) -> PcaLlamaForCausalLM:
+    """`model` itself when it is a PcaLlama (whose key space must match `key_space`, if given), else a wrapper."""
+    if isinstance(model, PcaLlamaForCausalLM):
+        if key_space is not None and key_space != model.config.kv_key_space:
+            raise ValueError(f"this PcaLlama keeps its key basis {model.config.kv_key_space}; calibrate its base model "
+                             f"for {key_space} keys, or leave the key space unset")
+        return model
+    return PcaLlamaForCausalLM.from_llama(model, key_space=key_space or "post-rope")
+
+
 @torch.no_grad()
 def collect_statistics(
-    model: Any, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
+    model: Any, windows: torch.Tensor | list[torch.Tensor], batch_size: int = 4, progress: bool = True,
+    key_space: str | None = None,
 ) -> KVStatistics:
-    """Run `model` (a Llama or PcaLlama, at full rank) over token windows and accumulate K/V statistics."""
-    pca_model = model if isinstance(model, PcaLlamaForCausalLM) else PcaLlamaForCausalLM.from_llama(model)
+    """Run `model` (a Llama or PcaLlama, at full rank) over token windows and accumulate K/V statistics.
+
+    `windows`: ``[n, length]`` or a list of such tensors of different lengths (every position range of a long
+    context represented); keys are read in `key_space` (default: the PcaLlama's own, else post-RoPE).
+    """
+    pca_model = as_pca_model(model, key_space)
     saved_ranks = pca_model.get_kv_ranks()
     pca_model.set_kv_budget(1.0)  # statistics are of the unprojected keys/values: identity truncation
     cfg = pca_model.config
@@ -150,9 +175,11 @@ def collect_statistics(
     was_training = pca_model.training
     pca_model.eval()
     # Bases are rotations: reading keys/values before projection makes the statistics basis-free.
+    sets = [windows] if isinstance(windows, torch.Tensor) else list(windows)
+    batches = [(rows, start) for rows in sets for start in range(0, rows.shape[0], batch_size)]
     with observe_kv(pca_model, stats):
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc="calibrating", disable=not progress):
-            pca_model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+        for rows, start in tqdm(batches, desc="calibrating", disable=not progress):
+            pca_model(input_ids=rows[start : start + batch_size].to(device), use_cache=False)
     pca_model.train(was_training)
     pca_model.set_kv_ranks(saved_ranks)
     return stats
@@ -160,18 +187,20 @@ def collect_statistics(
 
 def calibrate(
     model: Any,
-    windows: torch.Tensor,
+    windows: torch.Tensor | list[torch.Tensor],
     batch_size: int = 4,
     progress: bool = True,
     budget: float | None = None,
-    key_statistic: str = "covariance",
+    key_statistic: str | None = None,
+    key_space: str | None = None,
 ) -> tuple[PcaLlamaForCausalLM, PcaResult]:
     """A PcaLlama with PCA bases from `windows` (the paper's PCA initialisation and baseline).
 
-    key_statistic: "covariance" (default) or "second-moment", the matrix the key bases diagonalise.
+    key_space: "post-rope" or "pre-rope" (default: the PcaLlama's own, else post-RoPE); key_statistic:
+    "covariance" or "second-moment", the matrix the key bases diagonalise (default: default_key_statistic).
     """
-    check_key_statistic(key_statistic)  # before any forward pass
-    pca_model = model if isinstance(model, PcaLlamaForCausalLM) else PcaLlamaForCausalLM.from_llama(model)
+    pca_model = as_pca_model(model, key_space)  # before any forward pass, as the check below
+    key_statistic = check_key_statistic(key_statistic or default_key_statistic(pca_model.config.kv_key_space))
     result = pca_from_statistics(collect_statistics(pca_model, windows, batch_size, progress), key_statistic)
     pca_model.set_bases(result.key_bases, result.value_bases, result.value_means)
     if budget is not None:

@@ -7,7 +7,9 @@ An artifact is a directory holding exactly two files:
   ``model_family`` ("llama": the Llama-shaped attention every supported family shares, see
   plugin.families), ``num_hidden_layers``, ``num_key_value_heads``, ``head_dim``,
   ``hidden_size``, ``vocab_size``, ``kv_ranks`` (``{"key", "value"}``, ``[L][n_kv]``),
-  ``kv_rank_step``, ``kv_budget`` (mean r / head_dim of ``kv_ranks``), ``dtype`` ("float32").
+  ``kv_rank_step``, ``kv_key_space`` ("post-rope" or "pre-rope": where the key basis sits relative to
+  RoPE; absent in older artifacts, which are "post-rope"), ``kv_budget`` (mean r / head_dim of
+  ``kv_ranks``), ``dtype`` ("float32").
 * ``projections.safetensors``: per layer l, ``layers.{l}.key_basis`` and ``layers.{l}.value_basis``
   ``[n_kv, d, d]`` (the effective bases U = base @ cayley(skew), so no Cayley generators are needed)
   and ``layers.{l}.value_mean`` ``[n_kv, d]``, all float32 and nothing else: 4 L n_kv (2 d^2 + d)
@@ -33,6 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .config import check_key_space
 from .families import PCA_TYPES, SOURCE_TYPES
 from .loading import atomic_directory, check_output_dir
 from .ranks import check_step, table_budget, validate_ranks
@@ -111,6 +114,7 @@ def save_projections(
         "vocab_size": cfg.vocab_size,
         "kv_ranks": ranks,
         "kv_rank_step": cfg.kv_rank_step,
+        "kv_key_space": cfg.kv_key_space,
         "kv_budget": round(table_budget(ranks, cfg.head_dim), 6),
         "dtype": "float32",
     }
@@ -158,6 +162,7 @@ def read_projections_config(path: str | os.PathLike) -> dict[str, Any]:
             f"this matryoshka-kv loads {FAMILY!r} projections"
         )
     try:
+        config["kv_key_space"] = check_key_space(config.get("kv_key_space", "post-rope"))  # older artifacts: post
         check_step(config["head_dim"], config["kv_rank_step"])
         config["kv_ranks"] = validate_ranks(
             config.get("kv_ranks"), config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
@@ -263,9 +268,13 @@ def load_projections(model: Any, path: str | os.PathLike, ranks: Any = None) -> 
     if isinstance(model, PcaLlamaForCausalLM):
         pca = model
         pca.set_bases(tensors["key_bases"], tensors["value_bases"], tensors["value_means"])
+        pca.config.kv_key_space = config["kv_key_space"]
+        for attn in pca.attention_layers():
+            attn.invalidate()
     else:
         pca = PcaLlamaForCausalLM.from_llama(
-            model, tensors["key_bases"], tensors["value_bases"], tensors["value_means"], ranks=table
+            model, tensors["key_bases"], tensors["value_bases"], tensors["value_means"], ranks=table,
+            key_space=config["kv_key_space"],
         )
     pca.config.kv_rank_step = config["kv_rank_step"]
     pca.set_kv_ranks(table)

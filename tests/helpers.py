@@ -21,9 +21,9 @@ def random_bases(model: torch.nn.Module, seed: int = 1) -> tuple[torch.Tensor, t
     return keys, values, means
 
 
-def to_pca(model: torch.nn.Module, seed: int = 1) -> PcaLlamaForCausalLM:
+def to_pca(model: torch.nn.Module, seed: int = 1, key_space: str = "post-rope") -> PcaLlamaForCausalLM:
     """A PcaLlama with random orthogonal bases and value means (any basis must be exact at full rank)."""
-    return PcaLlamaForCausalLM.from_llama(model, *random_bases(model, seed)).eval()
+    return PcaLlamaForCausalLM.from_llama(model, *random_bases(model, seed), key_space=key_space).eval()
 
 
 def save_tiny_base(model: torch.nn.Module, out_dir: str | os.PathLike, text_file: str | os.PathLike | None = None,

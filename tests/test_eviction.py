@@ -11,10 +11,19 @@ from plugin import SnapEviction
 from plugin.cache import PcaCache
 
 
-def _model(budget: float = 0.75, attn: str = "sdpa"):
-    model = to_pca(make_tiny_llama("gqa", attn_implementation=attn))
+KEY_SPACES = ["post-rope", "pre-rope"]  # pre-RoPE: the cache also holds the positions each head kept
+
+
+def _model(budget: float = 0.75, attn: str = "sdpa", key_space: str = "post-rope"):
+    model = to_pca(make_tiny_llama("gqa", attn_implementation=attn), key_space=key_space)
     model.set_kv_budget(budget)
     return model
+
+
+def _position_bytes(model, kept: int) -> int:
+    """int32 positions of every kept token of every KV head and layer, held by an evicted pre-RoPE cache."""
+    cfg = model.config
+    return 4 * kept * cfg.num_key_value_heads * cfg.num_hidden_layers if cfg.kv_key_space == "pre-rope" else 0
 
 
 def _ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -37,17 +46,19 @@ def test_select_with_fewer_kept_tokens_than_the_window_keeps_the_newest() -> Non
     assert index.shape == (2, 3, 2) and (index == torch.tensor([8, 9])).all()
 
 
-def test_no_eviction_equals_the_plain_cache() -> None:
-    model, ids = _model(), _ids(24, batch=2)
+@pytest.mark.parametrize("key_space", KEY_SPACES)
+def test_no_eviction_equals_the_plain_cache(key_space: str) -> None:
+    model, ids = _model(key_space=key_space), _ids(24, batch=2)
     plain = model.generate(ids, max_new_tokens=5, do_sample=False)
     with SnapEviction(0.0)(model):
         evicted = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(plain, evicted)
 
 
+@pytest.mark.parametrize("key_space", KEY_SPACES)
 @pytest.mark.parametrize("bits", [None, 4])
-def test_the_cache_holds_only_the_kept_tokens_at_their_ranks_and_bits(bits: int | None) -> None:
-    model, ids = _model(0.5), _ids(130)
+def test_the_cache_holds_only_the_kept_tokens_at_their_ranks_and_bits(bits: int | None, key_space: str) -> None:
+    model, ids = _model(0.5, key_space=key_space), _ids(130)
     if bits is not None:
         model.set_kv_bits(bits)
     press = SnapEviction(0.5, window=16)
@@ -58,30 +69,34 @@ def test_the_cache_holds_only_the_kept_tokens_at_their_ranks_and_bits(bits: int 
     assert kept == 65
     assert all(layer.get_seq_length() == kept for layer in cache.layers)
     if bits is None:
-        assert cache.nbytes() == kept * model.kv_cache_bytes_per_token(torch.float32)
+        assert cache.nbytes() == kept * model.kv_cache_bytes_per_token(torch.float32) + _position_bytes(model, kept)
     else:
         full = model.model.new_cache()
         model(input_ids=ids[:, :kept], past_key_values=full, use_cache=True)
-        assert cache.nbytes() == full.nbytes()  # the same token count at the same ranks and bits holds the same bytes
+        # the same token count at the same ranks and bits holds the same bytes (plus the kept positions)
+        assert cache.nbytes() == full.nbytes() + _position_bytes(model, kept)
 
 
-def test_an_age_tiered_cache_takes_the_kept_tokens_and_demotes_the_older_ones() -> None:
+@pytest.mark.parametrize("key_space", KEY_SPACES)
+def test_an_age_tiered_cache_takes_the_kept_tokens_and_demotes_the_older_ones(key_space: str) -> None:
     from plugin.cache import TieredPcaCache
 
-    model, ids = _model(1.0), _ids(100)
+    model, ids = _model(1.0, key_space=key_space), _ids(100)
     cache = TieredPcaCache(16, 4)
     with SnapEviction(0.5, window=8)(model):
         model(input_ids=ids, past_key_values=cache, use_cache=True)
     model(input_ids=ids[:, :1], past_key_values=cache, position_ids=torch.tensor([[100]]), use_cache=True)
     assert all(layer.get_seq_length() == 51 for layer in cache.layers)
     per_token = model.kv_cache_bytes_per_token(torch.float32)
-    assert 51 * per_token * 4 / 16 < cache.nbytes() < 51 * per_token  # older tokens held at rank 4 of 16
+    held = cache.nbytes() - _position_bytes(model, 51)
+    assert 51 * per_token * 4 / 16 < held < 51 * per_token  # older tokens held at rank 4 of 16
 
 
-def test_decoding_after_eviction_attends_to_the_kept_tokens_only() -> None:
+@pytest.mark.parametrize("key_space", KEY_SPACES)
+def test_decoding_after_eviction_attends_to_the_kept_tokens_only(key_space: str) -> None:
     """With the window covering the prompt, each head keeps the newest half: the next token's logits equal a
     full forward whose last query is masked off the evicted older half (the prefill itself stays exact)."""
-    model, ids = _model(0.75, attn="eager"), _ids(21)
+    model, ids = _model(0.75, attn="eager", key_space=key_space), _ids(21)
     prompt, length = ids[:, :20], 20
     press = SnapEviction(0.5, window=64)
     cache = model.model.new_cache()
@@ -98,8 +113,9 @@ def test_decoding_after_eviction_attends_to_the_kept_tokens_only() -> None:
     assert not torch.allclose(step, model(input_ids=ids).logits[:, 20], atol=1e-3)  # eviction changed something
 
 
-def test_generate_decodes_at_true_positions_after_eviction() -> None:
-    model, ids = _model(0.75), _ids(40, batch=2)
+@pytest.mark.parametrize("key_space", KEY_SPACES)
+def test_generate_decodes_at_true_positions_after_eviction(key_space: str) -> None:
+    model, ids = _model(0.75, key_space=key_space), _ids(40, batch=2)
     press = SnapEviction(0.6, window=8)
     with press(model):
         generated = model.generate(ids, max_new_tokens=4, do_sample=False)

@@ -245,8 +245,55 @@ class CompressedCache(Cache):
     nested_bases = False
 
     def nbytes(self) -> int:
-        """Bytes held by everything cached."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes held by everything cached (the stored key positions of an evicted pre-RoPE cache included)."""
+        held = sum(layer.nbytes() for layer in self.layers)
+        return held + sum(t.numel() * t.element_size() for groups in self._key_positions().values() for t in groups)
+
+    # -- key positions ---------------------------------------------------------------------------------------
+    # A cache of pre-RoPE key coefficients rotates every key at its position when attended. Positions follow
+    # from the cache's length (slots), except after token eviction: then each head keeps other tokens, and the
+    # positions it kept are stored here, per layer and head group ``[batch, heads, tokens]`` (int32).
+    def _key_positions(self) -> dict[int, list[torch.Tensor]]:
+        return self.__dict__.setdefault("key_positions", {})
+
+    def stored_key_positions(self, layer_idx: int) -> list[torch.Tensor] | None:
+        """The positions of layer `layer_idx`'s cached keys, per head group, when they are stored (else None)."""
+        return self._key_positions().get(layer_idx)
+
+    def store_key_positions(self, layer_idx: int, positions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Append the positions of the tokens just cached in `layer_idx`; returns all of them."""
+        held = self._key_positions().get(layer_idx)
+        positions = [p.to(torch.int32) for p in positions]
+        if held is not None:
+            positions = [torch.cat([h, p], dim=-1) for h, p in zip(held, positions)]
+        self._key_positions()[layer_idx] = positions
+        return positions
+
+    def _map_positions(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        store = self._key_positions()
+        for layer_idx, groups in store.items():
+            store[layer_idx] = [fn(t.unsqueeze(-1)).squeeze(-1) for t in groups]  # layers' convention: seq on -2
+
+    def crop(self, max_length: int) -> None:
+        super().crop(max_length)
+        for layer_idx, groups in self._key_positions().items():
+            self._key_positions()[layer_idx] = [t[..., : self.layers[layer_idx].get_seq_length()] for t in groups]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_positions(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_positions(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_positions(lambda t: t[indices, ...])
+
+    def reset(self) -> None:
+        super().reset()
+        self._key_positions().clear()
 
     def bytes_per_token(self) -> float:
         """Cached bytes per token per sequence (batch x sequence length divide out)."""

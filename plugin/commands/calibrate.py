@@ -18,12 +18,53 @@ examples:
   mkv calibrate --out outputs/pca
       embedded SmolLM2-135M, calibration split of the embedded corpus, 32k tokens
   mkv calibrate --model path/to/llama --data calib.jsonl --tokens 262144 --seq-len 2048 --out pca-7b
+  mkv calibrate --out outputs/pca-long --seq-len 512,2048,8192 --tokens 49152
+      long context: the tokens split evenly over windows of each length, so every position range up to 8k
+      is represented (the summary records the window lengths)
+  mkv calibrate --out outputs/pca-post --key-space post-rope      the paper's key basis, after RoPE
   mkv calibrate --out outputs/pca --budget 0.5      also store ranks for a 50% budget
   mkv calibrate --method weight-pca --variance 0.9 --out outputs/weight-pca
       training-free baseline from the k_proj/v_proj weights (no data needed)
 """
 
 METHODS = ("pca", "weight-pca", "weight-pca-shared", "svd-latent")
+DEFAULT_KEY_SPACE = "pre-rope"
+
+
+def parse_lengths(text: str, flag: str = "--seq-len") -> list[int]:
+    """'512' or '512,2048,8192' -> window lengths (each >= 2), with one clear error naming the flag."""
+    try:
+        lengths = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} must be window lengths in tokens, e.g. 512 or 512,2048,8192") from None
+    if not lengths or any(n < 2 for n in lengths):
+        raise ValueError(f"{flag} {text!r}: every window length must be at least 2 tokens")
+    return lengths
+
+
+def check_context(lengths: list[int], model: object, flag: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's context (RoPE positions it was never trained on)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and max(lengths) > limit:
+        raise ValueError(f"{flag} {max(lengths)} is longer than the model's max_position_embeddings ({limit}); "
+                         f"give windows of at most {limit} tokens")
+
+
+def long_windows(tokenizer: object, texts: list[str], lengths: list[int], tokens: int) -> list:
+    """Windows of every length from consecutive, non-overlapping stretches of the text, `tokens` split evenly."""
+    from ..data import token_windows
+
+    share = tokens // len(lengths)
+    if share < max(lengths):
+        raise ValueError(f"--tokens {tokens} gives each of the {len(lengths)} lengths {share} tokens, fewer than one "
+                         f"window of {max(lengths)}; give --tokens of at least {max(lengths) * len(lengths)}")
+    everything = token_windows(tokenizer, texts, share * len(lengths), share * len(lengths)).view(-1)  # cut below
+    sets = []
+    for index, length in enumerate(lengths):
+        stretch = everything[index * share : (index + 1) * share]
+        count = stretch.numel() // length
+        sets.append(stretch[: count * length].view(count, length))
+    return sets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,12 +82,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text source: .txt/.jsonl file, saved datasets dir, or sotu:<split> "
                              "(default: sotu:calibration)")
     parser.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default 32768)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--seq-len", default="512",
+                        help="tokens per window, or comma-separated lengths sharing --tokens evenly (e.g. 512,2048,8192; "
+                             "at most the model's max_position_embeddings; default 512)")
+    parser.add_argument("--key-space", default=DEFAULT_KEY_SPACE, choices=("pre-rope", "post-rope"),
+                        help=f"where the key basis sits: before RoPE (cached coefficients rebuilt and rotated when "
+                             f"attended) or after it (the paper's); default {DEFAULT_KEY_SPACE}, chosen by the "
+                             "measurements of docs/benchmarks.md (Key basis before or after RoPE)")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
     parser.add_argument("--budget", type=float, default=None, help="store uniform ranks for this budget")
-    parser.add_argument("--key-statistic", default="covariance", choices=("covariance", "second-moment"),
-                        help="pca: key basis from the covariance (default; the dropped key mean cancels in softmax) "
-                             "or the uncentred second moment E[k k^T]")
+    parser.add_argument("--key-statistic", default=None, choices=("covariance", "second-moment"),
+                        help="pca: key basis from the covariance (default after RoPE: the dropped key mean cancels in "
+                             "softmax) or the uncentred second moment E[k k^T] (default before RoPE, where it does not)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="e.g. cuda; default cpu")
 
@@ -69,16 +116,24 @@ def run(args: argparse.Namespace) -> int:
         return run_weight_pca(args)
     if args.tokens <= 0:
         raise ValueError(f"--tokens must be positive, got {args.tokens}")
+    lengths = parse_lengths(args.seq_len)
     texts = load_texts(args.data, split="calibration")
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
-    windows = token_windows(tokenizer, texts, args.seq_len, args.tokens)
+    check_context(lengths, model)
+    if len(lengths) == 1:
+        windows = [token_windows(tokenizer, texts, lengths[0], args.tokens)]
+    else:
+        windows = long_windows(tokenizer, texts, lengths, args.tokens)
     start = time.perf_counter()
-    pca_model, result = calibrate(model, windows, args.batch_size, budget=args.budget, key_statistic=args.key_statistic)
+    pca_model, result = calibrate(model, windows, args.batch_size, budget=args.budget, key_statistic=args.key_statistic,
+                                  key_space=args.key_space)
     explained = result.explained_variance()
     grid = list(range(pca_model.config.kv_rank_step, pca_model.config.head_dim + 1, pca_model.config.kv_rank_step))
     summary = {
         "tokens": result.tokens,
-        "seq_len": args.seq_len,
+        "seq_len": max(lengths),
+        "window_lengths": {str(rows.shape[1]): int(rows.shape[0]) for rows in windows},  # length -> windows
+        "key_space": pca_model.config.kv_key_space,
         "data": args.data or "sotu:calibration",
         "source_model": args.model,
         "key_statistic": result.key_statistic,

