@@ -17,7 +17,11 @@ after one has executed, :func:`llamafactory_ext.patches.apply` patches it:
 * ``llamafactory.train.pt.workflow`` / ``llamafactory.train.sft.workflow``: ``CustomTrainer`` /
   ``CustomSeq2SeqTrainer`` are replaced, in the workflow module's namespace only, by a factory
   that builds the Matryoshka trainer for PcaLlama models (or when the YAML asks for it) and
-  LLaMA-Factory's own trainer otherwise.
+  LLaMA-Factory's own trainer otherwise;
+* ``llamafactory.chat.hf_engine``: the chat engine of ``chat`` / ``api`` / ``webchat`` applies the
+  inference keys (KV budget or rank file, bits, eviction) to the model it loaded;
+* ``llamafactory.api.app``: ``/v1/chat/completions`` checks a request to a served PcaLlama first
+  (model name, messages, max_tokens against the context) and answers a bad one with an error.
 
 So plain ``llamafactory-cli train x.yaml`` uses the Matryoshka trainers, also in the fresh
 interpreters of ``FORCE_TORCHRUN=1`` and the ``deepspeed`` launcher, without a fork of
@@ -41,6 +45,8 @@ TARGETS = (
     "llamafactory.model.loader",
     "llamafactory.train.pt.workflow",
     "llamafactory.train.sft.workflow",
+    "llamafactory.chat.hf_engine",
+    "llamafactory.api.app",
 )
 
 _state = {"installed": False}

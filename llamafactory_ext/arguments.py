@@ -6,6 +6,10 @@ the parser of ``llamafactory-cli train`` (and of ``chat`` / ``export`` / ``eval`
 can serve them all), so these keys live in the same YAML as everything else.  A misspelled
 ``matryoshka_*`` key fails at start with a suggestion, even under ``ALLOW_EXTRA_ARGS=1``.
 
+Training reads the rank-sampling keys; ``chat`` / ``api`` / ``webchat`` read the inference keys
+(``matryoshka_kv_budget``, ``matryoshka_rank_file``, ``matryoshka_kv_bits``,
+``matryoshka_eviction_ratio``, applied by :mod:`llamafactory_ext.serving`); each ignores the other's.
+
 This module imports only the standard library: it is safe to import anywhere.
 """
 
@@ -17,6 +21,11 @@ from typing import Any
 
 TRAINER_CHOICES = ("auto", "distill", "plain", "none")
 PREFIX = "matryoshka_"
+SERVING_FIELDS = ("matryoshka_kv_budget", "matryoshka_rank_file", "matryoshka_kv_bits", "matryoshka_eviction_ratio")
+
+
+class MatryoshkaArgumentError(ValueError):
+    """A ``matryoshka_*`` setting that cannot work; ``llamafactory-cli`` reports it as one line."""
 
 
 def _parse_number_list(value: Any, name: str, cast: type) -> list | None:
@@ -116,12 +125,56 @@ class MatryoshkaArguments:
     matryoshka_heldout_tokens: int = field(
         default=4096, metadata={"help": "Tokens of held-out text scored (512-token windows; default 4096)."}
     )
+    matryoshka_heldout_context: int = field(
+        default=0,
+        metadata={"help": "Long-context learning curve: when > 0, the held-out text is cut into windows of this many "
+                  "tokens and only their last 512 (at most half the window) are scored, read through the cache after "
+                  "the rest (as `mkv eval --context`); logged as `heldout_ppl_<budget>`. Default 0: whole 512-token "
+                  "windows."},
+    )
     matryoshka_seed: int | None = field(
         default=None,
         metadata={"help": "Seed of the rank sampler (default: `seed`); each process adds its rank to it."},
     )
+    matryoshka_kv_budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "Inference (`chat`, `api`, `webchat`): uniform KV budget, the fraction of head_dim kept per "
+            "(layer, KV head) for K and V, in (0, 1]. Default: the ranks the checkpoint was saved with."
+        },
+    )
+    matryoshka_rank_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Inference: per-head ranks from a rank file (`mkv search-budget`; the file of "
+            "`mkv search-budget --bytes` also carries bit widths). Not together with `matryoshka_kv_budget`."
+        },
+    )
+    matryoshka_kv_bits: str | None = field(
+        default=None,
+        metadata={
+            "help": "Inference: cache bit width, K or K/V with K, V in 2, 4, 8, 16 (16 = unquantized), e.g. `4` or "
+            "`4/2`. Default: the checkpoint's (unquantized unless saved otherwise)."
+        },
+    )
+    matryoshka_eviction_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Inference: share of each request's prompt tokens evicted at prefill (SnapKV-style, "
+            "plugin.SnapEviction: the tokens the prompt's last 64 queries attend to most are kept), in [0, 1); "
+            "generated tokens are all kept. Default 0: off."
+        },
+    )
 
     def __post_init__(self) -> None:
+        try:
+            self._check()
+        except MatryoshkaArgumentError:
+            raise
+        except ValueError as err:  # one error type, so the command line reports it as one line
+            raise MatryoshkaArgumentError(str(err)) from None
+
+    def _check(self) -> None:
         self.matryoshka_trainer = str(self.matryoshka_trainer).strip().lower()
         if self.matryoshka_trainer not in TRAINER_CHOICES:
             raise ValueError(
@@ -149,6 +202,9 @@ class MatryoshkaArguments:
         if budgets is not None and not all(0.0 < b <= 1.0 for b in budgets):
             raise ValueError(f"`matryoshka_heldout_budgets` must lie in (0, 1]; got {budgets}.")
         self.matryoshka_heldout_budgets = budgets  # type: ignore[assignment]
+        if int(self.matryoshka_heldout_context) < 0 or int(self.matryoshka_heldout_context) == 1:
+            raise ValueError(f"`matryoshka_heldout_context` must be 0 (off) or a window of at least 2 tokens; got "
+                             f"{self.matryoshka_heldout_context}.")
         if int(self.matryoshka_heldout_tokens) < 1024:
             raise ValueError(f"`matryoshka_heldout_tokens` must be >= 1024 (two windows); got "
                              f"{self.matryoshka_heldout_tokens}.")
@@ -165,12 +221,55 @@ class MatryoshkaArguments:
             raise ValueError(f"`matryoshka_eval_budget` must lie in (0, 1]; got {self.matryoshka_eval_budget}.")
         if self.matryoshka_projection_lr is not None and not float(self.matryoshka_projection_lr) > 0.0:
             raise ValueError(f"`matryoshka_projection_lr` must be > 0; got {self.matryoshka_projection_lr}.")
+        self._check_serving()
+
+    def _check_serving(self) -> None:
+        """The inference keys, checked with the model's own parsers (the model's shape is checked at start-up)."""
+        if self.matryoshka_kv_budget is not None:
+            from plugin.ranks import check_budget
+
+            try:
+                self.matryoshka_kv_budget = check_budget(self.matryoshka_kv_budget)
+            except ValueError as err:
+                raise ValueError(f"`matryoshka_kv_budget`: {err}.") from None
+        if self.matryoshka_rank_file is not None:
+            self.matryoshka_rank_file = str(self.matryoshka_rank_file).strip() or None
+        if self.matryoshka_kv_budget is not None and self.matryoshka_rank_file is not None:
+            raise ValueError("give `matryoshka_kv_budget` (uniform ranks) or `matryoshka_rank_file` (per-head ranks), "
+                             "not both.")
+        if self.matryoshka_kv_bits is not None:
+            from plugin.cache.quantize import parse_bit_pair
+
+            self.matryoshka_kv_bits = str(self.matryoshka_kv_bits).strip()
+            parse_bit_pair(self.matryoshka_kv_bits, "`matryoshka_kv_bits`")
+        try:
+            ratio = float(self.matryoshka_eviction_ratio)
+        except (TypeError, ValueError):
+            ratio = float("nan")
+        if not 0.0 <= ratio < 1.0:  # also NaN
+            raise ValueError(f"`matryoshka_eviction_ratio` is the share of a prompt's tokens evicted, in [0, 1) "
+                             f"(0 = off); got {self.matryoshka_eviction_ratio!r}.")
+        self.matryoshka_eviction_ratio = ratio
 
     # ------------------------------------------------------------------ helpers
     @property
     def enabled(self) -> bool:
         """Whether rank sampling is explicitly asked for (auto is decided by the model)."""
         return self.matryoshka_trainer in ("distill", "plain")
+
+    @property
+    def serving(self) -> bool:
+        """Whether any inference key is set (they need a PcaLlama model and the Hugging Face backend)."""
+        return (self.matryoshka_kv_budget is not None or self.matryoshka_rank_file is not None
+                or self.matryoshka_kv_bits is not None or self.matryoshka_eviction_ratio > 0.0)
+
+    def kv_bits(self) -> tuple[int, int] | None:
+        """``matryoshka_kv_bits`` as (key bits, value bits), or None."""
+        if self.matryoshka_kv_bits is None:
+            return None
+        from plugin.cache.quantize import parse_bit_pair
+
+        return parse_bit_pair(self.matryoshka_kv_bits, "`matryoshka_kv_bits`")
 
     def validate_for_config(self, config: Any, source: str = "the model") -> None:
         """Check the rank grid against a (PcaLlama) config: clear error if a rank exceeds head_dim."""

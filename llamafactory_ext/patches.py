@@ -16,18 +16,29 @@ idempotent and only rebinds names in the patched module's own namespace:
     LoRA; loads ``matryoshka_projections.safetensors`` saved beside a LoRA adapter.
 ``llamafactory.train.pt.workflow`` / ``llamafactory.train.sft.workflow``
     ``CustomTrainer`` / ``CustomSeq2SeqTrainer`` become factories choosing the trainer class.
+``llamafactory.chat.hf_engine``
+    ``HuggingfaceEngine.__init__`` applies the inference keys (KV budget or rank file, bits, eviction)
+    to the model it loaded, before the first request (:mod:`llamafactory_ext.serving`).
+``llamafactory.api.app``
+    the ``/v1/chat/completions`` handlers check a request first when the served model is a PcaLlama
+    (:mod:`llamafactory_ext.api_requests`: model name, messages, max_tokens against the context).
+
+Settings that cannot work stop ``llamafactory-cli`` at start with one line on stderr
+(``matryoshka-kv: error: ...``, exit code 2); called from Python, the parsers raise ValueError.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from plugin.families import PCA_TYPES
 
 from .arguments import (
+    MatryoshkaArgumentError,
     MatryoshkaArguments,
     check_unknown_keys,
     get_active,
@@ -39,6 +50,8 @@ PARSER = "llamafactory.hparams.parser"
 LOADER = "llamafactory.model.loader"
 PT_WORKFLOW = "llamafactory.train.pt.workflow"
 SFT_WORKFLOW = "llamafactory.train.sft.workflow"
+HF_ENGINE = "llamafactory.chat.hf_engine"
+API_APP = "llamafactory.api.app"
 SUPPORTED_STAGES = ("pt", "sft")
 
 
@@ -98,27 +111,21 @@ def check_train_args(margs: MatryoshkaArguments, model_args: Any, finetuning_arg
         margs.validate_for_config(_ConfigView(config), source=str(model_args.model_name_or_path))
 
 
-def _wrap_parse(module: Any, name: str, base_classes_attr: str, train: bool) -> None:
+def _wrap_parse(module: Any, name: str, base_classes_attr: str, kind: str) -> None:
     original = getattr(module, name, None)
     if original is None or getattr(original, "_mkv_wrapped", False):
         return
 
     def parse(args: Any = None) -> tuple:
-        from transformers import HfArgumentParser
-
-        args = module.read_args(args)
-        check_unknown_keys(keys_of(args))
-        classes = list(getattr(module, base_classes_attr))
-        parser = HfArgumentParser([*classes, MatryoshkaArguments])
-        allow_extra_keys = module.is_env_enabled("ALLOW_EXTRA_ARGS")
-        *parsed, margs = module._parse_args(parser, args, allow_extra_keys=allow_extra_keys)
-        if not isinstance(margs, MatryoshkaArguments):  # defensive: order is ours, but never mis-assign
-            raise TypeError("llamafactory_ext: unexpected parser output order.")
-        if train:
-            model_args, finetuning_args = parsed[0], parsed[3]
-            check_train_args(margs, model_args, finetuning_args)
-        set_active(margs)
-        return tuple(parsed)
+        command_line = args is None  # read from sys.argv: llamafactory-cli (or its torchrun children)
+        try:
+            return _parse(module, module.read_args(args), base_classes_attr, kind)
+        except MatryoshkaArgumentError as err:
+            if not command_line:
+                raise
+            # One line naming the fix, not a traceback through HfArgumentParser.
+            print(f"matryoshka-kv: error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     parse._mkv_wrapped = True  # type: ignore[attr-defined]
     parse.__wrapped__ = original  # type: ignore[attr-defined]
@@ -126,10 +133,38 @@ def _wrap_parse(module: Any, name: str, base_classes_attr: str, train: bool) -> 
     setattr(module, name, parse)
 
 
+def _parse(module: Any, args: Any, base_classes_attr: str, kind: str) -> tuple:
+    from transformers import HfArgumentParser
+
+    try:
+        check_unknown_keys(keys_of(args))
+    except ValueError as err:
+        raise MatryoshkaArgumentError(str(err)) from None
+    classes = list(getattr(module, base_classes_attr))
+    parser = HfArgumentParser([*classes, MatryoshkaArguments])
+    allow_extra_keys = module.is_env_enabled("ALLOW_EXTRA_ARGS")
+    *parsed, margs = module._parse_args(parser, args, allow_extra_keys=allow_extra_keys)
+    if not isinstance(margs, MatryoshkaArguments):  # defensive: order is ours, but never mis-assign
+        raise TypeError("llamafactory_ext: unexpected parser output order.")
+    try:
+        if kind == "train":
+            model_args, finetuning_args = parsed[0], parsed[3]
+            check_train_args(margs, model_args, finetuning_args)
+        elif kind == "infer":
+            from .serving import check_infer_args
+
+            for note in check_infer_args(margs, parsed[0]):
+                _logger().info_rank0(note)
+    except (ValueError, FileNotFoundError) as err:
+        raise MatryoshkaArgumentError(str(err)) from None
+    set_active(margs)
+    return tuple(parsed)
+
+
 def patch_parser(module: Any) -> None:
-    _wrap_parse(module, "_parse_train_args", "_TRAIN_ARGS", train=True)
-    _wrap_parse(module, "_parse_infer_args", "_INFER_ARGS", train=False)
-    _wrap_parse(module, "_parse_eval_args", "_EVAL_ARGS", train=False)
+    _wrap_parse(module, "_parse_train_args", "_TRAIN_ARGS", kind="train")
+    _wrap_parse(module, "_parse_infer_args", "_INFER_ARGS", kind="infer")
+    _wrap_parse(module, "_parse_eval_args", "_EVAL_ARGS", kind="eval")
 
 
 # ---------------------------------------------------------------------------------------- loader
@@ -233,6 +268,51 @@ def patch_workflow(module: Any, stage: str, attr: str) -> None:
     setattr(module, attr, make_trainer_factory(stage, current))
 
 
+# ---------------------------------------------------------------------------------------- chat engine
+def patch_hf_engine(module: Any) -> None:
+    engine = getattr(module, "HuggingfaceEngine", None)
+    original = getattr(engine, "__init__", None)
+    if original is None or getattr(original, "_mkv_wrapped", False):
+        return
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        from .serving import apply_settings
+
+        line = apply_settings(self.model, get_active())
+        if line:
+            _logger().info_rank0(line)
+
+    __init__._mkv_wrapped = True  # type: ignore[attr-defined]
+    __init__.__wrapped__ = original  # type: ignore[attr-defined]
+    engine.__init__ = __init__
+
+
+def patch_api_app(module: Any) -> None:
+    from .api_requests import validate
+
+    full = getattr(module, "create_chat_completion_response", None)
+    if full is not None and not getattr(full, "_mkv_wrapped", False):
+
+        async def create_chat_completion_response(request: Any, chat_model: Any) -> Any:
+            validate(request, chat_model)
+            return await full(request, chat_model)
+
+        create_chat_completion_response._mkv_wrapped = True  # type: ignore[attr-defined]
+        module.create_chat_completion_response = create_chat_completion_response
+    stream = getattr(module, "create_stream_chat_completion_response", None)
+    if stream is not None and not getattr(stream, "_mkv_wrapped", False):
+
+        def create_stream_chat_completion_response(request: Any, chat_model: Any) -> Any:
+            # Not a generator itself: a refusal raised here becomes the endpoint's error response,
+            # where one raised inside the stream would come after its 200 headers.
+            validate(request, chat_model)
+            return stream(request, chat_model)
+
+        create_stream_chat_completion_response._mkv_wrapped = True  # type: ignore[attr-defined]
+        module.create_stream_chat_completion_response = create_stream_chat_completion_response
+
+
 # ---------------------------------------------------------------------------------------- entry
 def apply(fullname: str, module: Any) -> None:
     if fullname == PARSER:
@@ -243,3 +323,7 @@ def apply(fullname: str, module: Any) -> None:
         patch_workflow(module, "pt", "CustomTrainer")
     elif fullname == SFT_WORKFLOW:
         patch_workflow(module, "sft", "CustomSeq2SeqTrainer")
+    elif fullname == HF_ENGINE:
+        patch_hf_engine(module)
+    elif fullname == API_APP:
+        patch_api_app(module)

@@ -66,7 +66,8 @@ def build_tokenizer(path: str | os.PathLike) -> Any:
     return fast
 
 
-def build_tiny_pcallama(path: str | os.PathLike, num_kv_heads: int = 2, seed: int = 0, layers: int = 2) -> Path:
+def build_tiny_pcallama(path: str | os.PathLike, num_kv_heads: int = 2, seed: int = 0, layers: int = 2,
+                        key_space: str = "post-rope") -> Path:
     """Save a random tiny PcaLlama (GQA by default, head_dim 16, random orthogonal bases) + tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -96,9 +97,47 @@ def build_tiny_pcallama(path: str | os.PathLike, num_kv_heads: int = 2, seed: in
     key_bases = torch.linalg.qr(torch.randn(shape, dtype=torch.float64))[0].float()
     value_bases = torch.linalg.qr(torch.randn(shape, dtype=torch.float64))[0].float()
     value_means = 0.1 * torch.randn(layers, num_kv_heads, head_dim)
-    model = PcaLlamaForCausalLM.from_llama(llama, key_bases=key_bases, value_bases=value_bases, value_means=value_means)
+    model = PcaLlamaForCausalLM.from_llama(llama, key_bases=key_bases, value_bases=value_bases, value_means=value_means,
+                                           key_space=key_space)
     model.save_pretrained(str(path))
     return path
+
+
+def build_tiny_chat_pair(root: str | os.PathLike, seed: int = 0) -> tuple[Path, Path]:
+    """(base Llama dir, PcaLlama dir): a tiny random Llama that never ends its answers early, and that Llama with
+    random orthogonal projections (saved at full rank), each with the tokenizer.
+
+    The end-of-sequence row of the output layer is zero, so greedy answers run to max_tokens instead of stopping
+    at a random first token: an answer compared token for token is then as long as asked for.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from plugin.modeling import PcaLlamaForCausalLM
+
+    root = Path(root)
+    base, pca = root / "base", root / "pcallama"
+    tokenizer = build_tokenizer(base)
+    tokenizer.save_pretrained(str(pca))
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    llama = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        llama.lm_head.weight[tokenizer.eos_token_id] = 0.0
+    llama.save_pretrained(str(base))
+    shape = (config.num_hidden_layers, config.num_key_value_heads, 16, 16)
+    key_bases = torch.linalg.qr(torch.randn(shape, dtype=torch.float64))[0].float()
+    value_bases = torch.linalg.qr(torch.randn(shape, dtype=torch.float64))[0].float()
+    value_means = 0.1 * torch.randn(shape[:3])
+    model = PcaLlamaForCausalLM.from_llama(llama, key_bases=key_bases, value_bases=value_bases, value_means=value_means)
+    model.save_pretrained(str(pca))
+    return base, pca
 
 
 def build_tiny_llama(path: str | os.PathLike, seed: int = 0) -> Path:
