@@ -157,7 +157,7 @@ def render(result: dict) -> str:
         body += markdown_table(["first", "second", "budget", "protocol", "ratio (95%)", "verdict"],
                                [[p["first"], p["second"], f"{p['budget']:g}", p["protocol"],
                                  f"{p['ratio']:.3f} ({p['low']:.3f}-{p['high']:.3f})",
-                                 {"better": "first wins", "worse": "first loses", "tie": "tie"}[p["verdict"]]]
+                                 {"lower": "first wins", "higher": "first loses", "tie": "tie"}[p["verdict"]]]
                                 for p in result["pairs"]]) + "\n\n"
     if result["decode"]:
         body += f"Decode at {result['decode'][0]['context']} tokens of context, batch 1, one process:\n\n"

@@ -56,8 +56,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, versions, write_json, write_section
 from benchmarks.plots import longctx_png
+from plugin.evaluate import SCORED, last_tokens_nll
+from plugin.intervals import block_sums, blocks_ratio
 
-SCORED = 512
+BLOCK = 64  # tokens per bootstrap block: the rows keep per-block NLL sums, so intervals pair across processes
 
 
 def _ints(text: str) -> list[int]:
@@ -204,25 +206,6 @@ def tiered_old_rank(budget_rank: float, recent_rank: int, total: int, window: in
     return rank
 
 
-def last_tokens_nll(model: Any, ids: Any, cache: Any,
-                    reading: contextlib.AbstractContextManager | None = None) -> tuple[float, int]:
-    """(summed NLL of the last 512 tokens of `ids` [1, T], their count): the tokens before them are read into
-    the fresh `cache` first (inside `reading`, e.g. a token-eviction press), then the 512 are scored in one
-    forward through it."""
-    import torch
-
-    context = ids.shape[1] - SCORED
-    with torch.no_grad():
-        with reading or contextlib.nullcontext():
-            first = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True).logits[:, -1:]
-        # True positions for RoPE: a cache that evicted tokens holds fewer than `context` (kvpress passes them too)
-        positions = torch.arange(context, ids.shape[1], device=ids.device)[None]
-        rest = model(input_ids=ids[:, context:], past_key_values=cache, position_ids=positions, use_cache=True).logits
-    logits = torch.cat([first, rest[:, :-1]], dim=1).float()[0]
-    nll = torch.nn.functional.cross_entropy(logits, ids[0, context:], reduction="sum")
-    return float(nll), SCORED
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -248,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--per-depth", type=int, default=4)
     parser.add_argument("--ppl-contexts", default="2048,4096", help="window lengths for last-512-token perplexity")
-    parser.add_argument("--ppl-windows", type=int, default=2, help="windows per length (default 2)")
+    parser.add_argument("--ppl-windows", default="8,8,4",
+                        help="windows per length: one number or one per --ppl-contexts length (default 8,8,4)")
+    parser.add_argument("--compare-to", default="",
+                        help="a setting every row is also compared with (paired interval), e.g. the best competitor")
     parser.add_argument("--out", default=str(ROOT / "docs" / "longctx.json"))
     parser.add_argument("--docs", action="store_true", help="also write the section of docs/benchmarks.md")
     parser.add_argument("--append", action="store_true",
@@ -339,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
 
     texts = load_texts(None, split="evaluation")
     prompts = {c: passkey_items(tokenizer, texts, c, _floats(args.depths), args.per_depth) for c in _ints(args.contexts)}
-    windows = {c: token_windows(tokenizer, texts, c, c * args.ppl_windows) for c in _ints(args.ppl_contexts)}
+    lengths, counts = _ints(args.ppl_contexts), _ints(args.ppl_windows)
+    counts = counts * len(lengths) if len(counts) == 1 else counts
+    if len(counts) != len(lengths):
+        parser.error("--ppl-windows: one count, or one per --ppl-contexts length")
+    windows = {c: token_windows(tokenizer, texts, c, c * n) for c, n in zip(lengths, counts)}
     retrieval, perplexity, commands = [], [], []
     if args.append and Path(args.out).exists():
         import json
@@ -355,20 +345,21 @@ def main(argv: list[str] | None = None) -> int:
             if (setting.name, context) in done_ppl:
                 continue
             start = time.perf_counter()
-            nll, count = 0.0, 0
             try:
                 setting.eviction_share(context - SCORED, SCORED)
             except ValueError as err:  # the scored tokens alone exceed the budget
                 print(f"{setting.name}, {context} tokens: skipped ({err})", flush=True)
                 continue
+            parts = []
             for row in rows:
                 cache = setting.cache(row.numel(), args.tiered_budget)
-                a, b = last_tokens_nll(setting.model, row[None], cache, setting.reading(context - SCORED, SCORED))
-                nll, count = nll + a, count + b
+                parts.append(last_tokens_nll(setting.model, row[None], cache, setting.reading(context - SCORED, SCORED)))
+            nll = torch.cat(parts)
             perplexity.append({"setting": setting.name, "method": setting.method, "budget": setting.budget,
-                               "context": context, "last512_perplexity": math.exp(nll / count),
-                               "windows": int(rows.shape[0]), "bytes_fraction": setting.bf16_fraction(cache, row.numel())})
-            print(f"{setting.name}: last-512 perplexity at {context} = {math.exp(nll / count):.2f}, "
+                               "context": context, "last512_perplexity": math.exp(float(nll.mean())),
+                               "windows": int(rows.shape[0]), "bytes_fraction": setting.bf16_fraction(cache, row.numel()),
+                               "block_nll": [round(float(x), 5) for x in block_sums(nll, BLOCK)]})
+            print(f"{setting.name}: last-512 perplexity at {context} = {math.exp(float(nll.mean())):.2f}, "
                   f"bytes {perplexity[-1]['bytes_fraction']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
         for context, items in prompts.items():
             if (setting.name, context) in done_retrieval:
@@ -401,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         now = f"{previous['versions']}; {interpreter}: {now}"
     elif args.append and Path(args.out).exists() and previous.get("versions"):
         now = previous["versions"]
+    add_intervals(perplexity, args.compare_to)
     result = {"command": " && ".join(commands), "commands": commands, "machine": machine(),
               "versions": now, "date": time.strftime("%Y-%m-%d"), "retrieval": retrieval,
               "perplexity": perplexity}
@@ -412,6 +404,22 @@ def main(argv: list[str] | None = None) -> int:
         if perplexity:
             longctx_png(result, Path(args.out).with_suffix(".png"))
     return 0
+
+
+def add_intervals(rows: list[dict], compare_to: str = "") -> None:
+    """Each row's paired 95% interval against the full cache (and `compare_to`) at its length, from block sums.
+
+    Rows measured before block sums were kept (fewer windows, no intervals) are left as they are."""
+    by = {(r["setting"], r["context"]): r for r in rows if r.get("block_nll")}
+    for row in rows:
+        if not row.get("block_nll"):
+            continue
+        counts = [BLOCK] * len(row["block_nll"])
+        for key, name in (("vs_full", "full"), ("vs_compared", compare_to)):
+            other = by.get((name, row["context"]))
+            if name and other is not None and len(other["block_nll"]) == len(row["block_nll"]):
+                row[key] = blocks_ratio(row["block_nll"], other["block_nll"], counts).as_dict()
+                row[key]["against"] = name
 
 
 def render(result: dict) -> str:
@@ -431,13 +439,20 @@ def render(result: dict) -> str:
     if contexts:
         table = {}
         for row in result["perplexity"]:
-            table.setdefault(row["setting"], {})[row["context"]] = row["last512_perplexity"]
+            cell = f"{row['last512_perplexity']:.2f}"
+            for key in ("vs_full", "vs_compared"):
+                if key in row and row[key]["against"] != row["setting"]:
+                    mark = {"lower": " ▼", "higher": " ▲", "tie": ""}[row[key]["verdict"]]
+                    cell += f"<br>{row[key]['ratio']:.2f}x {row[key]['against']} ({row[key]['low']:.2f}-{row[key]['high']:.2f}){mark}"
+            table.setdefault(row["setting"], {})[row["context"]] = cell
         body += ("Perplexity of the last 512 tokens of held-out windows, the tokens before them read into the "
-                 "setting's cache first (`bytes` = cache bytes as a fraction of a bfloat16 full cache; windows per "
+                 "setting's cache first, with its ratio to the full cache (and to the compared row) and the paired "
+                 "block-bootstrap 95% interval over 64-token blocks: ▼ lower and ▲ higher perplexity with the interval "
+                 "excluding 1, no mark a tie (`bytes` = cache bytes as a fraction of a bfloat16 full cache; windows per "
                  "length: " + ", ".join(f"{c}: {w}" for c, w in sorted({(r["context"], r["windows"])
                                                                        for r in result["perplexity"]})) + "):\n\n")
         body += markdown_table(["setting", "bytes"] + [f"{c} tokens" for c in contexts],
-                               [[name, f"{bytes_of[name]:.3f}"] + [f"{ctx[c]:.2f}" if c in ctx else "-" for c in contexts]
+                               [[name, f"{bytes_of[name]:.3f}"] + [ctx.get(c, "-") for c in contexts]
                                 for name, ctx in table.items()]) + "\n\n"
         body += "![perplexity against cache bytes at each context](longctx.png)\n\n"
     if result["retrieval"]:

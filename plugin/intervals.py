@@ -17,19 +17,24 @@ import torch
 
 @dataclass(frozen=True)
 class Interval:
-    """A perplexity ratio (setting / reference) and its paired bootstrap interval."""
+    """A paired statistic (a perplexity ratio, or a difference of accuracies) and its bootstrap interval.
+
+    ``null`` is the value of no difference: 1 for ratios, 0 for differences."""
 
     ratio: float
     low: float
     high: float
     blocks: int
+    null: float = 1.0
 
     def verdict(self) -> str:
-        """'better' (interval below 1: lower perplexity), 'worse' (above 1) or 'tie' (it includes 1)."""
-        if self.high < 1.0:
-            return "better"
-        if self.low > 1.0:
-            return "worse"
+        """'lower' (the interval lies below the null), 'higher' (above it) or 'tie' (it includes the null).
+
+        For a perplexity ratio 'lower' is a win; for a difference of accuracies 'higher' is."""
+        if self.high < self.null:
+            return "lower"
+        if self.low > self.null:
+            return "higher"
         return "tie"
 
     def text(self, digits: int = 2) -> str:
@@ -58,8 +63,18 @@ def paired_ratio(nll: torch.Tensor, reference: torch.Tensor, block: int = 64, sa
     """perplexity(nll) / perplexity(reference) with its paired block-bootstrap interval."""
     if nll.shape != reference.shape:
         raise ValueError(f"paired NLLs need the same tokens; got shapes {tuple(nll.shape)} and {tuple(reference.shape)}")
-    diff = block_sums(nll, block) - block_sums(reference, block)
     counts = block_sums(torch.ones_like(nll, dtype=torch.float64), block)
+    return blocks_ratio(block_sums(nll, block), block_sums(reference, block), counts, samples, seed, confidence)
+
+
+def blocks_ratio(blocks: torch.Tensor | list[float], reference: torch.Tensor | list[float],
+                 counts: torch.Tensor | list[float], samples: int = 4000, seed: int = 0,
+                 confidence: float = 0.95) -> Interval:
+    """The same from per-block NLL sums and token counts (what a results file keeps instead of every token)."""
+    blocks, reference, counts = (torch.as_tensor(t, dtype=torch.float64) for t in (blocks, reference, counts))
+    if blocks.shape != reference.shape or blocks.shape != counts.shape or blocks.dim() != 1:
+        raise ValueError("paired blocks need the same blocks for both settings")
+    diff = blocks - reference
     ratio = float(torch.exp(diff.sum() / counts.sum()))
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randint(0, diff.numel(), (samples, diff.numel()), generator=generator)
@@ -67,3 +82,16 @@ def paired_ratio(nll: torch.Tensor, reference: torch.Tensor, block: int = 64, sa
     tail = (1.0 - confidence) / 2
     low, high = torch.quantile(resampled, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
     return Interval(ratio, low, high, diff.numel())
+
+
+def paired_difference(scores: torch.Tensor | list[float], reference: torch.Tensor | list[float], samples: int = 4000,
+                      seed: int = 0, confidence: float = 0.95) -> Interval:
+    """mean(scores) - mean(reference) over the same items (e.g. pass-key answers right = 1), items resampled."""
+    scores, reference = (torch.as_tensor(t, dtype=torch.float64) for t in (scores, reference))
+    if scores.shape != reference.shape or scores.dim() != 1 or scores.numel() == 0:
+        raise ValueError("a paired difference needs the same non-empty list of items for both settings")
+    diff = scores - reference
+    picks = torch.randint(0, diff.numel(), (samples, diff.numel()), generator=torch.Generator().manual_seed(seed))
+    tail = (1.0 - confidence) / 2
+    low, high = torch.quantile(diff[picks].mean(-1), torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return Interval(float(diff.mean()), low, high, diff.numel(), null=0.0)

@@ -304,9 +304,14 @@ def test_longctx_on_a_tiny_model(tmp_path) -> None:
     ppl = {r["setting"]: r for r in result["perplexity"]}
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "pca")
     window = token_windows(tokenizer, load_texts(None, split="evaluation"), 600, 600)
-    nll, count = longctx.last_tokens_nll(base, window, DynamicCache())
-    assert ppl["tiny 1"]["last512_perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
-    assert ppl["full"]["last512_perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-6)
+    nll = longctx.last_tokens_nll(base, window, DynamicCache())
+    assert ppl["tiny 1"]["last512_perplexity"] == pytest.approx(math.exp(float(nll.mean())), rel=1e-4)
+    assert ppl["full"]["last512_perplexity"] == pytest.approx(math.exp(float(nll.mean())), rel=1e-6)
+    # every row carries its paired interval against the full cache, from the 64-token block sums it keeps
+    assert len(ppl["tiny 0.5"]["block_nll"]) == 512 // 64
+    assert ppl["tiny 1"]["vs_full"]["ratio"] == pytest.approx(1.0, abs=1e-4)
+    half = ppl["tiny 0.5"]["vs_full"]
+    assert half["against"] == "full" and half["low"] <= half["ratio"] <= half["high"]
     assert ppl["tiny 1"]["bytes_fraction"] == 1.0 and ppl["tiny 0.5"]["bytes_fraction"] == 0.5
     assert ppl["tiny 0.5"]["last512_perplexity"] != ppl["tiny 1"]["last512_perplexity"]
     old = longctx.tiered_old_rank(0.25 * head_dim, head_dim // 2, 600, 64)

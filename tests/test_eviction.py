@@ -10,7 +10,6 @@ from helpers import to_pca
 from plugin import SnapEviction
 from plugin.cache import PcaCache
 
-
 KEY_SPACES = ["post-rope", "pre-rope"]  # pre-RoPE: the cache also holds the positions each head kept
 
 

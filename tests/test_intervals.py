@@ -12,7 +12,7 @@ from helpers import save_tiny_base, to_pca
 
 from plugin.cli import main
 from plugin.evaluate import last_tokens_nll, long_context_nll
-from plugin.intervals import block_sums, paired_ratio
+from plugin.intervals import block_sums, paired_difference, paired_ratio
 
 
 def test_two_blocks_give_the_known_interval() -> None:
@@ -24,8 +24,8 @@ def test_two_blocks_give_the_known_interval() -> None:
     assert interval.ratio == pytest.approx(math.exp(0.2), abs=1e-12)
     assert interval.low == pytest.approx(math.exp(0.1), abs=1e-12)
     assert interval.high == pytest.approx(math.exp(0.3), abs=1e-12)
-    assert interval.blocks == 2 and interval.verdict() == "worse"
-    assert paired_ratio(reference, nll, block=64).verdict() == "better"
+    assert interval.blocks == 2 and interval.verdict() == "higher"
+    assert paired_ratio(reference, nll, block=64).verdict() == "lower"
 
 
 def test_pairing_removes_what_both_settings_share() -> None:
@@ -38,6 +38,17 @@ def test_pairing_removes_what_both_settings_share() -> None:
     assert (same.ratio, same.low, same.high, same.verdict()) == (1.0, 1.0, 1.0, "tie")
     noisy = paired_ratio(hard + torch.randn(512, generator=torch.Generator().manual_seed(1)).double() * 0.5, hard)
     assert noisy.low < noisy.ratio < noisy.high and noisy.verdict() == "tie"
+
+
+def test_a_paired_difference_of_answers_has_the_known_interval() -> None:
+    """Two items, one answered by both and one only by the first: resampled means of the differences are 0 (1/4),
+    0.5 (1/2) or 1 (1/4), so the interval is [0, 1] around 0.5 and includes no difference."""
+    interval = paired_difference([1, 1], [1, 0])
+    assert (interval.ratio, interval.low, interval.high, interval.verdict()) == (0.5, 0.0, 1.0, "tie")
+    many = paired_difference([1] * 60 + [0] * 40, [1] * 30 + [0] * 70)  # 30 more right out of 100, never fewer
+    assert many.ratio == pytest.approx(0.3) and many.low > 0 and many.verdict() == "higher"
+    with pytest.raises(ValueError, match="same non-empty"):
+        paired_difference([1], [1, 0])
 
 
 def test_block_sums_keep_a_short_last_block_and_refuse_bad_input() -> None:
@@ -92,3 +103,16 @@ def test_long_context_eval_and_multi_length_calibration_commands(tmp_path) -> No
                  "--score-last", "32", "--out", str(prefix)]) == 2  # the text holds fewer windows: one clear line
     assert main(["eval", "--model", str(out), "--data", str(text), "--context", "32", "--score-last", "32",
                  "--out", str(prefix)]) == 2
+
+
+def test_passkey_summary_pairs_each_setting_with_the_full_cache_on_the_same_prompts() -> None:
+    import argparse
+
+    from plugin.commands.eval import PasskeySweep
+
+    sweep = PasskeySweep(argparse.Namespace(passkey="128", passkey_depths="0", passkey_per_depth=1), ["text"])
+    sweep._right = {("m", "1", 128): [1, 0, 1, 1], ("m", "0.5", 128): [1, 0, 0, 1], ("m", "0.25", 128): [1, 0, 1, 1]}
+    rows = {row["setting"]: row for row in sweep.summary()}
+    assert "vs_full" not in rows["1"] and rows["0.5"]["correct"] == 2 and rows["0.5"]["items"] == 4
+    assert rows["0.5"]["vs_full"]["ratio"] == pytest.approx(-0.25) and rows["0.5"]["vs_full"]["against"] == "m 1"
+    assert rows["0.25"]["vs_full"]["ratio"] == 0.0 and rows["0.25"]["vs_full"]["verdict"] == "tie"

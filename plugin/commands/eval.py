@@ -163,6 +163,13 @@ def run(args: argparse.Namespace) -> int:
     if passkey.rows:
         passkey.print_table()
         result["passkey"] = passkey.rows
+        result["passkey_summary"] = passkey.summary()
+        for row in result["passkey_summary"]:
+            interval = row.get("vs_full")
+            shown = (f"  {interval['ratio']:+.2f} vs {interval['against']} ({interval['low']:+.2f} to "
+                     f"{interval['high']:+.2f})") if interval else ""
+            print(f"{row['model'][:16]:<16} {row['setting'][-12:]:<12} {row['context']:>7} "
+                  f"{row['correct']:>4}/{row['items']:<4}{shown}")
     Path(f"{out}.json").write_text(json.dumps(result, indent=1))
     with open(f"{out}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]), extrasaction="ignore")
@@ -288,15 +295,17 @@ class PasskeySweep:
             raise ValueError(f"--passkey-per-depth must be at least 1; got {args.passkey_per_depth}")
         self.per_depth, self.texts, self.rows = args.passkey_per_depth, texts, []
         self._items: dict[int, list] = {}
+        self._right: dict[tuple[str, str, int], list[int]] = {}  # (model, setting, length) -> 1 per right answer
 
     def score(self, model, tokenizer, label: str, setting: str) -> None:
-        from ..retrieval import accuracy_by_depth, generate_answers, passkey_items
+        from ..retrieval import accuracy_by_depth, generate_answers, is_correct, passkey_items
 
         for context in self.contexts:
             if context not in self._items:
                 self._items[context] = passkey_items(tokenizer, self.texts, context, self.depths, self.per_depth)
             items = self._items[context]
             answers = generate_answers(model, tokenizer, items, desc=f"{label} {setting} pass key @ {context}")
+            self._right[(label, setting, context)] = [int(is_correct(a, item.key)) for item, a in zip(items, answers)]
             for depth, (hits, total) in accuracy_by_depth(items, answers).items():
                 said = [a for item, a in zip(items, answers) if item.depth == depth]
                 self.rows.append({"model": label, "setting": setting, "context": context, "depth": depth,
@@ -314,6 +323,24 @@ class PasskeySweep:
             model.load_rank_file(path)  # may carry its own bit widths: for its row only
             self.score(model, tokenizer, label, f"{Path(path).stem}{suffix}")
             model.set_kv_quant(initial)
+
+    def summary(self) -> list[dict]:
+        """Per (model, setting, length): answers right, and the paired 95% interval of the difference in accuracy
+        against the full cache on the same prompts (a plain model's `full` row, else the first model's budget 1)."""
+        from ..intervals import paired_difference
+
+        references = {}
+        for (label, setting, context), right in self._right.items():
+            if setting in ("full", "1") and context not in references:
+                references[context] = (label, setting, right)
+        rows = []
+        for (label, setting, context), right in self._right.items():
+            row = {"model": label, "setting": setting, "context": context, "correct": sum(right), "items": len(right)}
+            if context in references and references[context][:2] != (label, setting):
+                row["vs_full"] = paired_difference(right, references[context][2]).as_dict()
+                row["vs_full"]["against"] = " ".join(references[context][:2])
+            rows.append(row)
+        return rows
 
     def print_table(self) -> None:
         print(f"{'model':<16} {'setting':<12} {'context':>7} {'depth':>5} {'correct':>8}")
