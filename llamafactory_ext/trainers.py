@@ -142,20 +142,27 @@ class HeldoutPerplexity(TrainerCallback):
             tokenizer = self.trainer.processing_class
             tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps the tokenizer
             texts = load_texts(margs.matryoshka_heldout_data, split="evaluation")
-            self._windows = token_windows(tokenizer, texts, 512, int(margs.matryoshka_heldout_tokens))
+            length = int(margs.matryoshka_heldout_context) or 512
+            self._windows = token_windows(tokenizer, texts, length, max(int(margs.matryoshka_heldout_tokens), length))
         return self._windows
 
     def measure(self, step: int) -> None:
         if step in self._done:
             return
         self._done.add(step)
-        from plugin.evaluate import token_nll
+        from plugin.evaluate import long_context_nll, token_nll
 
         trainer = self.trainer
         logs: dict[str, float] = {}
+        context = int(trainer.matryoshka_args.matryoshka_heldout_context)
+        scored = min(512, context // 2)  # the last 512 tokens, or half of a shorter window
         for budget in trainer.matryoshka_args.matryoshka_heldout_budgets:
             with trainer.eval_budget(budget):
-                nll, count = token_nll(trainer.model, self.windows(), batch_size=4, progress=False)
+                if context:  # the last tokens of each window, through the cache
+                    nll_tokens = long_context_nll(self.trainer._pca, self.windows(), scored, progress=False)
+                    nll, count = float(nll_tokens.sum()), nll_tokens.numel()
+                else:
+                    nll, count = token_nll(trainer.model, self.windows(), batch_size=4, progress=False)
             logs[f"heldout_ppl_{budget:g}"] = round(math.exp(nll / count), 4)
         logs["heldout_tokens"] = int(self.windows().numel())
         trainer.log(logs)
