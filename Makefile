@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: all install demo recipe test lint bench clean
+.PHONY: all install demo recipe longctx test lint bench clean
 
 all: demo
 
@@ -40,6 +40,24 @@ recipe: install data/sotu_train.jsonl data/self_chat_train.jsonl $(DEMO)/pca/con
 	$(VENV)/bin/mkv export-projections --model $(RECIPE)/train --out $(RECIPE)/projections --base-model embedded --overwrite
 	$(VENV)/bin/mkv eval --model $(DEMO)/pca --model $(RECIPE)/projections --label pca --label recipe \
 		--tokens 8192 --out $(RECIPE)/eval
+
+# The long-context recipe (scripts/matryoshka_longctx.yaml): pre-RoPE PCA over windows of 512, 2,048 and
+# 8,192 tokens, then Matryoshka distillation on packed 2,048-token windows, resumable (run it again after an
+# interruption; `make longctx LONGCTX_STEPS=60` continues the same run further), then the projections artifact
+# and the long-context comparison with the shipped projections (the last 512 tokens after 2k / 4k / 8k).
+LONGCTX := outputs/longctx
+LONGCTX_STEPS ?= 30
+$(LONGCTX)/pca-pre-rope/config.json: | install
+	$(VENV)/bin/mkv calibrate --out $(LONGCTX)/pca-pre-rope --seq-len 512,2048,8192 --tokens 49152 \
+		--key-space pre-rope --batch-size 1
+
+longctx: install data/sotu_train.jsonl $(LONGCTX)/pca-pre-rope/config.json
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/llamafactory-cli train scripts/matryoshka_longctx.yaml \
+		max_steps=$(LONGCTX_STEPS)
+	$(VENV)/bin/mkv export-projections --model $(LONGCTX)/train --out $(LONGCTX)/projections --base-model embedded \
+		--overwrite
+	$(VENV)/bin/mkv eval --model embedded-matryoshka --model $(LONGCTX)/projections --label shipped-512 \
+		--label longctx --budgets 1,0.5,0.25 --context 2048,4096,8192 --out $(LONGCTX)/eval
 
 # The base model's own chat answers to the training instructions (about 6 min; not committed).
 data/self_chat_train.jsonl: | install
