@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ROOT, header, markdown_table, write_json, write_section
@@ -31,7 +32,7 @@ from benchmarks.common import ROOT, header, markdown_table, write_json, write_se
 
 def _parse(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[float], list[tuple[int, int]]]:
     from plugin.commands.calibrate import parse_lengths
-    from plugin.commands.eval import parse_budgets
+    from plugin.ranks import parse_budgets
 
     models = []
     for text in args.model:
@@ -64,7 +65,7 @@ def decode_speed(model: Any, ids: Any, steps: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--model", action="append", required=True, help="LABEL=PATH (repeatable)")
+    parser.add_argument("--model", action="append", default=[], help="LABEL=PATH (repeatable)")
     parser.add_argument("--budgets", default="0.5,0.25")
     parser.add_argument("--contexts", default="2048,4096,8192")
     parser.add_argument("--windows", default="8,8,4", help="windows per context length")
@@ -74,7 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--out", default=str(ROOT / "docs" / "key_space.json"))
     parser.add_argument("--docs", action="store_true", help="also write the section of docs/benchmarks.md")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the docs section from --out, measuring nothing")
     args = parser.parse_args(argv)
+    if args.render_only:
+        import json
+
+        write_section("key_space", "Key basis before or after RoPE, at equal bytes",
+                      render(json.loads(Path(args.out).read_text())))
+        return 0
+    if not args.model:
+        parser.error("give at least one --model LABEL=PATH")
     models, budgets, plan = _parse(args)
 
     from plugin.data import load_texts, token_windows
