@@ -1,8 +1,8 @@
 """Where the key basis sits relative to RoPE: the same budget, keys projected after RoPE vs before it.
 
-For each --model (label=path: PcaLlama checkpoints or projection artifacts, e.g. a pre-RoPE and a
-post-RoPE calibration of the same base on the same tokens) and each --budgets, in one process, on the
-same tokens:
+For each --model (LABEL=PATH[@BUDGETS]: PcaLlama checkpoints or projection artifacts, e.g. a pre-RoPE and a
+post-RoPE calibration of the same base on the same tokens) at each of its budgets (default --budgets), in
+one process, on the same tokens:
 
 * whole 512-token windows (--short-tokens held-out tokens): perplexity, its ratio to the full cache and
   the paired bootstrap 95% interval over 64-token blocks;
@@ -10,7 +10,7 @@ same tokens:
   the same, per length;
 * every pair of models at the same budget: the paired interval of their ratio (the first over the second);
 * decode speed at --decode-context tokens: a prefill, then --decode-steps greedy steps timed, tokens/s, for
-  the full cache and each model at each budget, alternated in one process (the machine is shared: ratios
+  the full cache and each model at its first budget, one after the other in one process (the machine is shared: ratios
   are read within a run).
 
     python -m benchmarks.key_space --model pre=outputs/longctx/pca-pre-rope --model post=outputs/longctx/pca-post-rope \\
@@ -30,16 +30,17 @@ from typing import Any
 from benchmarks.common import ROOT, header, markdown_table, write_json, write_section
 
 
-def _parse(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[float], list[tuple[int, int]]]:
+def _parse(args: argparse.Namespace) -> tuple[list[tuple[str, str, list[float] | None]], list[float], list[tuple[int, int]]]:
     from plugin.commands.calibrate import parse_lengths
     from plugin.ranks import parse_budgets
 
     models = []
     for text in args.model:
         label, _, path = text.partition("=")
+        path, _, own = path.partition("@")
         if not path:
-            raise SystemExit(f"--model {text!r}: give LABEL=PATH")
-        models.append((label, path))
+            raise SystemExit(f"--model {text!r}: give LABEL=PATH or LABEL=PATH@BUDGETS")
+        models.append((label, path, parse_budgets(own) if own else None))
     contexts = parse_lengths(args.contexts, "--contexts") if args.contexts else []
     windows = parse_lengths(args.windows, "--windows") if args.windows else [8] * len(contexts)
     windows = windows * len(contexts) if len(windows) == 1 else windows
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from plugin.intervals import paired_ratio
     from plugin.loading import load_model
 
-    loaded = [(label, *load_model(path)) for label, path in models]
+    loaded = [(label, *load_model(path)) for label, path, _ in models]
+    budgets_of = {label: own or budgets for label, _, own in models}
     tokenizer = loaded[0][2]
     texts = load_texts(None, split="evaluation")
     short = token_windows(tokenizer, texts, 512, args.short_tokens)
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = {name: score(first) for name, score in protocols.items()}  # the full cache: the base exactly
     results, nlls = [], {}
     for label, model, _ in loaded:
-        for budget in budgets:
+        for budget in budgets_of[label]:
             model.set_kv_budget(budget)
             for name, score in protocols.items():
                 start = time.perf_counter()
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = []
     for i, (a, *_rest) in enumerate(loaded):
         for b, *_other in loaded[i + 1:]:
-            for budget in budgets:
+            for budget in sorted(set(budgets_of[a]) & set(budgets_of[b]), reverse=True):
                 for name in protocols:
                     interval = paired_ratio(nlls[(a, budget, name)], nlls[(b, budget, name)])
                     pairs.append({"first": a, "second": b, "budget": budget, "protocol": name, **interval.as_dict()})
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     speed = []
     if args.decode_steps > 0:
         ids = token_windows(tokenizer, texts, args.decode_context, args.decode_context)[:1]
-        settings = [("full cache", first, 1.0)] + [(label, model, b) for label, model, _ in loaded for b in budgets]
+        settings = [("full cache", first, 1.0)] + [(label, model, b) for label, model, _ in loaded
+                                                   for b in budgets_of[label][:1]]  # each model at its first budget
         for label, model, budget in settings:
             model.set_kv_budget(budget)
             rate = decode_speed(model, ids, args.decode_steps)
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             row["vs_full"] = row["tokens_per_second"] / full_rate
 
     command = "python -m benchmarks.key_space " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    result = {"header": header(command), "models": dict(models), "windows": {str(n): c for n, c in plan},
+    result = {"header": header(command), "models": {label: path for label, path, _ in models}, "windows": {str(n): c for n, c in plan},
               "rows": results, "pairs": pairs, "decode": speed}
     write_json(args.out, result)
     if args.docs:
