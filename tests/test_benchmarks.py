@@ -490,3 +490,35 @@ def test_tiered_quick_compares_at_equal_measured_bytes(tmp_path, docs_untouched)
     assert set(rows) == {"full", "uniform", "tiered"}
     assert rows["tiered"]["cache_bytes"] == rows["uniform"]["cache_bytes"] == rows["full"]["cache_bytes"] / 4
     assert all(row["ppl"] > 1 for row in rows.values())
+
+
+def test_key_space_compares_pre_and_post_rope_keys_on_the_same_tokens(tmp_path) -> None:
+    """benchmarks/key_space.py end to end on a tiny model: rows per (model, budget, protocol) with intervals
+    against the full cache, the pair at the shared budget, and decode speed rows."""
+    import shutil
+
+    from conftest import make_tiny_llama
+    from helpers import save_tiny_base, to_pca
+
+    from benchmarks.key_space import main as key_space, render
+
+    base = make_tiny_llama("gqa", attn_implementation="sdpa")
+    save_tiny_base(base, tmp_path / "base")
+    for space in ("pre-rope", "post-rope"):
+        to_pca(base, key_space=space).save_pretrained(tmp_path / space)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(tmp_path / "base" / name, tmp_path / space / name)
+    out = tmp_path / "key_space.json"
+    assert key_space(["--model", f"pre={tmp_path / 'pre-rope'}@0.5,0.25", "--model", f"post={tmp_path / 'post-rope'}@0.5",
+                      "--contexts", "96", "--windows", "2", "--short-tokens", "1024", "--score-last", "32",
+                      "--decode-context", "64", "--decode-steps", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["model"], r["budget"], r["protocol"]): r for r in result["rows"]}
+    assert set(rows) == {(m, b, p) for m, b in (("pre", 0.5), ("pre", 0.25), ("post", 0.5))
+                         for p in ("512 windows", "last 32 after 96")}
+    assert rows[("pre", 0.5, "last 32 after 96")]["key_space"] == "pre-rope"
+    assert rows[("post", 0.5, "512 windows")]["bytes_ratio"] == rows[("pre", 0.5, "512 windows")]["bytes_ratio"] == 0.5
+    assert all(r["vs_full"]["low"] <= r["vs_full"]["ratio"] <= r["vs_full"]["high"] for r in rows.values())
+    assert {(p["first"], p["second"], p["budget"]) for p in result["pairs"]} == {("pre", "post", 0.5)}
+    assert [r["setting"] for r in result["decode"]] == ["full cache", "pre", "post"]
+    assert "| pre | post | 0.5 |" in render(result)
