@@ -500,7 +500,8 @@ def test_key_space_compares_pre_and_post_rope_keys_on_the_same_tokens(tmp_path) 
     from conftest import make_tiny_llama
     from helpers import save_tiny_base, to_pca
 
-    from benchmarks.key_space import main as key_space, render
+    from benchmarks.key_space import main as key_space
+    from benchmarks.key_space import render
 
     base = make_tiny_llama("gqa", attn_implementation="sdpa")
     save_tiny_base(base, tmp_path / "base")
