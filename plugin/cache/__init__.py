@@ -1,14 +1,8 @@
 """KV caches of PcaLlama: projected (kept dimensions only), sliding-window, age-tiered and quantized projected."""
 
-from .projected import (
-    CompressedCache,
-    GroupSignature,
-    PcaCache,
-    PcaCacheLayer,
-    TensorMapLayer,
-    own_cache,
-    prepare_generation_cache,
-)
+from .base import CompressedCache, GroupSignature, TensorMapLayer, own_cache, prepare_generation_cache
+from .pca_cache import PcaCache
+from .projected import PcaCacheLayer
 from .quantized import QuantizedPcaCache, QuantizedPcaCacheLayer, QuantSpec
 from .tiered import TieredPcaCache, TieredPcaCacheLayer
 from .window import WindowPcaCacheLayer

@@ -1,4 +1,4 @@
-"""The projected cache: a transformers `Cache` that keeps only the kept dimensions of every KV head.
+"""The projected cache layer: it keeps only the kept dimensions of every KV head.
 
 Each layer stores one tensor per group of KV heads sharing the same (key rank, value rank):
 keys ``[batch, heads_in_group, seq, r_k]`` and values ``[batch, heads_in_group, seq, r_v]``.
@@ -12,38 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-GroupSignature = tuple[tuple[int, ...], ...]
+from .base import GroupSignature, TensorMapLayer
+
 Rebase = Callable[[str, int, torch.Tensor, int], torch.Tensor]
-
-
-class TensorMapLayer(CacheLayerMixin):
-    """Batch and length operations of a cache layer, expressed once over its `_map` of every stored tensor.
-
-    Stored tensors keep the batch on dim 0 and the sequence on dim -2.
-    """
-
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    def crop(self, max_length: int) -> None:
-        if max_length < 0:
-            max_length = self.get_seq_length() - abs(max_length)
-        if self.get_seq_length() > max_length:
-            self._map(lambda t: t[..., :max_length, :])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
-
-    def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
 
 
 class PcaCacheLayer(TensorMapLayer):
@@ -233,133 +205,3 @@ class PcaCacheLayer(TensorMapLayer):
     def prefetch(self) -> None:
         if self.is_initialized and self._keys and self._keys[0].device != self.device:
             self._map(lambda t: t.to(self.device, non_blocking=True))
-
-
-class CompressedCache(Cache):
-    """A Cache whose layers report `nbytes()` and keep the batch on dim 0 of their `keys`.
-
-    `nested_bases`: the cache cuts states below the model's ranks by slicing (age tiers), so every head,
-    full rank included, must be cached in the nested basis U rather than the model's own basis.
-    """
-
-    nested_bases = False
-
-    def nbytes(self) -> int:
-        """Bytes held by everything cached (the stored key positions of an evicted pre-RoPE cache included)."""
-        held = sum(layer.nbytes() for layer in self.layers)
-        return held + sum(t.numel() * t.element_size() for groups in self._key_positions().values() for t in groups)
-
-    # -- key positions ---------------------------------------------------------------------------------------
-    # A cache of pre-RoPE key coefficients rotates every key at its position when attended. Positions follow
-    # from the cache's length (slots), except after token eviction: then each head keeps other tokens, and the
-    # positions it kept are stored here, per layer and head group ``[batch, heads, tokens]`` (int32).
-    def _key_positions(self) -> dict[int, list[torch.Tensor]]:
-        return self.__dict__.setdefault("key_positions", {})
-
-    def stored_key_positions(self, layer_idx: int) -> list[torch.Tensor] | None:
-        """The positions of layer `layer_idx`'s cached keys, per head group, when they are stored (else None)."""
-        return self._key_positions().get(layer_idx)
-
-    def store_key_positions(self, layer_idx: int, positions: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Append the positions of the tokens just cached in `layer_idx`; returns all of them."""
-        held = self._key_positions().get(layer_idx)
-        positions = [p.to(torch.int32) for p in positions]
-        if held is not None:
-            positions = [torch.cat([h, p], dim=-1) for h, p in zip(held, positions)]
-        self._key_positions()[layer_idx] = positions
-        return positions
-
-    def _map_positions(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        store = self._key_positions()
-        for layer_idx, groups in store.items():
-            store[layer_idx] = [fn(t.unsqueeze(-1)).squeeze(-1) for t in groups]  # layers' convention: seq on -2
-
-    def crop(self, max_length: int) -> None:
-        super().crop(max_length)
-        for layer_idx, groups in self._key_positions().items():
-            self._key_positions()[layer_idx] = [t[..., : self.layers[layer_idx].get_seq_length()] for t in groups]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._map_positions(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._map_positions(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._map_positions(lambda t: t[indices, ...])
-
-    def reset(self) -> None:
-        super().reset()
-        self._key_positions().clear()
-
-    def bytes_per_token(self) -> float:
-        """Cached bytes per token per sequence (batch x sequence length divide out)."""
-        if not self.layers or self.get_seq_length() == 0:
-            return 0.0
-        return self.nbytes() / (self.layers[0].keys.shape[0] * self.get_seq_length())  # keys: batch on dim 0
-
-
-class PcaCache(CompressedCache):
-    """Projected KV cache for `PcaLlamaForCausalLM`; layers are created lazily on first update.
-
-    `chunk`: growth granularity of the preallocated buffers; `max_length`: a fixed capacity
-    allocated at the first update (static shapes); `reserve`: tokens to allocate at the first
-    update when more than it writes (the expected final length; growth stays possible);
-    `sliding_window`: keep only the last window - 1 tokens of every layer (Mistral), see :mod:`.window`.
-    """
-
-    def __init__(self, chunk: int = 256, max_length: int | None = None, sliding_window: int | None = None,
-                 reserve: int | None = None, nested_bases: bool = False) -> None:
-        if sliding_window is not None and max_length is not None:
-            raise ValueError("a sliding-window cache already has a fixed size; give max_length or sliding_window")
-        self.nested_bases = nested_bases
-        self.chunk, self.max_length, self.sliding_window, self.reserve = chunk, max_length, sliding_window, reserve
-        self._new_layer()  # checks the arguments now, not at the first update
-        super().__init__(layer_class_to_replicate=PcaCacheLayer)
-
-    def _new_layer(self) -> PcaCacheLayer:
-        if self.sliding_window is not None:
-            from .window import WindowPcaCacheLayer
-
-            return WindowPcaCacheLayer(self.sliding_window, self.chunk)
-        return PcaCacheLayer(self.chunk, self.max_length, self.reserve)
-
-    def update(self, key_states: Any, value_states: Any, layer_idx: int, cache_kwargs: dict | None = None) -> Any:
-        while len(self.layers) <= layer_idx:
-            self.layers.append(self._new_layer())
-        return super().update(key_states, value_states, layer_idx, cache_kwargs)
-
-
-def own_cache(past_key_values: Any, use_cache: bool, cache_class: type[Cache],
-              factory: Callable[[], Cache] | None = None) -> Any:
-    """The cache a model with its own cache class should use for this forward.
-
-    transformers (and `generate`) hand in None or an empty DynamicCache when nothing is cached
-    yet; both are replaced by `factory()` (default `cache_class()`). A filled cache of another
-    class cannot be converted.
-    """
-    fresh = past_key_values is None or (type(past_key_values) is DynamicCache and past_key_values.get_seq_length() == 0)
-    if use_cache and fresh:
-        return (factory or cache_class)()
-    if past_key_values is not None and not isinstance(past_key_values, cache_class):
-        raise ValueError(
-            f"this model needs a {cache_class.__name__}, got {type(past_key_values).__name__}; pass "
-            "past_key_values=None and the model creates one"
-        )
-    return past_key_values
-
-
-def prepare_generation_cache(generation_config: Any, model_kwargs: dict, cache_class: type[Cache],
-                             factory: Callable[[], Cache] | None = None) -> None:
-    """Check `generate`'s cache settings and swap the empty DynamicCache it made for `factory()`."""
-    if generation_config.cache_implementation not in (None, "dynamic"):
-        raise ValueError(
-            f"cache_implementation={generation_config.cache_implementation!r} is not supported; leave it "
-            f"unset, the model uses its own {cache_class.__name__}"
-        )
-    cache = model_kwargs.get("past_key_values")
-    if type(cache) is DynamicCache and cache.get_seq_length() == 0:
-        model_kwargs["past_key_values"] = (factory or cache_class)()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .projected import CompressedCache, TensorMapLayer
+from .base import CompressedCache, TensorMapLayer
 from .quantize import (
     FULL_PRECISION,
     check_bits,

@@ -19,12 +19,14 @@ comes `window` tokens after it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .projected import CompressedCache, GroupSignature, PcaCacheLayer, TensorMapLayer
+from .base import CompressedCache, GroupSignature, TensorMapLayer
+from .projected import PcaCacheLayer
 
 
 def demoted(signature: GroupSignature, old_key_rank: int, old_value_rank: int) -> GroupSignature:
@@ -127,10 +129,6 @@ class TieredPcaCache(CompressedCache):
     def __init__(self, window: int, old_key_rank: int, old_value_rank: int | None = None, chunk: int = 256) -> None:
         old_value_rank = old_key_rank if old_value_rank is None else old_value_rank
         self.window, self.old_ranks, self.chunk = window, (old_key_rank, old_value_rank), chunk
-        TieredPcaCacheLayer(window, old_key_rank, old_value_rank, chunk)  # checks the arguments now
-        super().__init__(layer_class_to_replicate=PcaCacheLayer)
-
-    def update(self, key_states: Any, value_states: Any, layer_idx: int, cache_kwargs: dict | None = None) -> Any:
-        while len(self.layers) <= layer_idx:
-            self.layers.append(TieredPcaCacheLayer(self.window, *self.old_ranks, self.chunk))
-        return super().update(key_states, value_states, layer_idx, cache_kwargs)
+        make = partial(TieredPcaCacheLayer, window, old_key_rank, old_value_rank, chunk)
+        make()  # checks the arguments now, not at the first update
+        super().__init__(layer_class_to_replicate=make)
