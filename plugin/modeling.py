@@ -17,6 +17,7 @@ from .attention import PcaLlamaAttention
 from .cache import CompressedCache, PcaCache, QuantizedPcaCache, QuantSpec, own_cache, prepare_generation_cache
 from .config import PcaLlamaConfig
 from .families import PCA_TYPES, SOURCE_TYPES
+from .projection_format import read_projections
 from .ranks import (
     RankTable,
     check_budget,
@@ -138,7 +139,7 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         Bases are ``[n_layers, n_kv_heads, d, d]`` with columns ordered by importance; value means
         ``[n_layers, n_kv_heads, d]``. The new model shares the base weights' storage with `model`.
         `projections`, a directory written by save_projections / `mkv export-projections`, supplies
-        bases, means and ranks instead (`ranks` still overrides); see plugin.projection_files.
+        bases, means and ranks instead (`ranks` still overrides); see plugin.projection_format.
         `key_space`: "post-rope" (the paper's) or "pre-rope" (the key basis before RoPE; see plugin.attention).
         """
         from .families import check_convertible, family_of
@@ -157,9 +158,12 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         if projections is not None:
             if key_bases is not None or value_bases is not None or value_means is not None:
                 raise ValueError("give projections or key_bases/value_bases/value_means, not both")
-            from .projection_files import load_projections
-
-            return load_projections(model, projections, ranks=ranks)
+            artifact, table, tensors = read_projections(projections, model, ranks)
+            pca = cls.from_llama(model, tensors["key_bases"], tensors["value_bases"], tensors["value_means"],
+                                 ranks=table, key_space=artifact["kv_key_space"])
+            pca.config.kv_rank_step = artifact["kv_rank_step"]
+            pca.set_kv_ranks(table)
+            return pca
         fields = config.to_dict()
         for name in ("model_type", "architectures", "auto_map", "sliding_window", "transformers_version",
                      "use_sliding_window", "max_window_layers", "layer_types"):

@@ -102,9 +102,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import load_texts, token_windows
-    from ..loading import check_output_dir, load_model, save_checkpoint
+    from ..loading import load_model
     from ..pca import calibrate
     from ..ranks import check_budget
+    from ..writing import check_output_dir, save_checkpoint
 
     check_output_dir(args.out, args.overwrite)
     if args.budget is not None:
@@ -158,8 +159,9 @@ def run_weight_pca(args: argparse.Namespace) -> int:
     import torch
 
     from ..baselines import build
-    from ..loading import load_model, save_checkpoint
+    from ..loading import load_model
     from ..modeling import PcaLlamaForCausalLM
+    from ..writing import save_checkpoint
 
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
     if isinstance(model, PcaLlamaForCausalLM):
