@@ -12,7 +12,7 @@ __all__ = ["MKVJsonlDataset", "PcaLlamaBaseModel", "budget_abbr"]
 
 _LAZY = {
     "PcaLlamaBaseModel": "opencompass_ext.models",
-    "budget_abbr": "opencompass_ext.models",
+    "budget_abbr": "opencompass_ext.suite",
     "MKVJsonlDataset": "opencompass_ext.datasets",
 }
 

@@ -25,7 +25,6 @@ registered in OpenCompass's MODELS registry under ``PcaLlamaBaseModel``.
 from __future__ import annotations
 
 import inspect
-import math
 import os
 
 from opencompass.models import HuggingFaceBaseModel
@@ -33,50 +32,9 @@ from opencompass.registry import MODELS
 
 from plugin.families import PCA_TYPES
 
-from .suite import has_cuda
+from .suite import budget_abbr, format_budget, has_cuda, parse_budget
 
 __all__ = ["PcaLlamaBaseModel", "budget_abbr", "format_budget", "parse_budget"]
-
-
-
-def parse_budget(budget: float | str) -> float:
-    """0.375, '0.375' or '37.5%' -> 0.375; anything outside (0, 1] -> ValueError."""
-    raw = budget
-    if isinstance(budget, bool):
-        raise ValueError(f"kv_budget {raw!r} is not a number; give a fraction in (0, 1], e.g. 0.375")  # noqa: TRY004
-    if isinstance(budget, str):
-        text = budget.strip()
-        try:
-            budget = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
-        except ValueError:
-            raise ValueError(
-                f"kv_budget {raw!r} is not a number; give a fraction in (0, 1] such as 0.375 "
-                "or a percentage such as '37.5%'") from None
-    try:
-        value = float(budget)
-    except (TypeError, ValueError):
-        raise ValueError(f"kv_budget {raw!r} is not a number; give a fraction in (0, 1], e.g. 0.375") from None
-    if math.isnan(value) or not 0.0 < value <= 1.0:
-        hint = (f" (did you mean {value / 100:g}, i.e. {value:g}%?)" if 1.0 < value <= 100.0 else "")
-        raise ValueError(f"kv_budget {raw!r} is outside (0, 1]{hint}; the budget is the kept "
-                         "fraction of the KV cache, e.g. 0.375 for 37.5%")
-    return value
-
-
-def format_budget(budget: float) -> str:
-    """0.375 -> '37.5%', 0.5 -> '50%'."""
-    return f"{round(budget * 100, 4):g}%"
-
-
-def budget_abbr(budget: float | None = None, rank_file: str | None = None,
-                prefix: str = "pcallama") -> str:
-    """Model abbreviation for result tables: 'pcallama-37.5%', 'pcallama-ranks-<file stem>'."""
-    if budget is not None:
-        return f"{prefix}-{format_budget(parse_budget(budget))}"
-    if rank_file is not None:
-        stem = os.path.splitext(os.path.basename(str(rank_file)))[0]
-        return f"{prefix}-ranks-{stem}"
-    return prefix
 
 
 def _read_rank_file(path: str, config):

@@ -127,26 +127,37 @@ def apply_env(datasets: list[dict]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- models
+def parse_budget(budget: float | str) -> float:
+    """A kv_budget: 0.375, '0.375' or '37.5%' -> 0.375 (plugin.ranks.check_budget; errors name kv_budget)."""
+    from plugin.ranks import check_budget  # lazy: configs import this module without torch
+
+    return check_budget(budget, "kv_budget")
+
+
 def parse_budgets(text: str | None) -> list[float]:
-    """'100,75,62.5' or '1,0.75' or '37.5%' -> fractions. Values > 1 are percentages."""
-    from .models import parse_budget  # noqa: WPS433 (needs opencompass only)
+    """MKV_BUDGETS: '100,75,62.5' or '1,0.75' or '37.5%' -> fractions (values > 1 are percentages);
+    empty -> DEFAULT_BUDGETS."""
+    from plugin.ranks import parse_budgets as parse  # lazy: configs import this module without torch
+
     if not text:
         return list(DEFAULT_BUDGETS)
-    out = []
-    for tok in str(text).replace(";", ",").split(","):
-        tok = tok.strip()
-        if not tok:
-            continue
-        if not tok.endswith("%"):
-            try:
-                if float(tok) > 1.0:
-                    tok += "%"
-            except ValueError:
-                pass
-        out.append(parse_budget(tok))
-    if not out:
-        raise ValueError(f"MKV_BUDGETS={text!r} names no budget")
-    return out
+    return parse(text, "MKV_BUDGETS", "kv_budget", percents=True)
+
+
+def format_budget(budget: float) -> str:
+    """0.375 -> '37.5%', 0.5 -> '50%'."""
+    return f"{round(budget * 100, 4):g}%"
+
+
+def budget_abbr(budget: float | None = None, rank_file: str | None = None,
+                prefix: str = "pcallama") -> str:
+    """Model abbreviation for result tables: 'pcallama-37.5%', 'pcallama-ranks-<file stem>'."""
+    if budget is not None:
+        return f"{prefix}-{format_budget(parse_budget(budget))}"
+    if rank_file is not None:
+        stem = os.path.splitext(os.path.basename(str(rank_file)))[0]
+        return f"{prefix}-ranks-{stem}"
+    return prefix
 
 
 def _default_batch_size() -> int:
@@ -162,7 +173,6 @@ def model_entries(model_path: str, budgets: Sequence[float] = DEFAULT_BUDGETS,
                   num_gpus: int | None = None, prefix: str = "pcallama",
                   model_kwargs: dict | None = None) -> list[dict]:
     """One PcaLlamaBaseModel entry per budget and per rank file, plus the base model."""
-    from .models import budget_abbr
     if num_gpus is None:
         num_gpus = int(os.environ.get("MKV_NUM_GPUS", "1" if has_cuda() else "0"))
     common = {"type": PCALLAMA_MODEL, "max_seq_len": max_seq_len,

@@ -7,6 +7,7 @@ the ratio of its cache bytes to the uncompressed GQA cache.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -41,14 +42,45 @@ def rank_grid(head_dim: int, step: int | None = None) -> list[int]:
     return list(range(step, head_dim + 1, step))
 
 
-def check_budget(budget: float) -> float:
+def check_budget(budget: float | str, what: str = "budget") -> float:
+    """A KV budget, the kept fraction of the cache: 0.375, '0.375' or '37.5%' -> 0.375.
+
+    Anything else (outside (0, 1], NaN, a bool, not a number) raises one ValueError naming `what`; a
+    value that reads as a percentage (1 < x <= 100) gets a hint.
+    """
+    percent = isinstance(budget, str) and budget.strip().endswith("%")
     try:
-        value = float(budget)
+        if isinstance(budget, bool):
+            raise TypeError  # True is not a budget of 1
+        value = float(budget.strip().removesuffix("%")) / 100.0 if percent else float(budget)
     except (TypeError, ValueError):
-        raise ValueError(f"budget {budget!r} is not a number; give a fraction in (0, 1], e.g. 0.375") from None
-    if not (0.0 < value <= 1.0) or math.isnan(value):
-        raise ValueError(f"budget {budget!r} is outside (0, 1]; give a fraction such as 0.5 or 0.375")
+        raise ValueError(f"{what} {budget!r} is not a number; give a fraction in (0, 1], e.g. 0.375") from None
+    if math.isnan(value) or not 0.0 < value <= 1.0:
+        hint = f" (did you mean {value / 100:g}, i.e. {value:g}%?)" if not percent and 1.0 < value <= 100.0 else ""
+        raise ValueError(f"{what} {budget!r} is outside (0, 1]{hint}; give the kept fraction of the KV cache, "
+                         "such as 0.5 or 0.375")
     return value
+
+
+def parse_budgets(text: str, what: str = "--budgets", item: str = "budget", percents: bool = False) -> list[float]:
+    """Comma- (or semicolon-) separated budgets, each checked by :func:`check_budget` -> fractions.
+
+    `percents`: a bare value above 1 is a percentage ('100,62.5' -> 1, 0.625), as in MKV_BUDGETS.
+    Errors name `what` (the flag or variable) and `item` (one value).
+    """
+    parts = [part.strip() for part in str(text).replace(";", ",").split(",") if part.strip()]
+    if not parts:
+        raise ValueError(f"{what} names no budget; give e.g. 1,0.5,0.375")
+    budgets = []
+    for part in parts:
+        if percents and not part.endswith("%"):
+            with contextlib.suppress(ValueError):
+                part = f"{part}%" if float(part) > 1.0 else part
+        try:
+            budgets.append(check_budget(part, item))
+        except ValueError as err:
+            raise ValueError(f"{what} {text!r}: {err}") from None
+    return budgets
 
 
 def budget_to_rank(budget: float, head_dim: int, step: int | None = None) -> int:

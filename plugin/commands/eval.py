@@ -70,18 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passkey-per-depth", type=int, default=4, help="prompts per (length, depth) (default 4)")
 
 
-def parse_budgets(text: str) -> list[float]:
-    from ..ranks import check_budget
-
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"--budgets {text!r} must be comma-separated numbers in (0, 1], e.g. 1,0.5,0.375") from None
-    if not values:
-        raise ValueError("--budgets is empty; give e.g. 1,0.5,0.375")
-    return [check_budget(v) for v in values]
-
-
 def run(args: argparse.Namespace) -> int:
     from ..baselines import METHODS, build, full_cache_bytes_per_token, measure_cache_bytes_per_token
     from ..data import load_texts, token_windows
@@ -90,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import kv_shape, load_model, model_config
     from ..modeling import PcaLlamaForCausalLM
     from ..plotting import plot_sweep
-    from ..ranks import read_rank_file
+    from ..ranks import parse_budgets, read_rank_file
 
     budgets = parse_budgets(args.budgets)
     from ..cache.quantize import parse_bit_pair

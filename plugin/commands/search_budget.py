@@ -71,16 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import load_texts, token_windows
     from ..loading import load_model
-    from ..ranks import check_budget, write_rank_file
+    from ..ranks import parse_budgets, write_rank_file
 
     if args.bytes is not None:
         return run_bytes(args)
-    try:
-        budgets = [check_budget(float(part)) for part in str(args.budget).split(",") if part.strip()]
-    except ValueError as err:
-        raise ValueError(f"--budget {args.budget!r}: {err}") from None
-    if not budgets:
-        raise ValueError("--budget is empty; give e.g. 0.375 or 0.5,0.375")
+    budgets = parse_budgets(str(args.budget), "--budget")
     template = args.out or "ranks-{budget}.json"
     if len(budgets) > 1 and "{budget}" not in template:
         raise ValueError(f"--out {template!r} must contain {{budget}} when several budgets are given")
