@@ -148,6 +148,71 @@ def longctx_png(data: dict[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
+# Which line of the headline figure each measured method belongs to (a line holds its best configuration).
+FRONTIER_LINES = {
+    "ours: ranks x bits x eviction": ("recipe", "recipe searched", "evict-ranks-bits", "recipe240", "tiered",
+                                      "longctx"),
+    "KV quantization alone": ("quant-only", "hf-quanto", "hf-hqq"),
+    "token eviction (kvpress)": ("kvpress-snapkv", "kvpress-expected-attention", "kvpress-knorm"),
+}
+
+
+def _envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The best reading at or below each byte level (what a method offers there), in byte order."""
+    points = sorted(points)
+    return [(x, min(y for bx, y in points if bx <= x + 1e-9)) for x, _ in points]
+
+
+def frontier_png(short: dict[str, Any], long: dict[str, Any], path: str | Path, context: int = 4096,
+                 full_short: float | None = None) -> Path:
+    """The headline figure: perplexity against cache bytes (fraction of a bfloat16 full cache), short context
+    (whole 512-token windows, benchmarks/frontier.py) and long context (the last 512 tokens after `context`,
+    benchmarks/longctx.py) side by side, one line per method at its best configuration, the full cache dashed."""
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
+    plt = _pyplot()
+    lines = {"short": defaultdict(list), "long": defaultdict(list)}
+    for row in short["rows"]:
+        for name, methods in FRONTIER_LINES.items():
+            if row["method"] in methods:
+                lines["short"][name].append((float(row["bf16_ratio"]), float(row["perplexity"])))
+    full_long = None
+    for row in long["perplexity"]:
+        if int(row["context"]) != context:
+            continue
+        if row["method"] == "full":
+            full_long = float(row["last512_perplexity"])
+        for name, methods in FRONTIER_LINES.items():
+            if row["method"] in methods:
+                lines["long"][name].append((float(row["bytes_fraction"]), float(row["last512_perplexity"])))
+    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(FRONTIER_LINES)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    panels = (("short", axes[0], f"512-token windows ({short.get('tokens', '')} tokens)", full_short),
+              ("long", axes[1], f"last 512 tokens after {context}", full_long))
+    for key, ax, title, full in panels:
+        for name, points in lines[key].items():
+            ax.plot(*zip(*_envelope(points)), marker="o", markersize=4, color=colors[name], label=name)
+        if full is not None:
+            ax.axhline(full, color="black", linestyle="--", linewidth=1, label=f"full cache ({full:.1f})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        fractions = [1 / 16, 1 / 12, 1 / 8, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 1]
+        ax.xaxis.set_major_locator(FixedLocator(fractions))
+        ax.set_xticklabels(["1/16", "1/12", "1/8", "1/6", "1/4", "1/3", "1/2", "1"])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        low, high = ax.get_ylim()
+        ticks = [t for t in (10, 15, 20, 25, 30, 40, 50, 70, 100, 150, 200, 300, 500) if low <= t <= high]
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.set_yticklabels([str(t) for t in ticks])
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("cache bytes / bfloat16 full cache")
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.set_title(title)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(plt, fig, path, "Bytes against quality: each method at its best configuration (SmolLM2-135M)")
+
+
 PLOTS = {"decode_memory": decode_memory_png, "training_cost": training_cost_png, "accuracy": accuracy_png,
          "longctx": longctx_png}
 
