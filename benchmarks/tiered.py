@@ -25,29 +25,18 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.longctx import tiered_old_rank
+from plugin.evaluate import last_tokens_nll
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def old_rank_for(budget_rank: float, recent_rank: int, context: int, scored: int, window: int) -> int:
-    """The old-segment rank that gives the tiered cache the uniform cache's bytes after context + scored tokens."""
-    total = context + scored
-    old_tokens = total - window
-    if old_tokens <= 0:
-        raise ValueError("the window covers the whole document: nothing would be demoted")
-    rank = (budget_rank * total - recent_rank * window) / old_tokens
-    if rank < 1 or rank != int(rank):
-        raise ValueError(f"no whole old rank gives equal bytes ({rank:.3f}); change --recent-rank or --window")
-    return int(rank)
 
 
 @torch.no_grad()
 def score(model, tokens: torch.Tensor, context: int, cache) -> tuple[float, int, int]:
     """(summed NLL of the scored tokens, their count, the cache's bytes at the end)."""
-    first = model(input_ids=tokens[None, :context], past_key_values=cache, use_cache=True).logits[:, -1:]
-    rest = model(input_ids=tokens[None, context:], past_key_values=cache, use_cache=True).logits
-    logits = torch.cat([first, rest[:, :-1]], dim=1).float()[0]
-    nll = torch.nn.functional.cross_entropy(logits, tokens[context:], reduction="sum")
-    return float(nll), int(tokens.numel() - context), int(cache.nbytes())
+    scored = int(tokens.numel() - context)
+    nll = last_tokens_nll(model, tokens[None], cache, scored=scored)
+    return float(nll.sum()), scored, int(cache.nbytes())
 
 
 def documents(tokenizer, count: int, length: int, quick: bool) -> list[torch.Tensor]:
@@ -101,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
     head_dim = model.config.head_dim
     budget_rank = args.budget * head_dim
-    old_rank = old_rank_for(budget_rank, args.recent_rank, args.context, args.scored, args.window)
+    old_rank = tiered_old_rank(budget_rank, args.recent_rank, args.context + args.scored, args.window)
     docs = documents(tokenizer, args.docs, args.context + args.scored, args.quick)
     settings = {  # name: (the model's uniform budget, a fresh cache)
         "full": (1.0, PcaCache),

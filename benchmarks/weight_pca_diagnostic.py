@@ -30,8 +30,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine
 from plugin.baselines.rope import plane_basis
 from plugin.baselines.weight_pca import fit_weight_pca, output_pca
 from plugin.data import load_texts, token_windows
@@ -203,16 +202,6 @@ def ranks_for(budget: float, d: int, kind: str, n_layers: int, n_kv: int) -> dic
     return {"key": [[key] * n_kv for _ in range(n_layers)], "value": [[value] * n_kv for _ in range(n_layers)]}
 
 
-def machine(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}; {os.cpu_count()} cores; torch {torch.__version__} ({threads} threads)"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -323,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "command": "python benchmarks/weight_pca_diagnostic.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine(torch.get_num_threads()),
+        "machine": machine(),
         "date": datetime.date.today().isoformat(),
         "model": "SmolLM2-135M-Instruct (embedded), float32",
         "held_out_tokens": int(windows.numel()),

@@ -27,7 +27,4 @@ __all__ = list(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'plugin' has no attribute {name!r}")
-    from .registration import register
-
-    register()  # using the model classes implies wanting the Auto classes to know them
     return getattr(importlib.import_module(_EXPORTS[name]), name)

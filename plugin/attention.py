@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb, rotate_half
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
 from .config import PcaLlamaConfig
 from .projections import KVProjection
@@ -233,7 +233,7 @@ class PcaLlamaAttention(LlamaAttention):
                      sin: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE keys: cached coefficients ``[B, heads, S, r_k]`` back to ``d`` dims, rotated at their positions."""
         keys = coefficients if entry["key"] is None else torch.matmul(coefficients, entry["key"].transpose(-1, -2))
-        return keys * cos + rotate_half(keys) * sin
+        return rotate(keys, cos, sin)
 
     @staticmethod
     def project_values(group: HeadGroup, entry: dict[str, Any], value: torch.Tensor) -> torch.Tensor:

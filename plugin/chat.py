@@ -10,8 +10,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
+from .generation import generate_texts
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s|\n")
 
@@ -28,7 +27,6 @@ def chat_text(tokenizer: Any, instruction: str, answer: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
-@torch.no_grad()
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -41,33 +39,13 @@ def generate_answers(
     progress: bool = True,
     desc: str = "generate",
 ) -> list[str]:
-    """Answers (decoded, special tokens removed) to each instruction, batched with left padding."""
+    """Answers (decoded, special tokens removed, stripped) to each instruction in the chat template, batched."""
     if not instructions:
         raise ValueError("no instructions to answer")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    answers: list[str] = []
-    try:
-        starts = range(0, len(instructions), batch_size)
-        for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-            prompts = [chat_prompt(tokenizer, text) for text in instructions[start : start + batch_size]]
-            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if do_sample else {
-                "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
-            new = out[:, batch["input_ids"].shape[1]:]
-            answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-        torch.random.set_rng_state(generator_state)
-        model.train(was_training)
-    return answers
+    prompts = [chat_prompt(tokenizer, text) for text in instructions]
+    answers = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature, seed,
+                             progress, desc)
+    return [answer.strip() for answer in answers]
 
 
 def first_sentence(text: str) -> str:

@@ -34,9 +34,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
 
     from .projection_files import load_projections
     from .projection_format import is_projections_dir, read_projections_config
-    from .registration import register
 
-    register()
     spec = resolve_spec(spec)
     if spec not in (None, EMBEDDED) and holds_projections(spec):
         base_spec = base_model or read_projections_config(spec).get("base_model")

@@ -14,9 +14,17 @@ from transformers import LlamaForCausalLM, LlamaModel, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .attention import PcaLlamaAttention
-from .cache import CompressedCache, PcaCache, QuantizedPcaCache, QuantSpec, own_cache, prepare_generation_cache
+from .cache import (
+    CompressedCache,
+    PcaCache,
+    QuantizedPcaCache,
+    QuantSpec,
+    full_cache_bytes_per_token,
+    own_cache,
+    prepare_generation_cache,
+)
 from .config import PcaLlamaConfig
-from .families import PCA_TYPES, SOURCE_TYPES
+from .families import PCA_TYPES
 from .projection_format import read_projections
 from .ranks import (
     RankTable,
@@ -30,7 +38,6 @@ from .ranks import (
 from .rope import RopeTable
 
 RANK_FILE = "kv_ranks.json"
-CONVERTIBLE = SOURCE_TYPES
 
 
 class PcaLlamaModel(LlamaModel):
@@ -351,8 +358,7 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
 
     def full_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         """Bytes per token of the uncompressed GQA cache of the base model."""
-        cfg, dtype = self.config, dtype or self.dtype
-        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+        return full_cache_bytes_per_token(self, dtype or self.dtype)
 
     # -- training ----------------------------------------------------------------------------
     def set_sampled_ranks(self, key: torch.Tensor | None, value: torch.Tensor | None) -> None:
@@ -399,12 +405,9 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         budget, rank_file = kwargs.pop("kv_budget", None), kwargs.pop("kv_rank_file", None)
         bits = kwargs.pop("kv_bits", None)
         if bits is not None:
-            from .cache.quantize import check_bits
+            from .cache.quantize import check_bits, parse_bit_pair
 
-            parts = [int(b) for b in str(bits).split("/")] if isinstance(bits, str) else [bits]
-            if len(parts) not in (1, 2):
-                raise ValueError(f"kv_bits must be K or 'K/V' (e.g. 4 or '4/2'); got {bits!r}")
-            bits = (check_bits(parts[0], "kv_bits"), check_bits(parts[-1], "kv_bits"))
+            bits = parse_bit_pair(bits, "kv_bits") if isinstance(bits, str) else (check_bits(bits, "kv_bits"),) * 2
         if budget is not None and rank_file is not None:
             raise ValueError("give kv_budget or kv_rank_file, not both")
         if budget is not None:
@@ -432,11 +435,3 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         prepare_generation_cache(generation_config, model_kwargs, CompressedCache, factory)
 
-
-def _register() -> None:
-    from .registration import register
-
-    register()
-
-
-_register()

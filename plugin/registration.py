@@ -1,4 +1,8 @@
-"""Registers every converted type (`pcallama`, `pcamistral`, `pcaqwen2`, ...) with transformers' Auto classes (idempotent)."""
+"""Registers every converted type (`pcallama`, `pcamistral`, `pcaqwen2`, ...) with transformers' Auto classes (idempotent).
+
+Two ways in: the `.pth` import hook (plugin._import_hook) as soon as transformers' Auto classes load, and
+`plugin.register()` by hand where the hook is switched off (MKV_DISABLE_IMPORT_HOOK=1) or not installed.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ def register() -> None:
     for family in families.values():
         module = sys.modules.get(family.module)
         if module is not None and not hasattr(module, family.class_name):
-            # Called while that module is still importing (the import hook, or a module importing
-            # another); each of these modules calls register() once its classes exist.
+            # Called while that module is still importing: registering now would import it half-executed.
+            # Nothing is marked done, so the next call (the import hook waits for plugin's imports to finish,
+            # or plugin.register() by hand) registers.
             return
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,28 +78,17 @@ ANSWER_TOKENS = 8
 def generate_answers(model: Any, tokenizer: Any, items: Sequence[PassKeyItem], max_new_tokens: int = ANSWER_TOKENS,
                      desc: str = "pass key", cache_for: Callable[[int], Any] | None = None,
                      context_for: Callable[[int, int], AbstractContextManager] | None = None) -> list[str]:
-    """Greedy answers to the items' prompts, one prompt per generate call (no padding), with progress.
+    """Greedy answers to the items' prompts, one prompt per generate call (no padding).
 
     `cache_for(total_tokens)`, when given, makes the fresh cache each prompt is generated through
     (e.g. an age-tiered or a transformers quantized cache); otherwise the model makes its own.
     `context_for(prompt_tokens, new_tokens)`, when given, is entered around each generate call (e.g. a
     token-eviction press, which acts on the prompt's prefill).
     """
-    import torch
-    from tqdm import tqdm
+    from .generation import generate_texts  # torch loads with it: this module's top level stays light
 
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
-    for item in tqdm(items, desc=desc, unit="prompt", disable=len(items) < 4):
-        ids = tokenizer(item.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-        extra = {} if cache_for is None else {"past_key_values": cache_for(ids.shape[1] + max_new_tokens)}
-        around = nullcontext() if context_for is None else context_for(ids.shape[1], max_new_tokens)
-        with torch.no_grad(), around:
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad, **extra)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return answers
+    return generate_texts(model, tokenizer, [item.prompt for item in items], max_new_tokens, desc=desc,
+                          progress=len(items) >= 4, cache_for=cache_for, context_for=context_for)
 
 
 def accuracy_by_depth(items: Sequence[PassKeyItem], answers: Sequence[str]) -> dict[float, tuple[int, int]]:

@@ -19,8 +19,9 @@ from ..modeling import PcaLlamaForCausalLM
 
 # The weight-space baselines assume bias-free, norm-free Llama attention.
 BASELINE_TYPES = ("llama", "mistral")
+from ..cache import full_cache_bytes_per_token
 from .latent_cache import LatentCache
-from .measure import cache_nbytes, full_cache_bytes_per_token, measure_cache_bytes_per_token
+from .measure import cache_nbytes, measure_cache_bytes_per_token
 from .svd_latent import LatentLlamaForCausalLM, build_svd_latent, fit_svd_latent
 from .weight_pca import WeightPcaFit, build_weight_pca, fit_weight_pca
 

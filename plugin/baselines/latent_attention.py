@@ -23,7 +23,8 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from ..attention import attend, prepare_mask
-from .rope import RopeTable, rotate_half
+from ..rope import rotate
+from .rope import RopeTable
 
 
 class LatentLlamaAttention(nn.Module):
@@ -86,11 +87,11 @@ class LatentLlamaAttention(nn.Module):
 
         cos, sin = self.rope.get(kv_len, hidden_states.device, hidden_states.dtype)
         key = self.k_up(latent).view(batch, kv_len, n_kv, d).transpose(1, 2)
-        key = key * cos + rotate_half(key) * sin
+        key = rotate(key, cos, sin)
         value = self.v_up(latent).view(batch, kv_len, n_kv, d).transpose(1, 2)
         query = self.q_proj(hidden_states).view(batch, q_len, -1, d).transpose(1, 2)
         q_cos, q_sin = cos[kv_len - q_len:], sin[kv_len - q_len:]
-        query = (query * q_cos + rotate_half(query) * q_sin).reshape(batch, n_kv, n_rep, q_len, d)
+        query = rotate(query, q_cos, q_sin).reshape(batch, n_kv, n_rep, q_len, d)
 
         eager = self.config._attn_implementation == "eager"
         dropout = self.attention_dropout if self.training else 0.0

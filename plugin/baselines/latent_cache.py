@@ -18,16 +18,9 @@ from ..cache import CompressedCache, TensorMapLayer
 class LatentCacheLayer(TensorMapLayer):
     """One decoder layer's cached latents ``[batch, seq, r]``."""
 
-    is_sliding = False
-    is_compileable = False
-
     def __init__(self) -> None:
         super().__init__()
         self.latent: torch.Tensor | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
 
     def update(
         self,
@@ -52,12 +45,6 @@ class LatentCacheLayer(TensorMapLayer):
 
     def get_seq_length(self) -> int:
         return 0 if self.latent is None else self.latent.shape[-2]
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.get_seq_length() + cache_position.shape[0], 0
-
-    def get_max_cache_shape(self) -> int:
-        return -1
 
     def nbytes(self) -> int:
         return 0 if self.latent is None else self.latent.numel() * self.latent.element_size()

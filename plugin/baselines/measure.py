@@ -34,11 +34,3 @@ def measure_cache_bytes_per_token(
     if cache is None:
         raise ValueError(f"{type(model).__name__} returned no cache with use_cache=True")
     return cache_nbytes(cache) / input_ids.numel()
-
-
-def full_cache_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Bytes per token of the uncompressed (GQA) K/V cache of a Llama-family model."""
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    bits = torch.finfo(dtype or next(model.parameters()).dtype).bits
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * bits // 8

@@ -36,11 +36,6 @@ def plane_basis(energies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return basis, sorted_energies
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class RopeTable:
     """cos/sin of a model's rotary embedding for positions 0..n-1, grown on demand and shared by layers.
 

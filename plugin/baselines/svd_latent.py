@@ -22,11 +22,10 @@ import torch
 from transformers import LlamaForCausalLM, LlamaModel, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from ..cache import own_cache, prepare_generation_cache
+from ..cache import full_cache_bytes_per_token, own_cache, prepare_generation_cache
 from ..ranks import check_budget
 from .latent_attention import LatentLlamaAttention
 from .latent_cache import LatentCache
-from .measure import full_cache_bytes_per_token
 from .rope import RopeTable
 from .selection import check_choice, variance_count
 

@@ -1,6 +1,13 @@
 """KV caches of PcaLlama: projected (kept dimensions only), sliding-window, age-tiered and quantized projected."""
 
-from .base import CompressedCache, GroupSignature, TensorMapLayer, own_cache, prepare_generation_cache
+from .base import (
+    CompressedCache,
+    GroupSignature,
+    TensorMapLayer,
+    full_cache_bytes_per_token,
+    own_cache,
+    prepare_generation_cache,
+)
 from .pca_cache import PcaCache
 from .projected import PcaCacheLayer
 from .quantized import QuantizedPcaCache, QuantizedPcaCacheLayer, QuantSpec
@@ -19,6 +26,7 @@ __all__ = [
     "TieredPcaCache",
     "TieredPcaCacheLayer",
     "WindowPcaCacheLayer",
+    "full_cache_bytes_per_token",
     "own_cache",
     "prepare_generation_cache",
 ]

@@ -19,8 +19,38 @@ GroupSignature = tuple[tuple[int, ...], ...]
 class TensorMapLayer(CacheLayerMixin):
     """Batch and length operations of a cache layer, expressed once over its `_map` of every stored tensor.
 
-    Stored tensors keep the batch on dim 0 and the sequence on dim -2.
+    Stored tensors keep the batch on dim 0 and the sequence on dim -2. A layer that stores head groups
+    takes their grouping (`signature`) from its first update and refuses any other afterwards
+    (:meth:`begin_update`): states cut to other ranks cannot be appended to the ones it holds.
     """
+
+    is_sliding = False
+    is_compileable = False
+    signature: GroupSignature | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor | list[torch.Tensor]) -> None:
+        sample = key_states[0] if isinstance(key_states, (list, tuple)) else key_states
+        self.dtype, self.device = sample.dtype, sample.device
+        self.is_initialized = True
+
+    def begin_update(self, key_states: list[torch.Tensor], cache_kwargs: dict[str, Any] | None) -> bool:
+        """Initialise the layer at its first update (True), or check that the head grouping is the one it holds."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+            return True
+        if (cache_kwargs or {}).get("signature") != self.signature:
+            raise ValueError(
+                "the KV ranks changed while this cache was in use; start a new cache "
+                "(past_key_values=None) after set_kv_ranks / set_kv_budget"
+            )
+        return False
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        """(keys attended, absolute position of the first): every cached token, then the new ones."""
+        return self.get_seq_length() + cache_position.shape[0], 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         raise NotImplementedError
@@ -109,6 +139,14 @@ class CompressedCache(Cache):
         if not self.layers or self.get_seq_length() == 0:
             return 0.0
         return self.nbytes() / (self.layers[0].keys.shape[0] * self.get_seq_length())  # keys: batch on dim 0
+
+
+def full_cache_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes per token of the uncompressed (GQA) K/V cache of a Llama-family model: what every ratio divides by."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    bits = torch.finfo(dtype or next(model.parameters()).dtype).bits
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * bits // 8
 
 
 def own_cache(past_key_values: Any, use_cache: bool, cache_class: type[Cache],

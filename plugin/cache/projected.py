@@ -30,9 +30,6 @@ class PcaCacheLayer(TensorMapLayer):
     Attention reads views of the filled part.
     """
 
-    is_sliding = False
-    is_compileable = False
-
     def __init__(self, chunk: int = 256, max_length: int | None = None, reserve: int | None = None) -> None:
         super().__init__()
         if chunk < 1:
@@ -46,7 +43,6 @@ class PcaCacheLayer(TensorMapLayer):
         self._values: list[torch.Tensor] = []
         self._start = 0  # first live token in the buffers (a sliding window moves it; see .window)
         self._length = 0  # end of the live tokens
-        self.signature: GroupSignature | None = None
 
     @property
     def key_groups(self) -> list[torch.Tensor]:
@@ -55,10 +51,6 @@ class PcaCacheLayer(TensorMapLayer):
     @property
     def value_groups(self) -> list[torch.Tensor]:
         return [t[..., self._start : self._length, :] for t in self._values]
-
-    def lazy_initialization(self, key_states: list[torch.Tensor]) -> None:
-        self.dtype, self.device = key_states[0].dtype, key_states[0].device
-        self.is_initialized = True
 
     def capacity(self) -> int:
         return self._keys[0].shape[-2] if self._keys else 0
@@ -103,15 +95,8 @@ class PcaCacheLayer(TensorMapLayer):
         value_states: list[torch.Tensor],
         cache_kwargs: dict[str, Any] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        signature = (cache_kwargs or {}).get("signature")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states)
-            self.signature = signature
-        elif signature != self.signature:
-            raise ValueError(
-                "the KV ranks changed while this cache was in use; start a new cache "
-                "(past_key_values=None) after set_kv_ranks / set_kv_budget"
-            )
+        if self.begin_update(key_states, cache_kwargs):
+            self.signature = (cache_kwargs or {}).get("signature")
         new = key_states[0].shape[-2]
         self._reserve(self._length + new, key_states, value_states)
         end = self._length + new
@@ -126,9 +111,6 @@ class PcaCacheLayer(TensorMapLayer):
 
     def get_seq_length(self) -> int:
         return self._length - self._start if self.is_initialized else 0
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.get_seq_length() + cache_position.shape[0], 0
 
     def get_max_cache_shape(self) -> int:
         return -1 if self.max_length is None else self.max_length

@@ -195,20 +195,12 @@ class _Part:
 class QuantizedPcaCacheLayer(TensorMapLayer):
     """One decoder layer of the quantized projected cache; heads of a rank group are split by bit widths."""
 
-    is_sliding = False
-    is_compileable = False
-
     def __init__(self, key_bits: Sequence[int], value_bits: Sequence[int], group: int, residual: int) -> None:
         super().__init__()
         self.key_bits, self.value_bits = list(key_bits), list(value_bits)
         self.group, self.residual = group, residual
         self.parts: list[list[_Part]] = []
         self.orders: list[torch.Tensor | None] = []
-        self.signature: Any = None
-
-    def lazy_initialization(self, key_states: list[torch.Tensor]) -> None:
-        self.dtype, self.device = key_states[0].dtype, key_states[0].device
-        self.is_initialized = True
 
     def _build(self, signature: Any) -> None:
         self.signature, self.parts, self.orders = signature, [], []
@@ -233,14 +225,8 @@ class QuantizedPcaCacheLayer(TensorMapLayer):
         signature = (cache_kwargs or {}).get("signature")
         if signature is None:
             raise ValueError("the quantized projected cache needs the attention's head groups (cache_kwargs['signature'])")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states)
+        if self.begin_update(key_states, cache_kwargs):
             self._build(signature)
-        elif signature != self.signature:
-            raise ValueError(
-                "the KV ranks changed while this cache was in use; start a new cache "
-                "(past_key_values=None) after set_kv_ranks / set_kv_budget"
-            )
         keys_out, values_out = [], []
         for parts, order, keys, values in zip(self.parts, self.orders, key_states, value_states):
             single = len(parts) == 1
@@ -267,12 +253,6 @@ class QuantizedPcaCacheLayer(TensorMapLayer):
         if not self.is_initialized or not self.parts:
             return 0
         return self.parts[0][0].keys.length()
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.get_seq_length() + cache_position.shape[0], 0
-
-    def get_max_cache_shape(self) -> int:
-        return -1
 
     def nbytes(self) -> int:
         return sum(stream.nbytes() for stream in self.streams())

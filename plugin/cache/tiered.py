@@ -35,9 +35,6 @@ def demoted(signature: GroupSignature, old_key_rank: int, old_value_rank: int) -
 
 
 class TieredPcaCacheLayer(TensorMapLayer):
-    is_sliding = False
-    is_compileable = False
-
     def __init__(self, window: int, old_key_rank: int, old_value_rank: int, chunk: int = 256) -> None:
         super().__init__()
         if window < 1:
@@ -47,10 +44,6 @@ class TieredPcaCacheLayer(TensorMapLayer):
         self.window, self.old_ranks = window, (old_key_rank, old_value_rank)
         self.recent = PcaCacheLayer(chunk)
         self.old = PcaCacheLayer(chunk)
-
-    def lazy_initialization(self, key_states: list[torch.Tensor]) -> None:
-        self.dtype, self.device = key_states[0].dtype, key_states[0].device
-        self.is_initialized = True
 
     def update(
         self,
@@ -89,12 +82,6 @@ class TieredPcaCacheLayer(TensorMapLayer):
 
     def get_seq_length(self) -> int:
         return self.old.get_seq_length() + self.recent.get_seq_length() if self.is_initialized else 0
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.get_seq_length() + cache_position.shape[0], 0
-
-    def get_max_cache_shape(self) -> int:
-        return -1
 
     def nbytes(self) -> int:
         """Bytes held: the old segment at its ranks plus the recent one at the model's."""

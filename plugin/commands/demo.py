@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"perplexity {ppl:.2f} over {scored} predicted tokens "
           f"({n_windows} windows of {args.window}, {elapsed:.1f} s)")
 
-    from plugin.baselines.measure import full_cache_bytes_per_token
+    from plugin.cache import full_cache_bytes_per_token
 
     element = model.dtype.itemsize
     cfg = model.config

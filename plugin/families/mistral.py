@@ -80,11 +80,3 @@ class PcaMistralForCausalLM(PcaLlamaForCausalLM):
             )
         super().set_kv_quant(spec)
 
-
-def _register() -> None:
-    from ..registration import register
-
-    register()
-
-
-_register()

@@ -44,11 +44,3 @@ class PcaQwen2ForCausalLM(PcaLlamaForCausalLM):
     config_class = PcaQwen2Config
     model_class = PcaQwen2Model
 
-
-def _register() -> None:
-    from ..registration import register
-
-    register()
-
-
-_register()

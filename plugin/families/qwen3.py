@@ -46,11 +46,3 @@ class PcaQwen3ForCausalLM(PcaLlamaForCausalLM):
     config_class = PcaQwen3Config
     model_class = PcaQwen3Model
 
-
-def _register() -> None:
-    from ..registration import register
-
-    register()
-
-
-_register()
