@@ -95,7 +95,3 @@ def install() -> None:
             sys.stderr.write(f"matryoshka-kv: LLaMA-Factory hook not installed: {type(exc).__name__}: {exc}\n")
         except Exception:  # noqa: BLE001, S110 - stderr itself may be unusable at start-up
             pass
-
-
-def is_patched(name: str) -> bool:
-    return name in _patched

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -203,8 +202,3 @@ def invalidate_inference_caches(pca: torch.nn.Module) -> None:
         invalidate = getattr(type(module), "invalidate", None)
         if callable(invalidate):
             invalidate(module)
-
-
-def iter_named(model: torch.nn.Module, ids: Iterable[int]) -> list[str]:
-    wanted = set(ids)
-    return [name for name, p in model.named_parameters() if id(p) in wanted]

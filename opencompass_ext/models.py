@@ -24,7 +24,6 @@ registered in OpenCompass's MODELS registry under ``PcaLlamaBaseModel``.
 """
 from __future__ import annotations
 
-import inspect
 import os
 
 from opencompass.models import HuggingFaceBaseModel
@@ -37,16 +36,12 @@ from .suite import budget_abbr, format_budget, has_cuda, parse_budget
 __all__ = ["PcaLlamaBaseModel", "budget_abbr", "format_budget", "parse_budget"]
 
 
-def _read_rank_file(path: str, config):
-    """plugin.ranks.read_rank_file, whichever of its two documented signatures is present."""
+def _read_rank_file(path: str, config) -> dict:
+    """plugin.ranks.read_rank_file for the shape of a checkpoint's AutoConfig."""
     from plugin.ranks import read_rank_file
-    params = list(inspect.signature(read_rank_file).parameters)
-    if len(params) >= 4:
-        return read_rank_file(path, config.num_hidden_layers,
-                              getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                              getattr(config, "head_dim", None)
-                              or config.hidden_size // config.num_attention_heads)
-    return read_rank_file(path, config)
+    return read_rank_file(path, config.num_hidden_layers,
+                          getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                          getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 @MODELS.register_module(name="PcaLlamaBaseModel", force=True)
@@ -81,12 +76,6 @@ class PcaLlamaBaseModel(HuggingFaceBaseModel):
         self._kv_ranks = None
         if self.kv_budget_requested is not None or self.rank_file is not None:
             from transformers import AutoConfig
-            try:
-                import plugin.registration as _reg
-                if hasattr(_reg, "register"):
-                    _reg.register()
-            except ImportError:
-                pass
             config = AutoConfig.from_pretrained(path, trust_remote_code=True)
             if getattr(config, "model_type", None) not in PCA_TYPES:
                 raise ValueError(
