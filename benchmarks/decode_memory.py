@@ -152,8 +152,8 @@ def build_cache(setting: str, model, states: dict, batch: int, capacity: int):
 
 def cache_bytes(cache) -> tuple[int, int]:
     """(bytes of the cached tokens, bytes allocated), read from the cache object."""
-    if hasattr(cache, "nbytes"):  # PcaCache (allocated: its buffers) or the quantized cache (holds what it uses)
-        return cache.nbytes(), sum(getattr(layer, "allocated_bytes", layer.nbytes)() for layer in cache.layers)
+    if hasattr(cache, "live_nbytes"):  # PcaCache (nbytes: its buffers) or the quantized cache (holds what it uses)
+        return cache.live_nbytes(), cache.nbytes()
     held = allocated = 0
     for layer in cache.layers:
         allocated += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))

@@ -128,10 +128,11 @@ def test_sliding_window_cache_decodes_far_past_the_window_in_bounded_memory() ->
         for t in range(8, tokens.shape[1]):
             out = pca(tokens[:, t:t + 1], past_key_values=cache, use_cache=True)
             steps.append(out.logits)
-            allocated.append(sum(layer.allocated_bytes() for layer in cache.layers))
+            allocated.append(cache.nbytes())
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=0)
     assert cache.get_seq_length() == 48
-    assert cache.nbytes() == 2 * (WINDOW - 1) * pca.kv_cache_bytes_per_token()
+    assert cache.live_nbytes() == 2 * (WINDOW - 1) * pca.kv_cache_bytes_per_token()
+    assert all(layer.capacity() <= WINDOW + WINDOW // 8 + layer.chunk for layer in cache.layers)
     assert max(allocated[-20:]) <= allocated[5]  # no growth once the window is full
     with pytest.raises(ValueError, match="cannot be cropped"):
         cache.crop(10)
@@ -155,7 +156,7 @@ def test_sliding_window_cache_shrinks_to_lower_ranks() -> None:
         steps = [pca(tokens[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(12, 20)]
         fresh = pca(tokens, use_cache=False).logits[:, 12:]
     torch.testing.assert_close(torch.cat(steps, dim=1), fresh, atol=1e-4, rtol=0)
-    assert cache.nbytes() == (WINDOW - 1) * pca.kv_cache_bytes_per_token()
+    assert cache.live_nbytes() == (WINDOW - 1) * pca.kv_cache_bytes_per_token()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

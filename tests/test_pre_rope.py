@@ -83,7 +83,7 @@ def test_below_full_rank_the_cache_equals_one_forward_and_padded_rows_score_as_a
         parts = [pca(tokens[:, :10], past_key_values=cache, use_cache=True).logits]
         parts += [pca(tokens[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(10, 24)]
         torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-5, rtol=0)
-        assert cache.nbytes() == 2 * 24 * pca.kv_cache_bytes_per_token(torch.float32)  # no positions stored
+        assert cache.live_nbytes() == 2 * 24 * pca.kv_cache_bytes_per_token(torch.float32)  # no positions stored
         # a left-padded row through the cache reads as the same row alone (slots are shifted by the pads)
         padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), tokens[:1]], dim=1)
         mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 24, dtype=torch.long)], dim=1)

@@ -51,7 +51,11 @@ def test_tiers_equal_a_per_segment_reference_and_hold_the_formula_bytes(ranks) -
             for kind, cap in (("key", OLD[0]), ("value", OLD[1])):
                 for row in table[kind]:
                     expected += sum(min(r, cap) * old + r * recent for r in row)
-            assert tiered.nbytes() == 2 * expected * 4  # batch 2, float32
+            assert tiered.live_nbytes() == 2 * expected * 4  # batch 2, float32
+            for layer in tiered.layers:  # each segment's buffers: at most 1/8 of its tokens plus one chunk more
+                for segment in (layer.old, layer.recent):
+                    held = segment.get_seq_length()
+                    assert segment.capacity() <= held + held // 8 + segment.chunk
             assert tiered.get_seq_length() == seen
 
 

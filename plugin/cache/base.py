@@ -52,6 +52,10 @@ class TensorMapLayer(CacheLayerMixin):
     def get_max_cache_shape(self) -> int:
         return -1
 
+    def live_nbytes(self) -> int:
+        """Bytes of the cached tokens alone; a layer with preallocated buffers (`nbytes()`) holds more."""
+        return self.nbytes()
+
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         raise NotImplementedError
 
@@ -84,9 +88,16 @@ class CompressedCache(Cache):
     nested_bases = False
 
     def nbytes(self) -> int:
-        """Bytes held by everything cached (the stored key positions of an evicted pre-RoPE cache included)."""
-        held = sum(layer.nbytes() for layer in self.layers)
-        return held + sum(t.numel() * t.element_size() for groups in self._key_positions().values() for t in groups)
+        """Bytes held by everything cached (the stored key positions of an evicted pre-RoPE cache included),
+        spare capacity of preallocated buffers included."""
+        return sum(layer.nbytes() for layer in self.layers) + self._position_bytes()
+
+    def live_nbytes(self) -> int:
+        """Bytes of the cached tokens alone (and their stored positions): the formula of each cache kind."""
+        return sum(layer.live_nbytes() for layer in self.layers) + self._position_bytes()
+
+    def _position_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for groups in self._key_positions().values() for t in groups)
 
     # -- key positions ---------------------------------------------------------------------------------------
     # A cache of pre-RoPE key coefficients rotates every key at its position when attended. Positions follow

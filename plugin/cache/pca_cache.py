@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import partial
 
 from .base import CompressedCache
-from .projected import PcaCacheLayer
+from .projected import DEFAULT_CHUNK, PcaCacheLayer
 from .window import WindowPcaCacheLayer
 
 
@@ -19,7 +19,7 @@ class PcaCache(CompressedCache):
     `sliding_window`: keep only the last window - 1 tokens of every layer (Mistral), see :mod:`.window`.
     """
 
-    def __init__(self, chunk: int = 256, max_length: int | None = None, sliding_window: int | None = None,
+    def __init__(self, chunk: int = DEFAULT_CHUNK, max_length: int | None = None, sliding_window: int | None = None,
                  reserve: int | None = None, nested_bases: bool = False) -> None:
         if sliding_window is not None and max_length is not None:
             raise ValueError("a sliding-window cache already has a fixed size; give max_length or sliding_window")

@@ -2,8 +2,9 @@
 
 Each layer stores one tensor per group of KV heads sharing the same (key rank, value rank):
 keys ``[batch, heads_in_group, seq, r_k]`` and values ``[batch, heads_in_group, seq, r_v]``.
-Nothing is padded to the largest rank, so the bytes held are exactly
-sum over heads of (r_k + r_v) x tokens x element size.
+Nothing is padded to the largest rank: the live tokens take exactly sum over heads of
+(r_k + r_v) x tokens x element size (`live_nbytes()`), and the buffers (`nbytes()`) at most 1/8 of the
+tokens plus one chunk more (see PcaCacheLayer).
 """
 
 from __future__ import annotations
@@ -16,21 +17,25 @@ import torch
 from .base import GroupSignature, TensorMapLayer
 
 Rebase = Callable[[str, int, torch.Tensor, int], torch.Tensor]
+DEFAULT_CHUNK = 16  # tokens: the spare room a small cache may hold beyond 1/8 of its tokens
 
 
 class PcaCacheLayer(TensorMapLayer):
     """One decoder layer's projected keys and values, grouped by rank, in preallocated buffers.
 
-    Buffers grow by whole chunks (capacity doubles, rounded up to `chunk` tokens), so appending a
-    token writes in place: amortised O(1), not the O(length) copy of a concatenation.  With
-    `max_length` the buffers are allocated once at that capacity and never move (static shapes,
-    as `torch.compile` wants); exceeding it is an error.  `reserve` sizes the first allocation when
-    the final length is known (`generate` passes prompt + new tokens), so decoding never
-    reallocates and no doubling leaves spare capacity; the cache can still grow past it.
+    The buffers hold what the layer says, within a small margin: at every length ``n`` their capacity
+    is at most ``n + n // 8 + chunk`` tokens.  The first allocation holds exactly what is written (or
+    `reserve`, when more: `generate` passes prompt + new tokens, so decoding never reallocates and nothing is
+    spare at the end); an append of at least 1/8 of the held tokens grows the buffers to exactly what is
+    needed, a smaller one to that plus 1/8 of the held tokens, rounded up to whole `chunk`s.  Appending a
+    token thus writes in place, amortised O(1) (a reallocation that copies n tokens comes at least n / 8
+    appends after the previous one), not the O(length) copy of a concatenation.  Forgetting at least 1/8
+    of the held tokens at once leaves exactly the live ones; smaller forgets compact once over the bound.  With `max_length` the buffers are allocated once at
+    that capacity and never move (static shapes, as `torch.compile` wants); exceeding it is an error.
     Attention reads views of the filled part.
     """
 
-    def __init__(self, chunk: int = 256, max_length: int | None = None, reserve: int | None = None) -> None:
+    def __init__(self, chunk: int = DEFAULT_CHUNK, max_length: int | None = None, reserve: int | None = None) -> None:
         super().__init__()
         if chunk < 1:
             raise ValueError(f"the cache chunk must be >= 1 token; got {chunk}")
@@ -55,6 +60,15 @@ class PcaCacheLayer(TensorMapLayer):
     def capacity(self) -> int:
         return self._keys[0].shape[-2] if self._keys else 0
 
+    def _grown_capacity(self, live: int, wanted: int) -> int:
+        """Capacity for `wanted` tokens when `live` are held: exact for a large append, else 1/8 spare."""
+        if 8 * (wanted - live) >= live:
+            return wanted
+        return -(-(wanted + live // 8) // self.chunk) * self.chunk
+
+    def _within_bound(self, capacity: int, held: int) -> bool:
+        return capacity <= held + held // 8 + self.chunk
+
     def _reserve(self, needed: int, like_keys: list[torch.Tensor], like_values: list[torch.Tensor]) -> None:
         """Room up to buffer index `needed`; a reallocation keeps only the live tokens (not forgotten ones)."""
         if needed <= self.capacity():
@@ -65,14 +79,17 @@ class PcaCacheLayer(TensorMapLayer):
             if self._keys or wanted > self.max_length:
                 raise ValueError(f"the cache holds at most max_length={self.max_length} tokens; {wanted} needed")
             capacity = self.max_length
-        elif not self._keys and wanted <= self.reserve:
-            capacity = self.reserve
+        elif not self._keys:
+            capacity = max(wanted, self.reserve)
         else:
-            # Doubling (from the live tokens once some were forgotten): amortised O(1) appends.
-            capacity = max(wanted, 2 * (live if self._start else self.capacity()))
-            capacity = -(-capacity // self.chunk) * self.chunk
+            capacity = self._grown_capacity(live, wanted)
+        self._reallocate(capacity, like_keys, like_values)
 
-        def grown(old: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _reallocate(self, capacity: int, like_keys: list[torch.Tensor], like_values: list[torch.Tensor]) -> None:
+        """New buffers of `capacity` tokens shaped like `like_*` but for the sequence, holding the live tokens."""
+        live = self._length - self._start
+
+        def moved(old: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
             out = []
             for index, sample in enumerate(like):
                 buffer = sample.new_empty(*sample.shape[:-2], capacity, sample.shape[-1])
@@ -81,12 +98,20 @@ class PcaCacheLayer(TensorMapLayer):
                 out.append(buffer)
             return out
 
-        self._keys, self._values = grown(self._keys, like_keys), grown(self._values, like_values)
+        self._keys, self._values = moved(self._keys, like_keys), moved(self._values, like_values)
         self._start, self._length = 0, live
 
     def forget(self, count: int) -> None:
-        """Drop the `count` oldest live tokens; their memory is reclaimed at the next reallocation."""
+        """Drop the `count` oldest live tokens: a large forget frees their memory at once, small ones past the bound."""
         self._start = min(self._length, self._start + max(0, count))
+        live = self._length - self._start
+        if count > 0 and self._keys and self.max_length is None:
+            if 8 * count >= live:
+                # A large forget (a window moving past a prefill, tiers demoting one) mirrors a large append:
+                # the buffers then hold exactly the live tokens.
+                self._reallocate(live, self._keys, self._values)
+            elif not self._within_bound(self.capacity(), live):
+                self._reallocate(live + live // 8, self._keys, self._values)
         self._sync()
 
     def update(
@@ -116,12 +141,12 @@ class PcaCacheLayer(TensorMapLayer):
         return -1 if self.max_length is None else self.max_length
 
     def nbytes(self) -> int:
-        """Bytes of the cached tokens (the filled part of the buffers): exactly ranks x tokens x element size."""
-        return sum(t.numel() * t.element_size() for t in (*self.key_groups, *self.value_groups))
-
-    def allocated_bytes(self) -> int:
-        """Bytes of the buffers, spare capacity included."""
+        """Bytes of the buffers, spare capacity included: what the layer holds."""
         return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values))
+
+    def live_nbytes(self) -> int:
+        """Bytes of the cached tokens alone: exactly ranks x tokens x element size."""
+        return sum(t.numel() * t.element_size() for t in (*self.key_groups, *self.value_groups))
 
     def crop(self, max_length: int) -> None:
         if max_length < 0:

@@ -6,7 +6,7 @@ Each layer holds two segments per head group: ``recent`` (the newest `window` to
 model's current ranks) and ``old`` (everything before, at ``min(rank, old rank)``).  For attention
 the old keys and values are zero-padded to the recent width: a zero dimension adds nothing to
 q'.k' and, through U_V, nothing to the output, so every token is attended exactly at its own
-segment's rank.  The padded copy is transient (one layer at a time); the bytes held are
+segment's rank.  The padded copy is transient (one layer at a time); the live bytes are
 
     batch x sum over heads of [(min(r_k, o_k) + min(r_v, o_v)) x old tokens + (r_k + r_v) x recent tokens]
     x element size.
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import CompressedCache, GroupSignature, TensorMapLayer
-from .projected import PcaCacheLayer
+from .projected import DEFAULT_CHUNK, PcaCacheLayer
 
 
 def demoted(signature: GroupSignature, old_key_rank: int, old_value_rank: int) -> GroupSignature:
@@ -35,7 +35,7 @@ def demoted(signature: GroupSignature, old_key_rank: int, old_value_rank: int) -
 
 
 class TieredPcaCacheLayer(TensorMapLayer):
-    def __init__(self, window: int, old_key_rank: int, old_value_rank: int, chunk: int = 256) -> None:
+    def __init__(self, window: int, old_key_rank: int, old_value_rank: int, chunk: int = DEFAULT_CHUNK) -> None:
         super().__init__()
         if window < 1:
             raise ValueError(f"the recent window must be >= 1 token; got {window}")
@@ -84,8 +84,12 @@ class TieredPcaCacheLayer(TensorMapLayer):
         return self.old.get_seq_length() + self.recent.get_seq_length() if self.is_initialized else 0
 
     def nbytes(self) -> int:
-        """Bytes held: the old segment at its ranks plus the recent one at the model's."""
+        """Bytes held: the old segment's buffers at its ranks plus the recent one's at the model's."""
         return self.old.nbytes() + self.recent.nbytes()
+
+    def live_nbytes(self) -> int:
+        """Bytes of the cached tokens alone (the formula of the module docstring)."""
+        return self.old.live_nbytes() + self.recent.live_nbytes()
 
     def crop(self, max_length: int) -> None:
         if max_length < 0:
@@ -113,7 +117,8 @@ class TieredPcaCache(CompressedCache):
 
     nested_bases = True  # demotion slices: a full-rank head must be held in U too
 
-    def __init__(self, window: int, old_key_rank: int, old_value_rank: int | None = None, chunk: int = 256) -> None:
+    def __init__(self, window: int, old_key_rank: int, old_value_rank: int | None = None,
+                 chunk: int = DEFAULT_CHUNK) -> None:
         old_value_rank = old_key_rank if old_value_rank is None else old_value_rank
         self.window, self.old_ranks, self.chunk = window, (old_key_rank, old_value_rank), chunk
         make = partial(TieredPcaCacheLayer, window, old_key_rank, old_value_rank, chunk)

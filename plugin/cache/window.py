@@ -1,9 +1,10 @@
 """A projected cache layer for sliding-window attention (Mistral): it keeps only the last window - 1 tokens.
 
 As transformers' sliding-window layer, an update returns the kept tokens plus the new ones (what
-the window attends to) and then forgets all but the newest ``window - 1``; the bytes held are
-exactly ranks x min(tokens seen, window - 1) x element size.  Forgetting only moves a start index
-(`PcaCacheLayer.forget`); a reallocation, when the buffers run out of room, keeps only the live tokens.
+the window attends to) and then forgets all but the newest ``window - 1``; the live bytes are
+exactly ranks x min(tokens seen, window - 1) x element size.  Forgetting moves a start index
+(`PcaCacheLayer.forget`); a reallocation, when the buffers run out of room or hold too much for the
+live tokens, keeps only those.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from typing import Any
 
 import torch
 
-from .projected import PcaCacheLayer
+from .projected import DEFAULT_CHUNK, PcaCacheLayer
 
 
 class WindowPcaCacheLayer(PcaCacheLayer):
     is_sliding = True
 
-    def __init__(self, window: int, chunk: int = 256) -> None:
+    def __init__(self, window: int, chunk: int = DEFAULT_CHUNK) -> None:
         super().__init__(chunk)
         if window < 1:
             raise ValueError(f"the sliding window must be >= 1 token; got {window}")
