@@ -14,7 +14,10 @@ from .writing import is_checkpoint, save_checkpoint
 
 EMBEDDED = "embedded"
 # Projections artifacts shipped in the package, by name: the recipe's result for the embedded model.
-SHIPPED = {"embedded-matryoshka": Path(__file__).resolve().parent / "trained" / "embedded-matryoshka"}
+# Projections shipped with the package, by the names `mkv eval --model` takes: the 512-token recipe
+# (post-RoPE keys) and the long-context recipe (pre-RoPE keys, 2,048-token windows; docs/longctx.md).
+SHIPPED = {name: Path(__file__).resolve().parent / "trained" / name
+           for name in ("embedded-matryoshka", "embedded-matryoshka-longctx")}
 
 
 def resolve_spec(spec: str | None) -> str | None:

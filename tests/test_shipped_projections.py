@@ -43,3 +43,24 @@ def test_shipped_projections_keep_half_the_cache_close_to_full() -> None:
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_long_context_projections_hold_where_the_short_ones_fall_apart() -> None:
+    """`embedded-matryoshka-longctx` (pre-RoPE keys, trained on 2,048-token windows): the last 256 tokens after
+    1,792 of held-out context at half the cache stay near the full cache, and well below the 512-token recipe."""
+    from plugin.data import load_texts, token_windows
+    from plugin.evaluate import long_context_nll
+
+    folder = SHIPPED["embedded-matryoshka-longctx"]
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 4_000_000
+    assert read_projections_config(str(folder))["kv_key_space"] == "pre-rope"
+    longctx, tokenizer = load_model("embedded-matryoshka-longctx")
+    short, _ = load_model("embedded-matryoshka")
+    window = token_windows(tokenizer, load_texts(None, split="evaluation"), 2048, 2048)
+    longctx.set_kv_budget(1.0)
+    full = math.exp(float(long_context_nll(longctx, window, 256, progress=False).mean()))
+    reads = {}
+    for name, model in (("longctx", longctx), ("short", short)):
+        model.set_kv_budget(0.5)
+        reads[name] = math.exp(float(long_context_nll(model, window, 256, progress=False).mean()))
+    assert full < reads["longctx"] < 2.0 * full and reads["longctx"] < 0.75 * reads["short"], (full, reads)

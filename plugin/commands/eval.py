@@ -36,8 +36,9 @@ DEFAULT_BUDGETS = "1,0.875,0.75,0.625,0.5,0.375,0.25"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", required=True,
-                        help="PcaLlama/Llama dir, projections artifact, 'embedded' or 'embedded-matryoshka' "
-                             "(the shipped trained projections of the embedded model); repeatable")
+                        help="PcaLlama/Llama dir, projections artifact, 'embedded', 'embedded-matryoshka' (the shipped "
+                             "projections trained on 512-token windows) or 'embedded-matryoshka-longctx' (pre-RoPE "
+                             "keys trained on 2,048-token windows: for long context); repeatable")
     parser.add_argument("--label", action="append", default=None, help="name for each --model (repeatable)")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated budgets (default {DEFAULT_BUDGETS})")
     parser.add_argument("--rank-file", action="append", default=[], help="per-head rank file (repeatable)")
