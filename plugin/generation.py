@@ -54,13 +54,14 @@ def generate_texts(
     try:
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(device)
+            chunk = list(prompts[start : start + batch_size])
+            batch = tokenizer(chunk, return_tensors="pt", padding=len(chunk) > 1, add_special_tokens=False).to(device)
             length = batch["input_ids"].shape[1]
             extra = {} if cache_for is None else {"past_key_values": cache_for(length + max_new_tokens)}
             around = nullcontext() if context_for is None else context_for(length, max_new_tokens)
             with around:
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling, **extra)
+                out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling, **extra)
             answers.extend(tokenizer.batch_decode(out[:, length:], skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side

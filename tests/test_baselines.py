@@ -251,7 +251,9 @@ def test_decoding_token_by_token_equals_full_forward(method, kind, attn):
             cache = out.past_key_values
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=TOL)
     assert cache.get_seq_length() == ids.shape[1]
-    assert baselines.cache_nbytes(cache) == model.kv_cache_bytes_per_token() * ids.numel()
+    assert cache.live_nbytes() == model.kv_cache_bytes_per_token() * ids.numel()
+    held = ids.shape[1]  # preallocated buffers: at most 1/8 of the tokens plus one chunk (16) more
+    assert cache.live_nbytes() <= baselines.cache_nbytes(cache) <= cache.live_nbytes() * (held + held // 8 + 16) / held
 
 
 @pytest.mark.parametrize("method", METHODS)
