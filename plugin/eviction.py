@@ -84,22 +84,25 @@ class SnapEviction:
             kept.append(chosen)
         return keys, values, kept
 
+    def on_kv(self, attention: Any, step: Any) -> None:
+        """The attention hook (a plugin.attention.KVStep): at a prefill into an empty cache, cache only the kept tokens."""
+        if step.fills_cache:
+            step.keep(*self.evict(step.query_groups, step.key_groups, step.value_groups, step.scale,
+                                  scored_keys=step.scored_keys()))
+
     @contextlib.contextmanager
     def __call__(self, model: Any) -> Iterator[Any]:
         """Evict at every prefill of ``model`` (a PcaLlamaForCausalLM) while inside; always detached after."""
         if not hasattr(model, "attention_layers"):
             raise TypeError(f"SnapEviction acts on a PcaLlama model; got {type(model).__name__} (load the model "
                             "with AutoModelForCausalLM from a PcaLlama checkpoint, or PcaLlamaForCausalLM.from_llama)")
-        layers = model.attention_layers()
-        hook = model.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
+        handles = [model.register_forward_pre_hook(_refuse_padding, with_kwargs=True)]
         try:
-            for attn in layers:
-                attn.evictor = self
+            handles += [attn.register_kv_hook(self.on_kv) for attn in model.attention_layers()]
             yield model
         finally:
-            hook.remove()
-            for attn in layers:
-                attn.evictor = None
+            for handle in handles:
+                handle.remove()
 
 
 def _refuse_padding(module: Any, args: tuple, kwargs: dict) -> None:

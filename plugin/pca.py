@@ -135,15 +135,15 @@ def pca_from_statistics(stats: KVStatistics, key_statistic: str = "covariance") 
 
 @contextlib.contextmanager
 def observe_kv(model: PcaLlamaForCausalLM, stats: KVStatistics) -> Iterator[KVStatistics]:
-    """Feed every layer's post-RoPE keys and values to `stats` while inside; observers always removed."""
-    layers = model.attention_layers()
+    """Feed every layer's post-RoPE keys and values to `stats` while inside; the hooks are always removed."""
+    handles = []
     try:
-        for attn in layers:
-            attn.observer = stats.observe
+        for attn in model.attention_layers():
+            handles.append(attn.register_kv_hook(lambda _attn, step: stats.observe(step.layer_idx, step.key, step.value)))
         yield stats
     finally:
-        for attn in layers:
-            attn.observer = None
+        for handle in handles:
+            handle.remove()
 
 
 def as_pca_model(model: Any, key_space: str | None = None) -> PcaLlamaForCausalLM:

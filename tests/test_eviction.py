@@ -135,7 +135,7 @@ def test_padding_is_refused_and_the_model_is_left_clean() -> None:
     mask[1, :3] = 0
     with pytest.raises(ValueError, match="unpadded"), SnapEviction(0.5)(model):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
-    assert all(attn.evictor is None for attn in model.attention_layers())
+    assert not any(attn.kv_hooks() for attn in model.attention_layers())
     assert not model._forward_pre_hooks
     cache = PcaCache()
     model(input_ids=ids, past_key_values=cache, use_cache=True)

@@ -3,8 +3,8 @@
 For KV head h with ranks (r_k, r_v) and the query heads of its group:
     k' = RoPE(k) U_K[:, :r_k],  q' = RoPE(q) U_K[:, :r_k],  v' = (v - mu_V) U_V[:, :r_v]
     out = softmax(q' k'^T / sqrt(d) + mask) v' U_V[:, :r_v]^T + mu_V    -> o_proj
-Only k' and v' are cached (with a plugin.eviction.SnapEviction applied, only the tokens it keeps of a
-prefill). Heads with equal ranks are processed together as one group.
+Only k' and v' are cached (with a press such as plugin.eviction.SnapEviction hooked in, only the tokens it
+keeps of a prefill; see .hooks). Heads with equal ranks are processed together as one group (.heads).
 
 Four paths:
 - exact full rank (the distillation teacher, `PcaLlamaForCausalLM.exact_full_rank()`): Llama's own
@@ -17,8 +17,7 @@ At inference a head kept at full rank caches its keys (or values) in the model's
 orthogonal U that is exact, two matmuls cheaper, and what quantization wants (the per-channel outliers
 of post-RoPE keys that KIVI-style quantization isolates are spread over all channels by a rotation).
 
-With ``config.kv_key_space == "pre-rope"`` the key basis sits before RoPE (Palu, xKV, Eigen Attention):
-    c = k U_K[:, :r_k] is cached (k before RoPE),  k_hat = RoPE_p(c U_K[:, :r_k]^T),  q = RoPE_m(q)
+With ``config.kv_key_space == "pre-rope"`` the key basis sits before RoPE (Palu, xKV, Eigen Attention; .pre_rope)
 and attention compares full-width queries with keys rebuilt from the cache and rotated at their
 positions (slots of the cache, or the positions an eviction kept). Exact at full rank; the cache holds
 the same r_k numbers per head and token, and each step pays the rebuild (a [tokens, r_k] x [r_k, d]
@@ -27,105 +26,23 @@ matmul per head) that post-RoPE keys avoid.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import OrderedDict
+from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
-from .config import PcaLlamaConfig
-from .projections import KVProjection
-from .rope import RopeTable, rotate
-from .zero import is_partitioned
-
-Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
-
-
-@dataclass(frozen=True)
-class HeadGroup:
-    heads: tuple[int, ...]
-    key_rank: int
-    value_rank: int
-
-    def select(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        first, last = self.heads[0], self.heads[-1]
-        if last - first + 1 == len(self.heads):  # contiguous: a view, no copy
-            return tensor.narrow(dim, first, len(self.heads))
-        return tensor.index_select(dim, torch.tensor(self.heads, device=tensor.device))
+from ..config import PcaLlamaConfig
+from ..projections import KVProjection
+from ..rope import RopeTable, rotate
+from ..zero import is_partitioned
+from .heads import HeadGroup, attend, group_heads, prepare_mask
+from .hooks import KVHook, KVHookPoint, KVStep
+from .pre_rope import PreRopeKeys
 
 
-def group_heads(key_ranks: list[int], value_ranks: list[int]) -> list[HeadGroup]:
-    """Group KV heads by their (key rank, value rank) pair, in order of first appearance."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for head, pair in enumerate(zip(key_ranks, value_ranks)):
-        groups.setdefault(pair, []).append(head)
-    return [HeadGroup(tuple(heads), rk, rv) for (rk, rv), heads in groups.items()]
-
-
-def prepare_mask(
-    mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device, dtype: torch.dtype, eager: bool
-) -> tuple[torch.Tensor | None, bool]:
-    """Return (mask, is_causal) so that causality always holds, whatever transformers passed.
-
-    transformers may hand SDPA-configured layers no mask at all (it relies on is_causal); this
-    rebuilds the bottom-right aligned causal mask in that case.
-    """
-    if mask is not None:
-        mask = mask[..., :kv_len]
-        if mask.dtype == torch.bool:
-            # Fully masked rows (left padding) would give NaN; let them attend anywhere, they are ignored.
-            mask = mask | ~mask.any(dim=-1, keepdim=True)
-            if eager:
-                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-        return mask, False
-    if q_len == 1:
-        return None, False
-    if q_len == kv_len and not eager:
-        return None, True
-    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
-    if eager:
-        causal = torch.zeros(q_len, kv_len, dtype=dtype, device=device).masked_fill(~causal, torch.finfo(dtype).min)
-    return causal, False
-
-
-def attend(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    eager: bool,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """query [B, G, n_rep, L, r_k], key [B, G, S, r_k], value [B, G, S, r_v] -> [B, G, n_rep, L, r_v].
-
-    Keys and values are shared by the n_rep query heads of their group by broadcasting, never repeated.
-    """
-    batch, groups, n_rep, q_len, _ = query.shape
-    if eager:
-        scores = torch.matmul(query, key.unsqueeze(2).transpose(-1, -2)) * scale
-        if mask is not None:
-            scores = scores + (mask.unsqueeze(2) if mask.dim() == 4 else mask)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        probs = F.dropout(probs, p=dropout, training=dropout > 0)
-        return torch.matmul(probs, value.unsqueeze(2))
-    out = F.scaled_dot_product_attention(
-        query.reshape(batch, groups * n_rep, q_len, query.shape[-1]),
-        key,
-        value,
-        attn_mask=mask,
-        dropout_p=dropout,
-        is_causal=is_causal,
-        scale=scale,
-        enable_gqa=n_rep > 1,
-    )
-    return out.view(batch, groups, n_rep, q_len, value.shape[-1])
-
-
-class PcaLlamaAttention(LlamaAttention):
+class PcaLlamaAttention(KVHookPoint, PreRopeKeys, LlamaAttention):
     """LlamaAttention with per-KV-head orthogonal K/V projections truncated to per-head ranks."""
 
     def __init__(self, config: PcaLlamaConfig, layer_idx: int) -> None:
@@ -136,8 +53,7 @@ class PcaLlamaAttention(LlamaAttention):
         self.value_ranks = [self.head_dim] * self.num_kv_heads
         self.groups = group_heads(self.key_ranks, self.value_ranks)
         self.sampled_masks: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.observer: Observer | None = None
-        self.evictor: Any = None  # a plugin.eviction.SnapEviction while one is applied
+        self._kv_hooks: OrderedDict[int, KVHook] = OrderedDict()  # see KVHookPoint: presses and observers
         self.skip_projections = False  # full rank, computed as the base model does (see forward)
         self._inference: dict[str, Any] | None = None
 
@@ -229,13 +145,6 @@ class PcaLlamaAttention(LlamaAttention):
         return selected if entry["key"] is None else torch.matmul(selected, entry["key"])
 
     @staticmethod
-    def rebuild_keys(entry: dict[str, Any], coefficients: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> torch.Tensor:
-        """Pre-RoPE keys: cached coefficients ``[B, heads, S, r_k]`` back to ``d`` dims, rotated at their positions."""
-        keys = coefficients if entry["key"] is None else torch.matmul(coefficients, entry["key"].transpose(-1, -2))
-        return rotate(keys, cos, sin)
-
-    @staticmethod
     def project_values(group: HeadGroup, entry: dict[str, Any], value: torch.Tensor) -> torch.Tensor:
         """v' = (v - mu_V) U_V of this group's heads ([B, heads, L, r_v])."""
         selected = group.select(value, 1)
@@ -308,7 +217,7 @@ class PcaLlamaAttention(LlamaAttention):
         rope_table: RopeTable | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        if self.skip_projections and past_key_values is None and self.observer is None:
+        if self.skip_projections and past_key_values is None and not self._kv_hooks:
             # U is orthogonal, so full rank is the base model's attention: running the family's own forward
             # is exact in any dtype (no U U^T = I up to 2^-8 in bf16) and four matmuls per layer cheaper.
             output, _ = self.base_forward(hidden_states, position_embeddings, attention_mask, None, cache_position,
@@ -329,12 +238,12 @@ class PcaLlamaAttention(LlamaAttention):
         dropout = self.attention_dropout if self.training else 0.0
         folded = not self.training and self.sampled_masks is None and self.folds()
         value = None
-        if not folded or self.observer is not None:
+        if not folded or self._kv_hooks:
             value = self.v_proj(hidden_states).view(batch, q_len, n_kv, d).transpose(1, 2)
-        if self.observer is not None:
-            self.observer(self.layer_idx, key, value)
 
         if self.sampled_masks is not None:
+            if self._kv_hooks:  # nothing is cached on this path: hooks see the states alone
+                self.run_kv_hooks(KVStep(self.layer_idx, key, value, scale=self.scaling))
             out = self._sampled_forward(query, key, value, attention_mask, eager, dropout,
                                         (cos, sin) if pre_rope else None)
             return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(batch, q_len, -1)), None
@@ -360,16 +269,23 @@ class PcaLlamaAttention(LlamaAttention):
             else:
                 value_groups.append(self.project_values(group, entry, value))
 
+        step = None
+        if self._kv_hooks:
+            fills = past_key_values is not None and q_len > 1 and past_key_values.get_seq_length(self.layer_idx) == 0
+            rebuild = None
+            if pre_rope:
+                rebuild = partial(self.rebuild_all, weights["groups"], list(key_groups), cos.unsqueeze(1), sin.unsqueeze(1))
+            step = self.run_kv_hooks(KVStep(self.layer_idx, key, value, query_groups, key_groups, value_groups,
+                                            self.scaling, fills, rebuild))
         if pre_rope:
             key_groups, value_groups = self._pre_rope_keys(
                 weights["groups"], query_groups, key_groups, value_groups, (cos, sin), past_key_values,
-                position_ids if position_ids is not None else cache_position, rope_table)
+                position_ids if position_ids is not None else cache_position, rope_table, step)
         elif past_key_values is not None:
             cache_kwargs = {"signature": self.signature()}
-            if self.evictor is not None and q_len > 1 and past_key_values.get_seq_length(self.layer_idx) == 0:
-                # the prefill attends to all its tokens; only the kept ones are cached
-                kept_keys, kept_values, _ = self.evictor.evict(query_groups, key_groups, value_groups, self.scaling)
-                past_key_values.update(kept_keys, kept_values, self.layer_idx, cache_kwargs)
+            if step is not None and step.kept is not None:
+                # a hook kept some of the prefill: it attends to all its tokens, only the kept ones are cached
+                past_key_values.update(step.kept_keys, step.kept_values, self.layer_idx, cache_kwargs)
             else:
                 key_groups, value_groups = past_key_values.update(key_groups, value_groups, self.layer_idx,
                                                                   cache_kwargs)
@@ -392,67 +308,6 @@ class PcaLlamaAttention(LlamaAttention):
                 back = self.unproject_values(entry, out)
                 full = full.index_copy(1, torch.tensor(group.heads, device=full.device), back)
         return self.o_proj(full.permute(0, 3, 1, 2, 4).reshape(batch, q_len, -1)), None
-
-    def _pre_rope_keys(
-        self,
-        entries: list[dict[str, Any]],
-        query_groups: list[torch.Tensor],
-        key_groups: list[torch.Tensor],
-        value_groups: list[torch.Tensor],
-        rotation: tuple[torch.Tensor, torch.Tensor],
-        cache: Any,
-        positions: torch.Tensor | None,
-        rope_table: RopeTable | None,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Cache the pre-RoPE coefficients; return the keys attention compares with (rebuilt, rotated) and values.
-
-        Without a cache the keys are this forward's tokens, at the queries' positions. A cache holds
-        coefficients; they are rotated at slots counted from the cache's length (RoPE depends only on
-        distances, so a padded row's offset cancels), or at the positions an eviction stored.
-        """
-        cos, sin = (t.unsqueeze(1) for t in rotation)  # [B, 1, L, d]: one rotation for every head
-        if cache is None:
-            return [self.rebuild_keys(e, k, cos, sin) for e, k in zip(entries, key_groups)], value_groups
-        if rope_table is None:
-            raise ValueError("pre-RoPE keys with a cache need the model's rope table; call the PcaLlama model, "
-                             "not its attention layer alone")
-        cache_kwargs = {"signature": self.signature()}
-        q_len = key_groups[0].shape[-2]
-        if positions is None:
-            raise ValueError("pre-RoPE keys with a cache need position_ids or cache_position")
-        positions = positions.view(-1, q_len) if positions.dim() > 1 else positions.view(1, q_len)
-        if self.evictor is not None and q_len > 1 and cache.get_seq_length(self.layer_idx) == 0:
-            # the prefill attends to all its tokens (keys rotated at their own positions); the kept ones are cached
-            rotated = [self.rebuild_keys(e, k, cos, sin) for e, k in zip(entries, key_groups)]
-            kept_keys, kept_values, kept = self.evictor.evict(query_groups, key_groups, value_groups, self.scaling,
-                                                              scored_keys=rotated)
-            cache.update(kept_keys, kept_values, self.layer_idx, cache_kwargs)
-            batch = key_groups[0].shape[0]
-            cache.store_key_positions(self.layer_idx, [
-                positions.expand(batch, -1).unsqueeze(1).expand(-1, index.shape[1], -1).gather(2, index)
-                for index in kept])
-            return rotated, value_groups
-        stored = cache.stored_key_positions(self.layer_idx)
-        key_groups, value_groups = cache.update(key_groups, value_groups, self.layer_idx, cache_kwargs)
-        if stored is not None:  # an evicted cache: every head at the positions it kept, then the new tokens'
-            batch = key_groups[0].shape[0]
-            held = cache.store_key_positions(self.layer_idx, [
-                positions.expand(batch, -1).unsqueeze(1).expand(-1, len(g.heads), -1) for g in self.groups])
-            rotations = [rope_table.at(p, coefficients.dtype) for p, coefficients in zip(held, key_groups)]
-            return [self.rebuild_keys(e, k, c, s) for e, k, (c, s) in zip(entries, key_groups, rotations)], value_groups
-        # Slots: the cached keys are the last S of the cache.get_seq_length() tokens seen (a sliding window forgets)
-        seen, length = cache.get_seq_length(self.layer_idx), key_groups[0].shape[-2]
-        slot_cos, slot_sin = rope_table.span(seen - length, length, key_groups[0].dtype)
-        keys = [self.rebuild_keys(e, k, slot_cos, slot_sin) for e, k in zip(entries, key_groups)]
-        # the queries, rotated at the given positions above, move to their slots too (the last q_len ones)
-        if not torch.equal(positions[:, 0], torch.full_like(positions[:, 0], seen - q_len)) or \
-                not torch.equal(positions[:, -1], torch.full_like(positions[:, -1], seen - 1)):
-            query_cos, query_sin = slot_cos[-q_len:], slot_sin[-q_len:]
-            for index, query in enumerate(query_groups):
-                # undo the given rotation (R^T = rotation by the negated sine), then rotate at the slots
-                raw = rotate(query, cos.unsqueeze(1), -sin.unsqueeze(1))
-                query_groups[index] = rotate(raw, query_cos, query_sin)
-        return keys, value_groups
 
     def _sampled_forward(
         self,

@@ -1,0 +1,94 @@
+"""Head groups and the attention kernel they share: KV heads of equal (key rank, value rank) are attended together.
+
+`attend` broadcasts each group's keys and values over its query heads (never repeats them); `prepare_mask`
+makes causality hold whatever mask transformers passed (SDPA layers may get none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    heads: tuple[int, ...]
+    key_rank: int
+    value_rank: int
+
+    def select(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        first, last = self.heads[0], self.heads[-1]
+        if last - first + 1 == len(self.heads):  # contiguous: a view, no copy
+            return tensor.narrow(dim, first, len(self.heads))
+        return tensor.index_select(dim, torch.tensor(self.heads, device=tensor.device))
+
+
+def group_heads(key_ranks: list[int], value_ranks: list[int]) -> list[HeadGroup]:
+    """Group KV heads by their (key rank, value rank) pair, in order of first appearance."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for head, pair in enumerate(zip(key_ranks, value_ranks)):
+        groups.setdefault(pair, []).append(head)
+    return [HeadGroup(tuple(heads), rk, rv) for (rk, rv), heads in groups.items()]
+
+
+def prepare_mask(
+    mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device, dtype: torch.dtype, eager: bool
+) -> tuple[torch.Tensor | None, bool]:
+    """Return (mask, is_causal) so that causality always holds, whatever transformers passed.
+
+    transformers may hand SDPA-configured layers no mask at all (it relies on is_causal); this
+    rebuilds the bottom-right aligned causal mask in that case.
+    """
+    if mask is not None:
+        mask = mask[..., :kv_len]
+        if mask.dtype == torch.bool:
+            # Fully masked rows (left padding) would give NaN; let them attend anywhere, they are ignored.
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
+            if eager:
+                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask, False
+    if q_len == 1:
+        return None, False
+    if q_len == kv_len and not eager:
+        return None, True
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+    if eager:
+        causal = torch.zeros(q_len, kv_len, dtype=dtype, device=device).masked_fill(~causal, torch.finfo(dtype).min)
+    return causal, False
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    eager: bool,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """query [B, G, n_rep, L, r_k], key [B, G, S, r_k], value [B, G, S, r_v] -> [B, G, n_rep, L, r_v].
+
+    Keys and values are shared by the n_rep query heads of their group by broadcasting, never repeated.
+    """
+    batch, groups, n_rep, q_len, _ = query.shape
+    if eager:
+        scores = torch.matmul(query, key.unsqueeze(2).transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores + (mask.unsqueeze(2) if mask.dim() == 4 else mask)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        probs = F.dropout(probs, p=dropout, training=dropout > 0)
+        return torch.matmul(probs, value.unsqueeze(2))
+    out = F.scaled_dot_product_attention(
+        query.reshape(batch, groups * n_rep, q_len, query.shape[-1]),
+        key,
+        value,
+        attn_mask=mask,
+        dropout_p=dropout,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=n_rep > 1,
+    )
+    return out.view(batch, groups, n_rep, q_len, value.shape[-1])
