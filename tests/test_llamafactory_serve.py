@@ -132,7 +132,7 @@ def test_chat_model_with_bits_and_eviction_per_request(tiny) -> None:
 
     chat_model = _chat_model(tiny["pca"], **keys)
     pca, ids = chat_model.engine.model, _prompt_ids(chat_model, LONG_QUESTION)
-    assert all(attn.evictor == SnapEviction(0.5) for attn in pca.attention_layers())
+    assert all([hook.__self__ for hook in attn.kv_hooks()] == [SnapEviction(0.5)] for attn in pca.attention_layers())
     for _ in range(2):  # a second request evicts as the first did
         with torch.no_grad():
             cache = pca(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
