@@ -75,7 +75,7 @@ lint: install
 
 # training_cost needs $(DEMO)/pca; quality and accuracy also need $(DEMO)/matryoshka (built as in `make demo`).
 bench: install data/sotu_train.jsonl $(DEMO)/pca/config.json $(DEMO)/matryoshka/config.json
-	$(PY) benchmarks/run_all.py
+	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache outputs

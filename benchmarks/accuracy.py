@@ -17,10 +17,10 @@ against OpenCompass's label-by-label PPLInferencer on a few items (same scores, 
 Every model row scores the same items: the first --items rows (MKV_TEST_RANGE) of each set's fixed
 `cpu` subset (hash-selected once, stored in source order; see opencompass_ext/README.md).
 
-  python benchmarks/accuracy.py                   # full run: 500 items of each of the five sets
-  python benchmarks/accuracy.py --items 64 --datasets piqa,obqa     # a smaller run
-  python benchmarks/accuracy.py --quick           # CI smoke test: tiny checkpoints, quick suite, temp dir
-  python benchmarks/accuracy.py --patch-rates     # add chance / majority rows to the docs table, scoring nothing
+  python -m benchmarks.accuracy                   # full run: 500 items of each of the five sets
+  python -m benchmarks.accuracy --items 64 --datasets piqa,obqa     # a smaller run
+  python -m benchmarks.accuracy --quick           # CI smoke test: tiny checkpoints, quick suite, temp dir
+  python -m benchmarks.accuracy --patch-rates     # add chance / majority rows to the docs table, scoring nothing
 
 Beside the model rows the table shows each set's chance rate and majority-class rate on the same items
 (benchmarks/chance.py), and says which sets carry signal on this model: only where the base model is
@@ -45,11 +45,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chance import subset_rates
-from common import BENCH_MD, DOCS, ROOT, header, markdown_table, write_section
-from plots import accuracy_png
-
+from benchmarks.chance import subset_rates
+from benchmarks.common import BENCH_MD, DOCS, ROOT, header, markdown_table, write_section
+from benchmarks.plots import accuracy_png
 from opencompass_ext.models import budget_abbr, format_budget
 
 BIN = Path(sys.executable).parent
@@ -206,7 +204,7 @@ def reading_note(rates: dict[str, dict], base: dict[str, float | None], counts: 
              "change). At 100 % the PcaLlama rows compute the same function as the base model (orthogonal bases "
              "at full rank), so they must match it up to float round-off.")
     if patched:
-        text += (f" The two reference rows and this paragraph were added on {patched} by `python benchmarks/accuracy.py "
+        text += (f" The two reference rows and this paragraph were added on {patched} by `python -m benchmarks.accuracy "
                  "--patch-rates`, which reads the scored items and scores no model; the model rows are from the "
                  "run dated above.")
     return text
@@ -377,7 +375,7 @@ def main() -> None:
         print(markdown_table(headers, table_rows))
         print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
         return
-    cmd = "python benchmarks/accuracy.py"
+    cmd = "python -m benchmarks.accuracy"
     defaults = {"--items": (args.items, 500), "--datasets": (args.datasets, "csqa,piqa,obqa,siqa,boolq")}
     cmd += "".join(f" {flag} {value}" for flag, (value, default) in defaults.items() if value != default)
     body = header(cmd) + "\n"

@@ -1,7 +1,7 @@
 """Perplexity vs measured KV-cache bytes per token of the training-free baselines on the embedded model.
 
-    .venv/bin/python benchmarks/baselines_table.py            # the table in docs/baselines.md
-    .venv/bin/python benchmarks/baselines_table.py --windows 4 --budgets 1 0.5   # a quick look
+    .venv/bin/python -m benchmarks.baselines_table            # the table in docs/baselines.md
+    .venv/bin/python -m benchmarks.baselines_table --windows 4 --budgets 1 0.5   # a quick look
 
 Every row's bytes are read from the cache object after a forward (and checked against the model's
 own accounting); the perplexity is over the same fixed windows of the held-out evaluation split.
@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from plugin import baselines
 from plugin.assets import load_embedded_model

@@ -4,7 +4,7 @@ An accuracy means something only against what a model gets without reading the q
 option uniformly at random (chance) or always giving the most frequent gold answer (majority class).
 Both are computed from the same first-N items of each set's subset that benchmarks/accuracy.py scores.
 
-  python benchmarks/chance.py --suite cpu --items 500     # print the rates of the five sets
+  python -m benchmarks.chance --suite cpu --items 500     # print the rates of the five sets
 """
 
 from __future__ import annotations

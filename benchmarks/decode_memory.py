@@ -23,10 +23,10 @@ Peak RSS: a separate process per setting builds only that cache, resets the kern
 counter (/proc/self/clear_refs) and decodes a few tokens; `over model` is that peak minus the
 process's RSS before the cache existed (weights, runtime), i.e. the cache plus a step's transients.
 
-  python benchmarks/decode_memory.py                # full run (about 40 min on 2 cores), docs section
-  python benchmarks/decode_memory.py --quick        # CI smoke test (tiny sizes, temp dir, no docs)
-  python benchmarks/decode_memory.py --render-only  # rewrite the docs section and PNG from docs/decode_memory.json
-  python benchmarks/decode_memory.py --quant-bits 4 --contexts 8192 --batches 1,8 --dtypes float32 \
+  python -m benchmarks.decode_memory                # full run (about 40 min on 2 cores), docs section
+  python -m benchmarks.decode_memory --quick        # CI smoke test (tiny sizes, temp dir, no docs)
+  python -m benchmarks.decode_memory --render-only  # rewrite the docs section and PNG from docs/decode_memory.json
+  python -m benchmarks.decode_memory --quant-bits 4 --contexts 8192 --batches 1,8 --dtypes float32 \
       --work-dir outputs/decode                     # quantized cache's decode speed (docs/decode_quant.json)
 """
 
@@ -41,9 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, header, markdown_table, write_section
-from plots import decode_memory_png
+from benchmarks.common import DOCS, ROOT, header, markdown_table, write_section
+from benchmarks.plots import decode_memory_png
 
 BASELINES = ["dynamic", "static"]
 BUDGETS = ["1.0", "0.5", "0.25"]
@@ -242,7 +241,7 @@ def rss_only(args: argparse.Namespace, work: Path) -> None:
             row["peak_rss_mib"] = rss["peak_rss"] / 2**20
             row["rss_over_model_mib"] = (rss["peak_rss"] - rss["model_rss"]) / 2**20
             print(row["context"], row["batch"], row["dtype"], row["setting"], f"{row['peak_rss_mib']:.0f} MiB", flush=True)
-    result["meta"]["rss_remeasured"] = header(f"python benchmarks/decode_memory.py --rss-only --rss-contexts "
+    result["meta"]["rss_remeasured"] = header(f"python -m benchmarks.decode_memory --rss-only --rss-contexts "
                                               f"{args.rss_contexts} --rss-dtypes {args.rss_dtypes}")
     (DOCS / "decode_memory.json").write_text(json.dumps(result, indent=1))
     write_section("decode_memory", "Memory and decode speed", render(result))
@@ -250,10 +249,10 @@ def rss_only(args: argparse.Namespace, work: Path) -> None:
 
 
 def _run(args: argparse.Namespace, *extra: str) -> dict:
-    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--base", args.base,
+    cmd = [sys.executable, "-m", "benchmarks.decode_memory", "--threads", str(args.threads), "--base", args.base,
            "--projections", args.projections, "--new-tokens", str(args.new_tokens), "--quant-bits", args.quant_bits,
            *extra]
-    out = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {}
@@ -348,7 +347,7 @@ def main() -> None:
                                  if setting in rss else None})
                 print(f"{context} tokens, batch {batch}, {dtype} ({(time.time() - started) / 60:.0f} min): " + ", ".join(
                     f"{s} {speed[s]['tokens_per_s']:.1f} tok/s" for s in speed), flush=True)
-    command = "python benchmarks/decode_memory.py" + (" --quick" if args.quick else "")
+    command = "python -m benchmarks.decode_memory" + (" --quick" if args.quick else "")
     if args.quant_bits:
         command += (f" --quant-bits {args.quant_bits} --contexts {args.contexts} --batches {args.batches}"
                     f" --dtypes {args.dtypes} --rss-contexts '{args.rss_contexts}'")

@@ -15,9 +15,9 @@ Bytes are read from the cache object after one window (codes, float16 scales and
 checked against the formula; the x axis is the fraction of a bfloat16 full cache.  Perplexity is
 scored through the cache (each window's tokens attend to the dequantized states).
 
-    python benchmarks/frontier.py --model outputs/demo/pca --label pca --model outputs/recipe/train --label recipe
-    python benchmarks/frontier.py --model outputs/demo/matryoshka --label matryoshka --searched
-    python benchmarks/frontier.py --model <tiny> --tokens 1024 --out /tmp/frontier     # smoke
+    python -m benchmarks.frontier --model outputs/demo/pca --label pca --model outputs/recipe/train --label recipe
+    python -m benchmarks.frontier --model outputs/demo/matryoshka --label matryoshka --searched
+    python -m benchmarks.frontier --model <tiny> --tokens 1024 --out /tmp/frontier     # smoke
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, versions
 
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label:<12} budget {budget:<6g} bits {name:<5} ratio {ratio:.4f} ppl {ppl:.3f}", flush=True)
         del model
 
-    result = {"command": "python benchmarks/frontier.py " + " ".join(argv or sys.argv[1:]), "machine": machine(),
+    result = {"command": "python -m benchmarks.frontier " + " ".join(argv or sys.argv[1:]), "machine": machine(),
               "versions": versions(), "date": time.strftime("%Y-%m-%d"), "tokens": int(windows.numel()),
               "group": args.group, "labels": labels, "rows": rows, "frontier": frontier_table(rows, labels)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,9 @@ each budget.  Two rules, both without a judge model:
 The full-cache answers come from the first model at budget 1 (every PcaLlama at full rank is the base
 model).
 
-    python benchmarks/generation_match.py --model outputs/demo/pca --model outputs/recipe/train \\
+    python -m benchmarks.generation_match --model outputs/demo/pca --model outputs/recipe/train \\
         --label pca --label recipe                       # docs/generation_match.json
-    python benchmarks/generation_match.py --model <tiny> --prompts 4 --out /tmp/g.json   # smoke
+    python -m benchmarks.generation_match --model <tiny> --prompts 4 --out /tmp/g.json   # smoke
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, versions, write_json
 
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label} @ {budget:g}: {sum(same)}/{len(prompts)} first sentences equal, "
                   f"{sum(similar)}/{len(prompts)} similar", flush=True)
         del model
-    result = {"command": "python benchmarks/generation_match.py " + " ".join(argv or sys.argv[1:]),
+    result = {"command": "python -m benchmarks.generation_match " + " ".join(argv or sys.argv[1:]),
               "machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"),
               "rule": "first sentence (up to . ! ? or newline) identical to the full-cache answer's",
               "similarity_rule": "word-level ROUGE-L F1 with the full-cache answer >= the calibrated threshold",

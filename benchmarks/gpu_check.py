@@ -14,8 +14,8 @@
 The model is the embedded SmolLM2-135M when it loads, else a random model of its shape (decode
 speed, memory and the exactness checks do not depend on the weights' values); the JSON says which.
 
-  python benchmarks/gpu_check.py --out outputs/gpu_check/gpu_check.json --write-docs
-  python benchmarks/gpu_check.py --device cpu --quick --out /tmp/g.json    # smoke test, no GPU needed
+  python -m benchmarks.gpu_check --out outputs/gpu_check/gpu_check.json --write-docs
+  python -m benchmarks.gpu_check --device cpu --quick --out /tmp/g.json    # smoke test, no GPU needed
   bash benchmarks/gpu_check.sh                                              # the same, with its setup
 """
 

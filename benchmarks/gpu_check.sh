@@ -28,6 +28,6 @@ set +e
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
 tests=${PIPESTATUS[0]}
 set -e
-timeout 330 "$PY" benchmarks/gpu_check.py --out "$OUT/gpu_check.json" --write-docs "$@" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 330 "$PY" -m benchmarks.gpu_check --out "$OUT/gpu_check.json" --write-docs "$@" 2>&1 | tee "$OUT/gpu_check.log"
 cp docs/benchmarks.md "$OUT/benchmarks.md"
 exit "$tests"

@@ -11,8 +11,8 @@ minimises. This measures what that choice does on the embedded model, with the u
 
 Each step whose output exists is skipped, so an interrupted run resumes where it stopped.
 
-  python benchmarks/key_centring.py             # full run: docs/key_centring.json + docs/benchmarks.md section
-  python benchmarks/key_centring.py --quick     # CI smoke test: tiny random Llama, no training, temp dir
+  python -m benchmarks.key_centring             # full run: docs/key_centring.json + docs/benchmarks.md section
+  python -m benchmarks.key_centring --quick     # CI smoke test: tiny random Llama, no training, temp dir
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, ROOT, header, markdown_table, write_section
+from benchmarks.common import DOCS, ROOT, header, markdown_table, write_section
 
 BIN = Path(sys.executable).parent
 STATISTICS = ("covariance", "second-moment")
@@ -111,7 +110,7 @@ def render(args: argparse.Namespace, result: dict) -> str:
     budgets = sorted({round(float(r["budget"]), 4) for r in rows}, reverse=True)
     table = {(r["model"], round(float(r["budget"]), 4)): r["perplexity"] for r in rows}
     labels = list(dict.fromkeys(r["model"] for r in rows))
-    body = header("python benchmarks/key_centring.py") + "\n"
+    body = header("python -m benchmarks.key_centring") + "\n"
     body += (f"Held-out perplexity on the first {args.tokens} tokens of the evaluation split (windows of 512), "
              "the embedded SmolLM2-135M, uniform ranks. `pca-*`: `mkv calibrate --key-statistic ...` on "
              f"{args.calibration_tokens} calibration tokens (values use their covariance in both); `trained-*`: "

@@ -6,8 +6,8 @@ fraction of variance the first r directions keep at each budget: mean over (laye
 worst (layer, head).  A trained basis cannot make a rank-r truncation lossless where the states
 themselves spread their variance over more than r directions; this is the ceiling PCA starts from.
 
-    python benchmarks/kv_spectrum.py                       # outputs/demo/pca -> docs/kv_spectrum.json
-    python benchmarks/kv_spectrum.py --pca outputs/pca --out /tmp/spectrum.json
+    python -m benchmarks.kv_spectrum                       # outputs/demo/pca -> docs/kv_spectrum.json
+    python -m benchmarks.kv_spectrum --pca outputs/pca --out /tmp/spectrum.json
 """
 
 from __future__ import annotations

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, versions, write_json, write_section
 from benchmarks.plots import longctx_png

@@ -1,6 +1,6 @@
 """The PNG figure of each benchmark, drawn from the JSON that benchmark writes (matplotlib, headless).
 
-  python benchmarks/plots.py decode_memory docs/decode_memory.json docs/decode_memory.png
+  python -m benchmarks.plots decode_memory docs/decode_memory.json docs/decode_memory.png
 """
 
 from __future__ import annotations
@@ -219,5 +219,5 @@ PLOTS = {"decode_memory": decode_memory_png, "training_cost": training_cost_png,
 
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] not in PLOTS:
-        sys.exit(f"usage: python benchmarks/plots.py {{{'|'.join(PLOTS)}}} DATA.json OUT.png")
+        sys.exit(f"usage: python -m benchmarks.plots {{{'|'.join(PLOTS)}}} DATA.json OUT.png")
     print(PLOTS[sys.argv[1]](json.loads(Path(sys.argv[2]).read_text()), sys.argv[3]))

@@ -15,8 +15,8 @@ The rows are merged into one table (perplexity, cache bytes/token) and one plot 
 draws, plugin.plotting.plot_sweep), plus the training run's size and time read from the trained
 checkpoint's trainer_state.json / train_results.json.
 
-  python benchmarks/quality.py                  # full run: docs/quality.png, docs/quality.json, docs/benchmarks.md
-  python benchmarks/quality.py --quick          # CI smoke test: tiny random checkpoints, temp dir, no docs
+  python -m benchmarks.quality                  # full run: docs/quality.png, docs/quality.json, docs/benchmarks.md
+  python -m benchmarks.quality --quick          # CI smoke test: tiny random checkpoints, temp dir, no docs
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, ROOT, header, markdown_table, write_section
+from benchmarks.common import DOCS, ROOT, header, markdown_table, write_section
 
 BIN = Path(sys.executable).parent
 MKV = str(BIN / "mkv")
@@ -241,7 +240,7 @@ def main() -> None:
 
 def render(args: argparse.Namespace, rows: list[dict], budgets: list[float], meta: dict, training: dict | None) -> str:
     ppl_table, bytes_table = build_table(rows, budgets)
-    body = header("python benchmarks/quality.py") + "\n"
+    body = header("python -m benchmarks.quality") + "\n"
     body += (f"Held-out perplexity on the first {args.tokens} tokens ({args.tokens // args.seq_len} windows x "
              f"{args.seq_len}) of the evaluation split of the embedded corpus (SOTU speeches 2000-), float32, "
              "the embedded SmolLM2-135M. Columns are KV-cache budgets (fraction of the full cache's bytes); "

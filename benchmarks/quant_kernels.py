@@ -10,8 +10,8 @@ same groups: keys laid out channel-major ``[heads * r, tokens]`` in groups of 64
 key channels (a lognormal scale per channel, as keys have); bytes are the packed codes plus the scales
 and zeros each backend keeps.
 
-    python benchmarks/quant_kernels.py              # docs/quant_kernels.json + docs/benchmarks.md section
-    python benchmarks/quant_kernels.py --quick      # small shapes, temp output, no docs (CI)
+    python -m benchmarks.quant_kernels              # docs/quant_kernels.json + docs/benchmarks.md section
+    python -m benchmarks.quant_kernels --quick      # small shapes, temp output, no docs (CI)
 
 Needs `DISABLE_CUDA=1 pip install -r benchmarks/requirements-competitors.txt`; a backend that is missing
 is reported as such, not skipped silently.
@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import header, markdown_table, write_section
 
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         args.ranks, args.bits, args.tokens, args.repeats = "40", "4", 128, 1
     rows = measure([int(r) for r in args.ranks.split(",")], [int(b) for b in args.bits.split(",")], args.heads,
                    args.tokens, args.repeats)
-    command = "python benchmarks/quant_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.quant_kernels " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": command.strip(), "heads": args.heads, "tokens": args.tokens, "repeats": args.repeats,
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@ sets `matryoshka_heldout_budgets`) from the run's trainer_state.json, and writes
 Training tokens = step x per-device batch (trainer_state.json) x --accumulation x --cutoff-len
 (one process): pre-training packs text into full cutoff_len blocks.
 
-    python benchmarks/recipe_curve.py                                  # outputs/recipe/train -> docs/
-    python benchmarks/recipe_curve.py --run outputs/recipe/train/checkpoint-40 --out /tmp/curve
+    python -m benchmarks.recipe_curve                                  # outputs/recipe/train -> docs/
+    python -m benchmarks.recipe_curve --run outputs/recipe/train/checkpoint-40 --out /tmp/curve
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ differ from the recipe.  Quality is the recipe's own held-out curve (`heldout_pp
 first --tokens tokens of the evaluation split, 512-token windows), read from trainer_state.json
 before the first step (the PCA start, the same for every variant) and after the last.
 
-    python benchmarks/recipe_sweep.py                      # all variants, docs/recipe_sweep.json
-    python benchmarks/recipe_sweep.py --only recipe,kl0.25 # some of them
-    python benchmarks/recipe_sweep.py --only recipe,draws2,recipe20 --variants-out docs/recipe_draws.json
-    python benchmarks/recipe_sweep.py --steps 2 --variants-out /tmp/x.json --pca <tiny>  # smoke
+    python -m benchmarks.recipe_sweep                      # all variants, docs/recipe_sweep.json
+    python -m benchmarks.recipe_sweep --only recipe,kl0.25 # some of them
+    python -m benchmarks.recipe_sweep --only recipe,draws2,recipe20 --variants-out docs/recipe_draws.json
+    python -m benchmarks.recipe_sweep --steps 2 --variants-out /tmp/x.json --pca <tiny>  # smoke
 
 Finished variants are reused (delete outputs/recipe_sweep/<name> to rerun one): the sweep can be
 interrupted and restarted.  Run it alone: two torch processes on 2 cores distort each other.
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, versions
 
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         rows.append(_run(name, VARIANTS[name][1], args))
-        result = {"command": "python benchmarks/recipe_sweep.py " + " ".join(argv or sys.argv[1:]),
+        result = {"command": "python -m benchmarks.recipe_sweep " + " ".join(argv or sys.argv[1:]),
                   "machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"),
                   "steps": args.steps, "accumulation": args.accumulation, "heldout_tokens": args.tokens, "rows": rows}
         Path(args.variants_out).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,8 +1,8 @@
 """Run every benchmark in sequence (never two at once: the CPU is the scarce resource).
 
-  python benchmarks/run_all.py            # full runs; each writes its section of docs/benchmarks.md (`make bench`)
-  python benchmarks/run_all.py --quick    # CI smoke tests: tiny sizes, nothing written to docs/
-  python benchmarks/run_all.py --only quality,accuracy
+  python -m benchmarks.run_all            # full runs; each writes its section of docs/benchmarks.md (`make bench`)
+  python -m benchmarks.run_all --quick    # CI smoke tests: tiny sizes, nothing written to docs/
+  python -m benchmarks.run_all --only quality,accuracy
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import header, markdown_table, write_section
+from benchmarks.common import header, markdown_table, write_section
 
 # timing-sensitive ones first; accuracy reads the rank files that quality writes
 SCRIPTS = ["decode_memory", "training_cost", "quality", "accuracy", "key_centring", "weight_pca_diagnostic"]
@@ -37,12 +36,12 @@ def main() -> int:
     failed, times = [], []
     began = datetime.datetime.now()
     for name in names:
-        cmd = [sys.executable, str(HERE / f"{name}.py")] + (["--quick"] if args.quick else FULL_ARGS.get(name, []))
+        cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--quick"] if args.quick else FULL_ARGS.get(name, []))
         print(f"=== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
-        rc = subprocess.run(cmd, check=False).returncode
+        rc = subprocess.run(cmd, check=False, cwd=HERE.parent).returncode
         seconds = time.perf_counter() - start
-        times.append([f"`python benchmarks/{' '.join([name + '.py'] + cmd[2:])}`", f"{seconds / 60:.1f}", rc])
+        times.append([f"`python {' '.join(cmd[1:])}`", f"{seconds / 60:.1f}", rc])
         print(f"=== {name}: exit {rc} after {seconds:.0f} s", flush=True)
         if rc != 0:
             failed.append(name)
@@ -53,7 +52,7 @@ def main() -> int:
         return 1
     if not args.quick and names == SCRIPTS:
         ended = datetime.datetime.now()
-        body = header("python benchmarks/run_all.py") + (
+        body = header("python -m benchmarks.run_all") + (
             f"\nEvery section below was written by this one pass (`make bench`), "
             f"{began:%Y-%m-%d %H:%M} to {ended:%H:%M} UTC, in this order:\n\n")
         body += markdown_table(["script", "minutes", "exit"], times) + "\n"

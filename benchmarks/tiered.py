@@ -11,9 +11,9 @@ that cache. Settings, all at once on the same tokens:
 
 The bytes are read from the caches (`nbytes()`), so "equal bytes" is measured, not assumed.
 
-  python benchmarks/tiered.py                                  # writes docs/tiered.json and prints the table
-  python benchmarks/tiered.py --context 1024 --docs 2          # shorter
-  python benchmarks/tiered.py --quick --work-dir D             # CI: a tiny random model, nothing in docs/
+  python -m benchmarks.tiered                                  # writes docs/tiered.json and prints the table
+  python -m benchmarks.tiered --context 1024 --docs 2          # shorter
+  python -m benchmarks.tiered --quick --work-dir D             # CI: a tiny random model, nothing in docs/
 """
 
 from __future__ import annotations
@@ -37,6 +37,19 @@ def score(model, tokens: torch.Tensor, context: int, cache) -> tuple[float, int,
     scored = int(tokens.numel() - context)
     nll = last_tokens_nll(model, tokens[None], cache, scored=scored)
     return float(nll.sum()), scored, int(cache.nbytes())
+
+
+def _test_model_factories():
+    """The tests' tiny-model factories (tests/ is no package: its files are loaded by path)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"mkv_tests_{name}", REPO / "tests" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load("conftest").make_tiny_llama, load("helpers").to_pca
 
 
 def documents(tokenizer, count: int, length: int, quick: bool) -> list[torch.Tensor]:
@@ -75,12 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from plugin.cache import PcaCache, TieredPcaCache
 
     if args.quick:
-        import sys
-
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import make_tiny_llama
-        from helpers import to_pca
-
+        make_tiny_llama, to_pca = _test_model_factories()
         model, tokenizer = to_pca(make_tiny_llama("gqa", attn_implementation="sdpa")).eval(), None
         args.context, args.scored, args.docs, args.window, args.recent_rank = 64, 16, 2, 16, 8
     else:

@@ -25,8 +25,8 @@ step carries warm-up), with train_runtime / N alongside. Every row's ratio is it
 s/step of the plain run with the same number of draws (`plain` for the stock rows). Peak memory = max RSS of the llamafactory-cli process tree
 (getrusage(RUSAGE_CHILDREN) in a fresh wrapper process per run).
 
-  python benchmarks/training_cost.py                 # full run on outputs/demo/pca, docs/benchmarks.md section
-  python benchmarks/training_cost.py --quick         # CI: the Matryoshka rows on a tiny checkpoint, temp dir, no docs
+  python -m benchmarks.training_cost                 # full run on outputs/demo/pca, docs/benchmarks.md section
+  python -m benchmarks.training_cost --quick         # CI: the Matryoshka rows on a tiny checkpoint, temp dir, no docs
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, ROOT, header, markdown_table, write_section
-from plots import training_cost_png
+from benchmarks.common import DOCS, ROOT, header, markdown_table, write_section
+from benchmarks.plots import training_cost_png
 
 BIN = Path(sys.executable).parent
 VARIANTS = {
@@ -211,7 +210,7 @@ def render(rows: list[dict], base: dict[str, str], args: argparse.Namespace) -> 
     by_name = {r["variant"]: r for r in rows}
     headline = [by_name[n] for n in HEADLINE if n in by_name]
     context = [r for r in rows if r["variant"] not in HEADLINE]
-    body = header("python benchmarks/training_cost.py") + "\n"
+    body = header("python -m benchmarks.training_cost") + "\n"
     for teacher in ("distill", "distill-2draws"):
         distill, plain = by_name.get(teacher), by_name.get(REFERENCE[teacher])
         if not (distill and plain and distill["s_per_step"] and plain["s_per_step"]):

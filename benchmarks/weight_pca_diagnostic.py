@@ -1,8 +1,8 @@
 """Why weight-PCA breaks down on the embedded model: reconstruction errors and keys-only / values-only perplexity.
 
-    .venv/bin/python benchmarks/weight_pca_diagnostic.py --quick     # about 3 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/weight_pca_diagnostic.py             # 4096 held-out tokens, about 11 minutes
-    .venv/bin/python benchmarks/weight_pca_diagnostic.py --budgets 0.875 0.5 --json /tmp/diag.json
+    .venv/bin/python -m benchmarks.weight_pca_diagnostic --quick     # about 3 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.weight_pca_diagnostic             # 4096 held-out tokens, about 11 minutes
+    .venv/bin/python -m benchmarks.weight_pca_diagnostic --budgets 0.875 0.5 --json /tmp/diag.json
 
 What it measures, on SmolLM2-135M-Instruct (float32) and the held-out evaluation split:
 
@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine
 from plugin.baselines.rope import plane_basis
@@ -311,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
     result = {
-        "command": "python benchmarks/weight_pca_diagnostic.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.weight_pca_diagnostic " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "date": datetime.date.today().isoformat(),
         "model": "SmolLM2-135M-Instruct (embedded), float32",

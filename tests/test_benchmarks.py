@@ -22,14 +22,7 @@ BENCH = REPO / "benchmarks"
 FLOAT32 = 4
 
 
-def _load_chance():
-    spec = importlib.util.spec_from_file_location("mkv_bench_chance", BENCH / "chance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-chance = _load_chance()
+chance = importlib.import_module("benchmarks.chance")
 
 
 def _run(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -37,7 +30,7 @@ def _run(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedPro
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", *args], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{Path(script).stem}", "--quick", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -182,7 +175,7 @@ def test_training_cost_quick(tmp_path, docs_untouched):
 
 @pytest.mark.slow
 def test_run_all_rejects_unknown_benchmark():
-    proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--only", "nope"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--only", "nope"], cwd=REPO,
                           capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and "unknown benchmark" in proc.stderr
 
@@ -240,9 +233,7 @@ def test_frontier_on_tiny_models_reads_bytes_from_the_cache(tmp_path) -> None:
     save_tiny_base(make_tiny_llama("gqa"), tmp_path / "base", tmp_path / "text.txt")
     assert mkv(["calibrate", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "text.txt"),
                 "--tokens", "256", "--seq-len", "32", "--out", str(tmp_path / "pca")]) == 0
-    spec = importlib.util.spec_from_file_location("mkv_bench_frontier", BENCH / "frontier.py")
-    frontier = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(frontier)
+    frontier = importlib.import_module("benchmarks.frontier")
     out = tmp_path / "frontier"
     assert frontier.main(["--base", str(tmp_path / "base"), "--model", str(tmp_path / "pca"), "--label", "pca",
                           "--budgets", "0.5", "--bits", "16,2", "--quant-bits", "16,4", "--group", "16",
@@ -288,10 +279,7 @@ def test_longctx_on_a_tiny_model(tmp_path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tmp_path / "base" / name).exists():
             shutil.copy(tmp_path / "base" / name, tmp_path / "pca" / name)
-    spec = importlib.util.spec_from_file_location("mkv_bench_longctx", BENCH / "longctx.py")
-    longctx = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = longctx  # its dataclass looks its module up there
-    spec.loader.exec_module(longctx)
+    longctx = importlib.import_module("benchmarks.longctx")
     out = tmp_path / "longctx.json"
     head_dim = base.config.head_dim
     assert longctx.main(["--full", "--model", str(tmp_path / "pca"), "--label", "tiny", "--budgets", "1,0.5",
@@ -336,10 +324,7 @@ def test_longctx_evict_rows_compose_eviction_ranks_and_bits_at_measured_bytes(tm
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tmp_path / "base" / name).exists():
             (tmp_path / "pca" / name).write_bytes((tmp_path / "base" / name).read_bytes())
-    spec = importlib.util.spec_from_file_location("mkv_bench_longctx_evict", BENCH / "longctx.py")
-    longctx = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, longctx)
-    spec.loader.exec_module(longctx)
+    longctx = importlib.import_module("benchmarks.longctx")
     out = tmp_path / "evict.json"
     assert longctx.main(["--model", str(tmp_path / "pca"), "--label", "tiny", "--budgets", "1",
                          "--evict", "1@4:0.2,0.5@16:0.3,1@8/4:0.3", "--contexts", "200", "--depths", "1", "--per-depth", "1",
@@ -364,9 +349,7 @@ def test_longctx_evict_rows_compose_eviction_ranks_and_bits_at_measured_bytes(tm
 def test_quant_kernels_measures_ours_with_exact_bytes_and_bounded_error(tmp_path) -> None:
     """benchmarks/quant_kernels.py in process on a small shape: this project's row has the formula's bytes and
     an error within half a grid step; competitors are measured when installed, else reported missing."""
-    spec = importlib.util.spec_from_file_location("mkv_bench_quant_kernels", BENCH / "quant_kernels.py")
-    kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernels)
+    kernels = importlib.import_module("benchmarks.quant_kernels")
     rows = kernels.measure([40], [4], heads=3, tokens=128, repeats=1)
     assert {row["backend"] for row in rows} == set(kernels.BACKENDS)
     ours = next(row for row in rows if row["backend"].startswith("torch"))
@@ -425,10 +408,7 @@ def test_longctx_kvpress_rows_evict_in_the_prefill_at_measured_bytes(tmp_path, m
     monkeypatch.setitem(sys.modules, "kvpress", fake)
     _KeepFirstPress.prefills = 0
     save_tiny_base(make_tiny_llama("gqa", attn_implementation="sdpa"), tmp_path / "base")
-    spec = importlib.util.spec_from_file_location("mkv_bench_longctx_press", BENCH / "longctx.py")
-    longctx = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, longctx)
-    spec.loader.exec_module(longctx)
+    longctx = importlib.import_module("benchmarks.longctx")
     assert longctx.eviction_ratio(0.5, 688, 512) == pytest.approx(1 - 88 / 688)
     with pytest.raises(ValueError, match="already hold more than 0.5"):
         longctx.eviction_ratio(0.5, 88, 512)
@@ -447,7 +427,7 @@ def test_longctx_kvpress_rows_evict_in_the_prefill_at_measured_bytes(tmp_path, m
 
 
 def test_decode_memory_refuses_an_unsupported_bit_width_before_any_work(tmp_path) -> None:
-    proc = subprocess.run([sys.executable, str(BENCH / "decode_memory.py"), "--quant-bits", "3", "--work-dir",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.decode_memory", "--quant-bits", "3", "--work-dir",
                            str(tmp_path)], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "stores 2, 4 or 8 bits" in proc.stderr
     assert not list(tmp_path.iterdir())  # no prefill written
