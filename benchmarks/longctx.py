@@ -29,13 +29,13 @@ formula of codes + float16 scales and zeros, checked against the measured cache 
 * perplexity of the last 512 tokens of windows of --ppl-contexts tokens (their first tokens read into
   the setting's cache, the last 512 scored through it).
 
-    python benchmarks/longctx.py --full --model embedded-matryoshka --label matryoshka --model outputs/demo/pca \\
+    python -m benchmarks.longctx --full --model embedded-matryoshka --label matryoshka --model outputs/demo/pca \\
         --label pca --budgets 0.5,0.25 --tiered 256@32 --quant-bits 4,2 --hf-quant quanto:4,quanto:2 \\
         --contexts 128,256 --per-depth 6 --ppl-contexts 2048,4096 --docs    # docs/longctx.json
-    bash benchmarks/kvpress_env.sh && .venv-kvpress/bin/python benchmarks/longctx.py --append \
+    bash benchmarks/kvpress_env.sh && .venv-kvpress/bin/python -m benchmarks.longctx --append \
         --kvpress knorm:0.5,snapkv:0.5,knorm:0.25,snapkv:0.25 --contexts 128,256 --per-depth 6 \
         --ppl-contexts 2048,4096,8192 --ppl-windows 1 --docs
-    python benchmarks/longctx.py --model <tiny> --contexts 128 --ppl-contexts 256 --per-depth 1 --out /tmp/l
+    python -m benchmarks.longctx --model <tiny> --contexts 128 --ppl-contexts 256 --per-depth 1 --out /tmp/l
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     interpreter = "python"
     if Path(sys.prefix).name != ".venv":  # e.g. the kvpress env: say which interpreter made these rows
         interpreter = f"{Path(sys.prefix).name}/bin/python"
-    commands.append(f"{interpreter} benchmarks/longctx.py " + " ".join(shlex.quote(a) for a in argv or sys.argv[1:]))
+    commands.append(f"{interpreter} -m benchmarks.longctx " + " ".join(shlex.quote(a) for a in argv or sys.argv[1:]))
     now = versions()
     if args.append and Path(args.out).exists() and previous.get("versions") and now not in previous["versions"]:
         now = f"{previous['versions']}; {interpreter}: {now}"

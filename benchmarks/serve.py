@@ -18,9 +18,9 @@ what the budget changes; the cache a level can hold at once (min(clients, MAX_CO
 the model's bytes per token) is listed beside it.  Each level is bounded by --requests and the whole run
 by --time-limit (levels not reached are reported as skipped).
 
-  python benchmarks/serve.py           # full run (about 7 min on 2 cores), docs/serve.json + docs section
-  python benchmarks/serve.py --quick --model DIR --template default --json OUT.json   # smoke test, no docs
-  python benchmarks/serve.py --render-only   # rewrite the docs section from docs/serve.json
+  python -m benchmarks.serve           # full run (about 7 min on 2 cores), docs/serve.json + docs section
+  python -m benchmarks.serve --quick --model DIR --template default --json OUT.json   # smoke test, no docs
+  python -m benchmarks.serve --render-only   # rewrite the docs section from docs/serve.json
 """
 
 from __future__ import annotations
@@ -34,10 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
-from common import DOCS, header, markdown_table, write_json, write_section
+from benchmarks.common import DOCS, ROOT, header, markdown_table, write_json, write_section
 
 YAML = ROOT / "scripts" / "matryoshka_infer.yaml"
 QUESTION = "In one sentence, what is this passage about?"
@@ -342,7 +339,7 @@ def main() -> None:
         write_section("serve", TITLE, render(result))
         print(render(result))
         return
-    command = "python benchmarks/serve.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    command = "python -m benchmarks.serve" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     result = run(args)
     result["meta"]["header"] = header(command)
     write_json(args.json or DOCS / "serve.json", result)

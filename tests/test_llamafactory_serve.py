@@ -381,7 +381,7 @@ def test_the_shipped_yaml_answers_a_question_at_its_budget() -> None:
 def test_serve_benchmark_quick_drives_two_real_servers(tiny, tmp_path) -> None:
     out = tmp_path / "serve.json"
     env = _env()
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve.py"), "--quick", "--model", str(tiny["pca"]),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--quick", "--model", str(tiny["pca"]),
                            "--template", "default", "--json", str(out)], capture_output=True, text=True, timeout=600,
                           env=env, cwd=str(REPO), check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
