@@ -11,6 +11,7 @@ two imports in one interpreter would hide the order effect of the second.
 
 from __future__ import annotations
 
+import json
 import os
 import pkgutil
 import subprocess
@@ -75,6 +76,55 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
                           cwd="/", env=environment, check=False)
 
 
+# One fresh interpreter imports torch (and the libraries below it that no case is about), then forks a child
+# per case: each child starts with the .pth hook installed and nothing of transformers, plugin, PEFT,
+# LLaMA-Factory or OpenCompass imported, as a fresh interpreter does, without paying torch's import again.
+ZYGOTE = """
+import json, os, sys, traceback
+import numpy, safetensors.torch, tokenizers, torch  # noqa: F401  (what every case imports first anyway)
+HOOKS = ("plugin", "plugin._import_hook", "plugin.post_import", "llamafactory_ext", "llamafactory_ext._import_hook")
+assert not [name for name in sys.modules if name.split(".")[0] in ("transformers", "plugin", "peft", "llamafactory",
+            "llamafactory_ext", "opencompass") and name not in HOOKS], "the zygote must not import what the cases order"
+for line in sys.stdin:
+    code, out = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        with open(out, "w") as handle:
+            os.dup2(handle.fileno(), 1)
+            os.dup2(handle.fileno(), 2)
+            try:
+                exec(compile(code, "<case>", "exec"), {"__name__": "__main__"})
+                code_out = 0
+            except BaseException:
+                traceback.print_exc()
+                code_out = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code_out)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def zygote() -> subprocess.Popen:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, cwd="/", env=environment)
+    yield process
+    process.stdin.close()
+    process.wait(timeout=60)
+
+
+def _forked(zygote: subprocess.Popen, code: str, tmp_path: Path) -> tuple[int, str]:
+    """(exit code, combined output) of `code` run in a child of the zygote."""
+    out = tmp_path / "case.log"
+    zygote.stdin.write(json.dumps([code, str(out)]) + "\n")
+    zygote.stdin.flush()
+    status = json.loads(zygote.stdout.readline())
+    return status, out.read_text()
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("import-order") / "tiny"
@@ -84,21 +134,33 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _assert_loads(first: str, checkpoint: Path) -> None:
-    proc = _python(first + "\n" + LOAD.format(path=str(checkpoint)))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "LOADED PcaLlamaForCausalLM 8" in proc.stdout  # head_dim 16 at 50%: the saved ranks came back
-    assert "register() failed" not in proc.stderr
+def _assert_loads(zygote: subprocess.Popen, first: str, checkpoint: Path, tmp_path: Path) -> None:
+    status, output = _forked(zygote, first + "\n" + LOAD.format(path=str(checkpoint)), tmp_path)
+    assert status == 0, output[-3000:]
+    assert "LOADED PcaLlamaForCausalLM 8" in output  # head_dim 16 at 50%: the saved ranks came back
+    assert "register() failed" not in output
 
 
 @pytest.mark.parametrize("first", list(FIRST_IMPORTS), ids=list(FIRST_IMPORTS))
-def test_checkpoint_loads_whatever_is_imported_first(checkpoint: Path, first: str) -> None:
-    _assert_loads(FIRST_IMPORTS[first], checkpoint)
+def test_checkpoint_loads_whatever_is_imported_first(zygote, checkpoint: Path, first: str, tmp_path: Path) -> None:
+    _assert_loads(zygote, FIRST_IMPORTS[first], checkpoint, tmp_path)
 
 
 @pytest.mark.parametrize("module", PLUGIN_MODULES)
-def test_checkpoint_loads_after_any_plugin_submodule(checkpoint: Path, module: str) -> None:
-    _assert_loads(f"import {module}", checkpoint)
+def test_checkpoint_loads_after_any_plugin_submodule(zygote, checkpoint: Path, module: str, tmp_path: Path) -> None:
+    _assert_loads(zygote, f"import {module}", checkpoint, tmp_path)
+
+
+def test_a_forked_case_starts_as_fresh_as_a_new_interpreter(zygote, tmp_path: Path) -> None:
+    """What the cases rely on: no library the cases put in order is there yet, and the .pth hook is."""
+    code = ("import sys\nheavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('transformers', 'plugin', 'peft', 'llamafactory', 'opencompass') and m not in "
+            "('plugin', 'plugin._import_hook', 'plugin.post_import'))\n"
+            "print('HEAVY', heavy)\nprint('HOOK', any(type(f).__name__ == 'PostImportFinder' for f in sys.meta_path))")
+    status, output = _forked(zygote, code, tmp_path)
+    assert status == 0, output
+    assert "HEAVY []" in output and "HOOK True" in output
+    assert _forked(zygote, "raise SystemExit(3)", tmp_path)[0] != 0  # a failing case is reported as failing
 
 
 def test_the_walk_finds_the_modules_that_broke_loading() -> None:
