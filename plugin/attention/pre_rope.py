@@ -50,7 +50,7 @@ class PreRopeKeys:
         """
         cos, sin = (t.unsqueeze(1) for t in rotation)  # [B, 1, L, d]: one rotation for every head
         if cache is None:
-            return [self.rebuild_keys(e, k, cos, sin) for e, k in zip(entries, key_groups)], value_groups
+            return self.rebuild_all(entries, key_groups, cos, sin), value_groups
         if rope_table is None:
             raise ValueError("pre-RoPE keys with a cache need the model's rope table; call the PcaLlama model, "
                              "not its attention layer alone")
