@@ -21,6 +21,16 @@ def random_bases(model: torch.nn.Module, seed: int = 1) -> tuple[torch.Tensor, t
     return keys, values, means
 
 
+def prefill_then_decode(model: torch.nn.Module, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of `tokens` read as a prefill of `prefill` tokens, then one token at a time through the cache."""
+    out = model(tokens[:, :prefill], use_cache=True)
+    steps = [out.logits]
+    for t in range(prefill, tokens.shape[1]):
+        out = model(tokens[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+        steps.append(out.logits)
+    return torch.cat(steps, dim=1)
+
+
 def to_pca(model: torch.nn.Module, seed: int = 1, key_space: str = "post-rope") -> PcaLlamaForCausalLM:
     """A PcaLlama with random orthogonal bases and value means (any basis must be exact at full rank)."""
     return PcaLlamaForCausalLM.from_llama(model, *random_bases(model, seed), key_space=key_space).eval()

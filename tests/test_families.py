@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_bases
+from helpers import prefill_then_decode, random_bases
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -81,12 +81,7 @@ def test_full_rank_equals_the_base_model_prefill_and_decode(family: str, impl: s
     with torch.no_grad():
         expected = base(tokens).logits
         torch.testing.assert_close(pca(tokens, use_cache=False).logits, expected, atol=1e-4, rtol=0)
-        out = pca(tokens[:, :6], use_cache=True)
-        steps = [out.logits]
-        for t in range(6, tokens.shape[1]):
-            out = pca(tokens[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-            steps.append(out.logits)
-        torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(prefill_then_decode(pca, tokens, 6), expected, atol=1e-4, rtol=0)
         with pca.exact_full_rank():  # the distillation teacher: the family's own attention
             torch.testing.assert_close(pca(tokens, use_cache=False).logits, expected, atol=1e-6, rtol=0)
         pca.set_kv_budget(0.5)

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_llama
-from helpers import random_bases, to_pca
+from helpers import prefill_then_decode, random_bases, to_pca
 from test_families import FAMILIES, _build, _ids
 
 from plugin import PcaCache, PcaLlamaForCausalLM
@@ -33,12 +33,7 @@ def test_full_rank_equals_the_base_model_prefill_decode_and_padding(family: str,
     with torch.no_grad():
         expected = base(tokens).logits
         torch.testing.assert_close(pca(tokens, use_cache=False).logits, expected, atol=1e-4, rtol=0)
-        out = pca(tokens[:, :6], use_cache=True)
-        steps = [out.logits]
-        for t in range(6, tokens.shape[1]):
-            out = pca(tokens[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-            steps.append(out.logits)
-        torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(prefill_then_decode(pca, tokens, 6), expected, atol=1e-4, rtol=0)
         # rebuilt through U (a nested-basis cache never keeps the model's own basis): still exact
         nested = PcaCache(nested_bases=True)
         first = pca(tokens[:, :9], past_key_values=nested, use_cache=True).logits
