@@ -9,7 +9,7 @@ benchmarks/quality.py searched), configured only through the config's MKV_* vari
   MKV_MODEL=outputs/demo/matryoshka MKV_BASE_MODEL=none MKV_RANK_FILE=ranks-0.5.json,ranks-0.375.json ...
 
 The summary CSV OpenCompass writes is parsed, and an accuracy table with the standard error of each
-accuracy, sqrt(p (1 - p) / n), is written into docs/benchmarks.md (and docs/accuracy.json), with
+accuracy, sqrt(p (1 - p) / n), is written into docs/benchmarks.md (and docs/data/accuracy.json), with
 each row's agreement with the base model's per-item predictions (read from OpenCompass's prediction
 files). Before that, `python -m opencompass_ext.bench` times the configs' prefix-sharing inferencer
 against OpenCompass's label-by-label PPLInferencer on a few items (same scores, the speed-up).
@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from benchmarks.chance import subset_rates
-from benchmarks.common import BENCH_MD, DOCS, ROOT, header, markdown_table, write_section
+from benchmarks.common import BENCH_MD, DATA, ROOT, header, markdown_table, write_section
 from benchmarks.plots import accuracy_png
 from opencompass_ext.models import budget_abbr, format_budget
 
@@ -211,8 +211,8 @@ def reading_note(rates: dict[str, dict], base: dict[str, float | None], counts: 
 
 
 def patch_rates() -> None:
-    """Add the rate rows and reading note to the existing docs table and docs/accuracy.json, scoring nothing."""
-    result = json.loads((DOCS / "accuracy.json").read_text())
+    """Add the rate rows and reading note to the existing docs table and docs/data/accuracy.json, scoring nothing."""
+    result = json.loads((DATA / "accuracy.json").read_text())
     suite, counts = result["meta"]["suite"], result["meta"]["items"]
     names = list(counts)
     # counts[name] = min(set size, --items): the first counts[name] rows are exactly the scored items
@@ -235,12 +235,12 @@ def patch_rates() -> None:
     note = reading_note(rates, base, counts, set_abbrs, patched=datetime.date.today().isoformat())
     lines = [note if ln.startswith(("Chance level:", "Reference rows,")) else ln for ln in lines]
     BENCH_MD.write_text(text.replace(section.group(0), "\n".join(lines)))
-    (DOCS / "accuracy.json").write_text(json.dumps(result, indent=1))
+    (DATA / "accuracy.json").write_text(json.dumps(result, indent=1))
     for name in names:
         r = rates[name]
         print(f"{set_abbrs[name]}: n = {r['n']}, chance {100 * r['chance']:.1f}, majority {100 * r['majority']:.1f} "
               f"({r['majority_answer']}), base {base.get(name)}, signal {result['meta']['signal'][name]}")
-    print(f"patched the accuracy table in {BENCH_MD} and {DOCS / 'accuracy.json'}")
+    print(f"patched the accuracy table in {BENCH_MD} and {DATA / 'accuracy.json'}")
 
 
 def main() -> None:
@@ -261,12 +261,12 @@ def main() -> None:
                         help="items per set of the prefix-sharing vs PPLInferencer timing; 0 skips it")
     parser.add_argument("--work-dir", default=None, help="default outputs/bench/accuracy (--quick: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny checkpoints, 2 items, no docs")
-    parser.add_argument("--json", default=str(DOCS / "accuracy.json"),
-                        help="result file (the PNG is written beside it, same stem; default docs/accuracy.json)")
+    parser.add_argument("--json", default=str(DATA / "accuracy.json"),
+                        help="result file (the PNG is written beside it, same stem; default docs/data/accuracy.json)")
     parser.add_argument("--section", default="accuracy", choices=("accuracy", "none"),
                         help="rewrite the 'accuracy' section of docs/benchmarks.md, or 'none': only print the table")
     parser.add_argument("--patch-rates", action="store_true",
-                        help="only add the chance / majority rows to docs/benchmarks.md and docs/accuracy.json")
+                        help="only add the chance / majority rows to docs/benchmarks.md and docs/data/accuracy.json")
     args = parser.parse_args()
     if args.patch_rates:
         patch_rates()
@@ -387,7 +387,7 @@ def main() -> None:
              "section (`mkv search-budget`); `base-uncompressed` = the embedded SmolLM2-135M with its full cache. "
              "Cells: accuracy in % ± its standard error sqrt(p(1-p)/n) in points. The last column: the share of all "
              "scored items on which the row predicts the same answer as the base model.\n\n")
-    body += markdown_table(headers, table_rows) + "\n\n![accuracy by model row](accuracy.png)\n\n"
+    body += markdown_table(headers, table_rows) + "\n\n![accuracy by model row](data/accuracy.png)\n\n"
     body += reading_note(rates, base_scores, counts, set_abbrs) + "\n\n"
     if speed:
         body += ("Evaluation speed: the configs use `PrefixSharingPPLInferencer` (opencompass_ext/inferencer.py): "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+DATA = DOCS / "data"  # what the benchmarks write: JSON results and the PNG figures drawn from them
 BENCH_MD = DOCS / "benchmarks.md"
 
 

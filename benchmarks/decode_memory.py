@@ -9,7 +9,7 @@ Settings, each decoding the same tokens after the same context:
   budget, PcaCache preallocated for context + new tokens (no reallocation while decoding);
 * with --quant-bits B: also `1.0xBb` and `0.5xBb`, the same PcaLlama with its cache quantized (keys per
   channel over blocks of 64 tokens, values per token, a full-precision tail of recent tokens), which
-  dequantizes what it holds at every step; results go to docs/decode_quant.json and their own section.
+  dequantizes what it holds at every step; results go to docs/data/decode_quant.json and their own section.
 
 The context is real held-out text, prefilled once per length by the base model in float32 (in
 chunks, progress shown) and saved; every setting's cache is built from those states: the
@@ -25,9 +25,9 @@ process's RSS before the cache existed (weights, runtime), i.e. the cache plus a
 
   python -m benchmarks.decode_memory                # full run (about 40 min on 2 cores), docs section
   python -m benchmarks.decode_memory --quick        # CI smoke test (tiny sizes, temp dir, no docs)
-  python -m benchmarks.decode_memory --render-only  # rewrite the docs section and PNG from docs/decode_memory.json
+  python -m benchmarks.decode_memory --render-only  # rewrite the docs section and PNG from docs/data/decode_memory.json
   python -m benchmarks.decode_memory --quant-bits 4 --contexts 8192 --batches 1,8 --dtypes float32 \
-      --work-dir outputs/decode                     # quantized cache's decode speed (docs/decode_quant.json)
+      --work-dir outputs/decode                     # quantized cache's decode speed (docs/data/decode_quant.json)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import DOCS, ROOT, header, markdown_table, write_section
+from benchmarks.common import DATA, ROOT, header, markdown_table, write_section
 from benchmarks.plots import decode_memory_png
 
 BASELINES = ["dynamic", "static"]
@@ -229,8 +229,8 @@ def rss_worker(args: argparse.Namespace) -> None:
 
 
 def rss_only(args: argparse.Namespace, work: Path) -> None:
-    """Measure peak RSS again for the rows of docs/decode_memory.json at --rss-contexts / --rss-dtypes."""
-    result = json.loads((DOCS / "decode_memory.json").read_text())
+    """Measure peak RSS again for the rows of docs/data/decode_memory.json at --rss-contexts / --rss-dtypes."""
+    result = json.loads((DATA / "decode_memory.json").read_text())
     contexts = {int(c) for c in args.rss_contexts.split(",") if c}
     dtypes = set(args.rss_dtypes.split(","))
     for row in result["rows"]:
@@ -243,9 +243,9 @@ def rss_only(args: argparse.Namespace, work: Path) -> None:
             print(row["context"], row["batch"], row["dtype"], row["setting"], f"{row['peak_rss_mib']:.0f} MiB", flush=True)
     result["meta"]["rss_remeasured"] = header(f"python -m benchmarks.decode_memory --rss-only --rss-contexts "
                                               f"{args.rss_contexts} --rss-dtypes {args.rss_dtypes}")
-    (DOCS / "decode_memory.json").write_text(json.dumps(result, indent=1))
+    (DATA / "decode_memory.json").write_text(json.dumps(result, indent=1))
     write_section("decode_memory", "Memory and decode speed", render(result))
-    decode_memory_png(result, DOCS / "decode_memory.png")
+    decode_memory_png(result, DATA / "decode_memory.png")
 
 
 def _run(args: argparse.Namespace, *extra: str) -> dict:
@@ -270,16 +270,16 @@ def main() -> None:
     parser.add_argument("--rss-contexts", default="8192", help="contexts at which peak RSS is measured per setting")
     parser.add_argument("--rss-dtypes", default="float32", help="dtypes at which peak RSS is measured per setting")
     parser.add_argument("--quant-bits", default="", help="also the quantized cache at these bit widths (e.g. 4); "
-                        "results to docs/decode_quant.json")
+                        "results to docs/data/decode_quant.json")
     parser.add_argument("--new-tokens", type=int, default=8, help="timed decode steps per setting (after one warm-up)")
     parser.add_argument("--prefill-chunk", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process (run nothing else meanwhile)")
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny sizes, nothing written to docs")
     parser.add_argument("--work-dir", default=None, help="where the prefill states (and with --quick the results) go")
     parser.add_argument("--render-only", action="store_true",
-                        help="rewrite the docs section and PNG from docs/decode_memory.json, measuring nothing")
+                        help="rewrite the docs section and PNG from docs/data/decode_memory.json, measuring nothing")
     parser.add_argument("--rss-only", action="store_true",
-                        help="measure peak RSS again for docs/decode_memory.json's rows (needs --work-dir's prefills)")
+                        help="measure peak RSS again for docs/data/decode_memory.json's rows (needs --work-dir's prefills)")
     for hidden in ("--prefill-worker", "--speed-worker", "--rss-worker"):
         parser.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--states", default=None, help=argparse.SUPPRESS)
@@ -292,10 +292,10 @@ def main() -> None:
         if bits not in ("2", "4", "8"):
             parser.error(f"--quant-bits {bits!r}: the quantized cache stores 2, 4 or 8 bits")
     if args.render_only:
-        result = json.loads((DOCS / "decode_memory.json").read_text())
+        result = json.loads((DATA / "decode_memory.json").read_text())
         write_section("decode_memory", "Memory and decode speed", render(result))
-        decode_memory_png(result, DOCS / "decode_memory.png")
-        print(f"rewrote the decode_memory section and {DOCS / 'decode_memory.png'} from {DOCS / 'decode_memory.json'}")
+        decode_memory_png(result, DATA / "decode_memory.png")
+        print(f"rewrote the decode_memory section and {DATA / 'decode_memory.png'} from {DATA / 'decode_memory.json'}")
         return
     if args.threads > 0:
         import torch
@@ -359,15 +359,15 @@ def main() -> None:
         print(f"decode_memory quick run ok: {work / 'decode_memory.json'} {work / 'decode_memory.png'}")
         return
     if args.quant_bits:  # its own file and section: the main table keeps its own complete run
-        (DOCS / "decode_quant.json").write_text(json.dumps(result, indent=1))
+        (DATA / "decode_quant.json").write_text(json.dumps(result, indent=1))
         write_section("decode_quant", "Decode speed of the quantized projected cache", render(result, png=None))
         return
-    (DOCS / "decode_memory.json").write_text(json.dumps(result, indent=1))
+    (DATA / "decode_memory.json").write_text(json.dumps(result, indent=1))
     write_section("decode_memory", "Memory and decode speed", render(result))
-    decode_memory_png(result, DOCS / "decode_memory.png")
+    decode_memory_png(result, DATA / "decode_memory.png")
 
 
-def render(result: dict, png: str | None = "decode_memory.png") -> str:
+def render(result: dict, png: str | None = "data/decode_memory.png") -> str:
     """The docs section from a decode_memory JSON (new runs and --render-only alike)."""
     meta, rows = result["meta"], result["rows"]
     body = meta["header"] + "\n"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import machine, versions
+from benchmarks.common import DATA, machine, versions
 
 FRACTIONS = (1 / 2, 1 / 3, 1 / 4, 1 / 6, 1 / 8)
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-seq-len", type=int, default=64, help="--searched: tokens per window (default 64)")
     parser.add_argument("--search-fraction", type=float, default=0.5,
                         help="--searched: fast mode's share of candidates lowered per round (default 0.5)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "frontier"), help="writes OUT.json and OUT.png")
+    parser.add_argument("--out", default=str(DATA / "frontier"), help="writes OUT.json and OUT.png")
     parser.add_argument("--render-only", action="store_true", help="redo OUT.png and the docs section from OUT.json")
     args = parser.parse_args(argv)
     if args.render_only:
@@ -263,7 +263,7 @@ def render(result: dict) -> str:
     lines += [markdown_table(headers, table), ""]
     if result.get("note"):  # the reading of this run, kept in OUT.json by hand and re-rendered with it
         lines += [result["note"], ""]
-    lines += ["![bytes vs perplexity](frontier.png)", ""]
+    lines += ["![bytes vs perplexity](data/frontier.png)", ""]
     lines += ["All rows:", "", markdown_table(
         ["method", "ranks", "bits (K/V)", "bytes vs bf16", "perplexity"],
         [[r["method"], f"{r['budget']:.3f}", r["bits"], f"{r['bf16_ratio']:.4f}", f"{r['perplexity']:.2f}"]
@@ -275,7 +275,7 @@ def publish(result: dict, out: str) -> None:
     """OUT.png always; the docs/benchmarks.md section when OUT is the docs' own path."""
     plot(result, out)
     print(f"wrote {out}.json, {out}.png")
-    if Path(out).resolve() == (ROOT / "docs" / "frontier").resolve():
+    if Path(out).resolve() == (DATA / "frontier").resolve():
         from benchmarks.common import write_section
 
         write_section("frontier", "Bytes vs quality: ranks x bits against KV quantization", render(result))

@@ -14,7 +14,7 @@ The full-cache answers come from the first model at budget 1 (every PcaLlama at 
 model).
 
     python -m benchmarks.generation_match --model outputs/demo/pca --model outputs/recipe/train \\
-        --label pca --label recipe                       # docs/generation_match.json
+        --label pca --label recipe                       # docs/data/generation_match.json
     python -m benchmarks.generation_match --model <tiny> --prompts 4 --out /tmp/g.json   # smoke
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import machine, versions, write_json
+from benchmarks.common import DATA, machine, versions, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=6, help="examples kept per row (default 6)")
     parser.add_argument("--samples", type=int, default=3,
                         help="sampled full-cache answers per instruction that calibrate the similarity rule (default 3)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "generation_match.json"))
+    parser.add_argument("--out", default=str(DATA / "generation_match.json"))
     args = parser.parse_args(argv)
     labels = args.label or [Path(m).name for m in args.model]
     if len(labels) != len(args.model):

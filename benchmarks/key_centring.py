@@ -11,7 +11,7 @@ minimises. This measures what that choice does on the embedded model, with the u
 
 Each step whose output exists is skipped, so an interrupted run resumes where it stopped.
 
-  python -m benchmarks.key_centring             # full run: docs/key_centring.json + docs/benchmarks.md section
+  python -m benchmarks.key_centring             # full run: docs/data/key_centring.json + docs/benchmarks.md section
   python -m benchmarks.key_centring --quick     # CI smoke test: tiny random Llama, no training, temp dir
 """
 
@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import DOCS, ROOT, header, markdown_table, write_section
+from benchmarks.common import DATA, ROOT, header, markdown_table, write_section
 
 BIN = Path(sys.executable).parent
 STATISTICS = ("covariance", "second-moment")
@@ -58,10 +58,10 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true", help="PCA rows only")
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny random Llama, no training, no docs")
     parser.add_argument("--render-only", action="store_true",
-                        help="rewrite the docs section from docs/key_centring.json without running anything")
+                        help="rewrite the docs section from docs/data/key_centring.json without running anything")
     args = parser.parse_args()
     if args.render_only:
-        result = json.loads((DOCS / "key_centring.json").read_text())
+        result = json.loads((DATA / "key_centring.json").read_text())
         args.tokens, args.calibration_tokens = result["meta"]["tokens"], result["meta"]["calibration_tokens"]
         write_section("key-centring", "Key PCA: covariance vs second moment", render(args, result))
         return
@@ -100,9 +100,9 @@ def main() -> None:
     if args.quick:
         print(f"key centring quick run ok: {evaluation.with_suffix('.json')}")
         return
-    (DOCS / "key_centring.json").write_text(json.dumps(result, indent=1))
+    (DATA / "key_centring.json").write_text(json.dumps(result, indent=1))
     write_section("key-centring", "Key PCA: covariance vs second moment", render(args, result))
-    print(f"wrote {DOCS / 'key_centring.json'} and the 'key-centring' section of docs/benchmarks.md")
+    print(f"wrote {DATA / 'key_centring.json'} and the 'key-centring' section of docs/benchmarks.md")
 
 
 def render(args: argparse.Namespace, result: dict) -> str:

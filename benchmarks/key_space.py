@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, header, markdown_table, write_json, write_section
+from benchmarks.common import DATA, header, markdown_table, write_json, write_section
 
 
 def _parse(args: argparse.Namespace) -> tuple[list[tuple[str, str, list[float] | None]], list[float], list[tuple[int, int]]]:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short-tokens", type=int, default=16384, help="held-out tokens in 512-token windows")
     parser.add_argument("--decode-context", type=int, default=8192)
     parser.add_argument("--decode-steps", type=int, default=16)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "key_space.json"))
+    parser.add_argument("--out", default=str(DATA / "key_space.json"))
     parser.add_argument("--docs", action="store_true", help="also write the section of docs/benchmarks.md")
     parser.add_argument("--render-only", action="store_true", help="rewrite the docs section from --out, measuring nothing")
     args = parser.parse_args(argv)

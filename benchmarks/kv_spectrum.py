@@ -6,7 +6,7 @@ fraction of variance the first r directions keep at each budget: mean over (laye
 worst (layer, head).  A trained basis cannot make a rank-r truncation lossless where the states
 themselves spread their variance over more than r directions; this is the ceiling PCA starts from.
 
-    python -m benchmarks.kv_spectrum                       # outputs/demo/pca -> docs/kv_spectrum.json
+    python -m benchmarks.kv_spectrum                       # outputs/demo/pca -> docs/data/kv_spectrum.json
     python -m benchmarks.kv_spectrum --pca outputs/pca --out /tmp/spectrum.json
 """
 
@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks.common import DATA
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--pca", default="outputs/demo/pca", help="checkpoint written by mkv calibrate")
     parser.add_argument("--budgets", default="0.875,0.75,0.625,0.5,0.375,0.25,0.125")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "kv_spectrum.json"))
+    parser.add_argument("--out", default=str(DATA / "kv_spectrum.json"))
     args = parser.parse_args(argv)
     path = Path(args.pca) / "pca_eigenvalues.safetensors"
     if not path.is_file():

@@ -31,7 +31,7 @@ formula of codes + float16 scales and zeros, checked against the measured cache 
 
     python -m benchmarks.longctx --full --model embedded-matryoshka --label matryoshka --model outputs/demo/pca \\
         --label pca --budgets 0.5,0.25 --tiered 256@32 --quant-bits 4,2 --hf-quant quanto:4,quanto:2 \\
-        --contexts 128,256 --per-depth 6 --ppl-contexts 2048,4096 --docs    # docs/longctx.json
+        --contexts 128,256 --per-depth 6 --ppl-contexts 2048,4096 --docs    # docs/data/longctx.json
     bash benchmarks/kvpress_env.sh && .venv-kvpress/bin/python -m benchmarks.longctx --append \
         --kvpress knorm:0.5,snapkv:0.5,knorm:0.25,snapkv:0.25 --contexts 128,256 --per-depth 6 \
         --ppl-contexts 2048,4096,8192 --ppl-windows 1 --docs
@@ -53,7 +53,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import machine, versions, write_json, write_section
+from benchmarks.common import DATA, machine, versions, write_json, write_section
 from benchmarks.plots import longctx_png
 from plugin.evaluate import SCORED, last_tokens_nll
 from plugin.intervals import block_sums, blocks_ratio
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="windows per length: one number or one per --ppl-contexts length (default 8,8,4)")
     parser.add_argument("--compare-to", default="",
                         help="a setting every row is also compared with (paired interval), e.g. the best competitor")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "longctx.json"))
+    parser.add_argument("--out", default=str(DATA / "longctx.json"))
     parser.add_argument("--docs", action="store_true", help="also write the section of docs/benchmarks.md")
     parser.add_argument("--append", action="store_true",
                         help="add to --out's rows: (setting, length) pairs already there are skipped, not re-measured")
@@ -453,7 +453,7 @@ def render(result: dict) -> str:
         body += markdown_table(["setting", "bytes"] + [f"{c} tokens" for c in contexts],
                                [[name, f"{bytes_of[name]:.3f}"] + [ctx.get(c, "-") for c in contexts]
                                 for name, ctx in table.items()]) + "\n\n"
-        body += "![perplexity against cache bytes at each context](longctx.png)\n\n"
+        body += "![perplexity against cache bytes at each context](data/longctx.png)\n\n"
     if result["retrieval"]:
         depths = sorted({r["depth"] for r in result["retrieval"]})
         lines: dict[tuple[str, int], dict[float, str]] = {}

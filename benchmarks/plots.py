@@ -1,6 +1,6 @@
 """The PNG figure of each benchmark, drawn from the JSON that benchmark writes (matplotlib, headless).
 
-  python -m benchmarks.plots decode_memory docs/decode_memory.json docs/decode_memory.png
+  python -m benchmarks.plots decode_memory docs/data/decode_memory.json docs/data/decode_memory.png
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ The rows are merged into one table (perplexity, cache bytes/token) and one plot 
 draws, plugin.plotting.plot_sweep), plus the training run's size and time read from the trained
 checkpoint's trainer_state.json / train_results.json.
 
-  python -m benchmarks.quality                  # full run: docs/quality.png, docs/quality.json, docs/benchmarks.md
+  python -m benchmarks.quality                  # full run: docs/data/quality.png, docs/data/quality.json, docs/benchmarks.md
   python -m benchmarks.quality --quick          # CI smoke test: tiny random checkpoints, temp dir, no docs
 """
 
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import DOCS, ROOT, header, markdown_table, write_section
+from benchmarks.common import DATA, ROOT, header, markdown_table, write_section
 
 BIN = Path(sys.executable).parent
 MKV = str(BIN / "mkv")
@@ -230,12 +230,12 @@ def main() -> None:
         plot_sweep(rows, str(Path(tmp) / "quality.png"), title=title)
         print(f"quality quick run ok: {out_json} {Path(tmp) / 'quality.png'}")
         return
-    plot_sweep(rows, str(DOCS / "quality.png"), title=title)
-    (DOCS / "quality.json").write_text(json.dumps(result, indent=1))
+    plot_sweep(rows, str(DATA / "quality.png"), title=title)
+    (DATA / "quality.json").write_text(json.dumps(result, indent=1))
     if args.out_json:
         Path(args.out_json).write_text(json.dumps(result, indent=1))
     write_section("quality", "Quality vs KV budget (held-out perplexity)", render(args, rows, budgets, meta, training))
-    print(f"wrote {DOCS / 'quality.png'}, {DOCS / 'quality.json'} and the 'quality' section of docs/benchmarks.md")
+    print(f"wrote {DATA / 'quality.png'}, {DATA / 'quality.json'} and the 'quality' section of docs/benchmarks.md")
 
 
 def render(args: argparse.Namespace, rows: list[dict], budgets: list[float], meta: dict, training: dict | None) -> str:
@@ -249,7 +249,7 @@ def render(args: argparse.Namespace, rows: list[dict], budgets: list[float], met
              "distillation, uniform ranks), `matryoshka-searched` = the trained checkpoint with per-head ranks "
              "from `mkv search-budget` (fast mode), and the three training-free seed baselines "
              "(docs/baselines.md) built from the base model.\n\n")
-    body += "![perplexity vs budget](quality.png)\n\nPerplexity:\n\n" + ppl_table + "\n\n"
+    body += "![perplexity vs budget](data/quality.png)\n\nPerplexity:\n\n" + ppl_table + "\n\n"
     body += "KV-cache bytes per token (all layers, float32; measured from the cache object for the baselines):\n\n"
     body += bytes_table + "\n\n"
     body += "Commands (run from the repository root, in this order) and their wall-clock time:\n\n```bash\n"

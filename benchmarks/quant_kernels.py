@@ -10,7 +10,7 @@ same groups: keys laid out channel-major ``[heads * r, tokens]`` in groups of 64
 key channels (a lognormal scale per channel, as keys have); bytes are the packed codes plus the scales
 and zeros each backend keeps.
 
-    python -m benchmarks.quant_kernels              # docs/quant_kernels.json + docs/benchmarks.md section
+    python -m benchmarks.quant_kernels              # docs/data/quant_kernels.json + docs/benchmarks.md section
     python -m benchmarks.quant_kernels --quick      # small shapes, temp output, no docs (CI)
 
 Needs `DISABLE_CUDA=1 pip install -r benchmarks/requirements-competitors.txt`; a backend that is missing
@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import header, markdown_table, write_section
+from benchmarks.common import DATA, header, markdown_table, write_section
 
 GROUP = 64
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="CI: 128 tokens, r 40, 4 bits, 1 repeat, temp output")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "quant_kernels.json"))
+    parser.add_argument("--out", default=str(DATA / "quant_kernels.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.ranks, args.bits, args.tokens, args.repeats = "40", "4", 128, 1
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
-    if Path(args.out).resolve() == (ROOT / "docs" / "quant_kernels.json").resolve():
+    if Path(args.out).resolve() == (DATA / "quant_kernels.json").resolve():
         write_section("quant_kernels", "Quantization kernels: this project's torch code vs optimum-quanto and HQQ",
                       render(result))
     return 0

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks.common import DATA
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accumulation", type=int, default=2,
                         help="gradient_accumulation_steps of the run (default 2, the recipe's)")
     parser.add_argument("--full", type=float, default=None, help="full-cache perplexity, drawn as a line")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "recipe_curve"), help="writes OUT.png and OUT.json")
+    parser.add_argument("--out", default=str(DATA / "recipe_curve"), help="writes OUT.png and OUT.json")
     args = parser.parse_args(argv)
     run = Path(args.run)
     if not (run / "trainer_state.json").is_file():

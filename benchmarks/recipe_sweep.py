@@ -6,9 +6,9 @@ differ from the recipe.  Quality is the recipe's own held-out curve (`heldout_pp
 first --tokens tokens of the evaluation split, 512-token windows), read from trainer_state.json
 before the first step (the PCA start, the same for every variant) and after the last.
 
-    python -m benchmarks.recipe_sweep                      # all variants, docs/recipe_sweep.json
+    python -m benchmarks.recipe_sweep                      # all variants, docs/data/recipe_sweep.json
     python -m benchmarks.recipe_sweep --only recipe,kl0.25 # some of them
-    python -m benchmarks.recipe_sweep --only recipe,draws2,recipe20 --variants-out docs/recipe_draws.json
+    python -m benchmarks.recipe_sweep --only recipe,draws2,recipe20 --variants-out docs/data/recipe_draws.json
     python -m benchmarks.recipe_sweep --steps 2 --variants-out /tmp/x.json --pca <tiny>  # smoke
 
 Finished variants are reused (delete outputs/recipe_sweep/<name> to rerun one): the sweep can be
@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import machine, versions
+from benchmarks.common import DATA, machine, versions
 
 RECIPE = ROOT / "scripts" / "matryoshka_recipe.yaml"
 
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
     parser.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     parser.add_argument("--out-dir", default="outputs/recipe_sweep", help="run directories (default outputs/recipe_sweep)")
-    parser.add_argument("--variants-out", default=str(ROOT / "docs" / "recipe_sweep.json"),
-                        help="JSON written (default docs/recipe_sweep.json)")
+    parser.add_argument("--variants-out", default=str(DATA / "recipe_sweep.json"),
+                        help="JSON written (default docs/data/recipe_sweep.json)")
     args = parser.parse_args(argv)
     if not (Path(args.pca) / "config.json").is_file():
         parser.error(f"--pca {args.pca!r} is not a checkpoint; run `mkv calibrate --out {args.pca}` first")

@@ -15,7 +15,7 @@ fresh subprocess per stage, so each stage's peak RSS is its own:
 and then what the measured per-layer figures imply for the 32-layer model (docs/scale.md).
 Random weights: the quality numbers are meaningless, only time and memory are reported.
 
-  python -m benchmarks.scale_sim                       # both shapes, writes docs/scale.json and docs/scale.md
+  python -m benchmarks.scale_sim                       # both shapes, writes docs/data/scale.json and docs/scale.md
   python -m benchmarks.scale_sim --shapes llama2-7b    # one shape
   python -m benchmarks.scale_sim --quick --work-dir D  # CI smoke test: the same stages on a small shape
 
@@ -36,6 +36,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from benchmarks.common import DATA
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         if "failed" not in measured:
             entry["implied"] = implied(shape, measured)
         payload["shapes"][shape] = entry
-    out = root / "scale.json" if args.quick else REPO / "docs" / "scale.json"
+    out = root / "scale.json" if args.quick else DATA / "scale.json"
     out.write_text(json.dumps(payload, indent=1) + "\n")
     if not args.quick:
         (REPO / "docs" / "scale.md").write_text(render(payload))

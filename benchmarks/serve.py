@@ -18,9 +18,9 @@ what the budget changes; the cache a level can hold at once (min(clients, MAX_CO
 the model's bytes per token) is listed beside it.  Each level is bounded by --requests and the whole run
 by --time-limit (levels not reached are reported as skipped).
 
-  python -m benchmarks.serve           # full run (about 7 min on 2 cores), docs/serve.json + docs section
+  python -m benchmarks.serve           # full run (about 7 min on 2 cores), docs/data/serve.json + docs section
   python -m benchmarks.serve --quick --model DIR --template default --json OUT.json   # smoke test, no docs
-  python -m benchmarks.serve --render-only   # rewrite the docs section from docs/serve.json
+  python -m benchmarks.serve --render-only   # rewrite the docs section from docs/data/serve.json
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import DOCS, ROOT, header, markdown_table, write_json, write_section
+from benchmarks.common import DATA, ROOT, header, markdown_table, write_json, write_section
 
 YAML = ROOT / "scripts" / "matryoshka_infer.yaml"
 QUESTION = "In one sentence, what is this passage about?"
@@ -322,9 +322,9 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=540.0, help="seconds for all levels (default 540)")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (default 300)")
     parser.add_argument("--log-dir", default=None, help="keep the servers' logs here")
-    parser.add_argument("--json", default=None, help="write the result here (default docs/serve.json)")
+    parser.add_argument("--json", default=None, help="write the result here (default docs/data/serve.json)")
     parser.add_argument("--render-only", action="store_true",
-                        help="rewrite the docs section from docs/serve.json (or --json) without running anything")
+                        help="rewrite the docs section from docs/data/serve.json (or --json) without running anything")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1 and 2 clients, 4 requests of 32 tokens, nothing written to docs")
     args = parser.parse_args()
@@ -335,14 +335,14 @@ def main() -> None:
         args.clients, args.requests, args.prompt_tokens, args.max_tokens = "1,2", 4, 32, 4
         args.max_concurrent, args.time_limit = 2, min(args.time_limit, 300.0)
     if args.render_only:
-        result = json.loads(Path(args.json or DOCS / "serve.json").read_text())
+        result = json.loads(Path(args.json or DATA / "serve.json").read_text())
         write_section("serve", TITLE, render(result))
         print(render(result))
         return
     command = "python -m benchmarks.serve" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     result = run(args)
     result["meta"]["header"] = header(command)
-    write_json(args.json or DOCS / "serve.json", result)
+    write_json(args.json or DATA / "serve.json", result)
     if not args.quick:
         write_section("serve", TITLE, render(result))
     print(render(result))

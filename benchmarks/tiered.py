@@ -11,7 +11,7 @@ that cache. Settings, all at once on the same tokens:
 
 The bytes are read from the caches (`nbytes()`), so "equal bytes" is measured, not assumed.
 
-  python -m benchmarks.tiered                                  # writes docs/tiered.json and prints the table
+  python -m benchmarks.tiered                                  # writes docs/data/tiered.json and prints the table
   python -m benchmarks.tiered --context 1024 --docs 2          # shorter
   python -m benchmarks.tiered --quick --work-dir D             # CI: a tiny random model, nothing in docs/
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import DATA
 from benchmarks.longctx import tiered_old_rank
 from plugin.evaluate import last_tokens_nll
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         row["bytes_vs_full"] = row["cache_bytes"] / full_bytes
     payload = {"model": "tiny random (--quick)" if args.quick else args.model, "context": args.context,
                "scored": args.scored, "docs": args.docs, "window": args.window, "rows": rows}
-    out = Path(args.work_dir or ".") / "tiered.json" if args.quick else REPO / "docs" / "tiered.json"
+    out = Path(args.work_dir or ".") / "tiered.json" if args.quick else DATA / "tiered.json"
     out.write_text(json.dumps(payload, indent=1) + "\n")
     for row in rows:
         print(f"{row['setting']:<32} ppl {row['ppl']:8.2f}  cache {row['bytes_vs_full']:.3f} of full")

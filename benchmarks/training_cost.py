@@ -41,7 +41,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import DOCS, ROOT, header, markdown_table, write_section
+from benchmarks.common import DATA, ROOT, header, markdown_table, write_section
 from benchmarks.plots import training_cost_png
 
 BIN = Path(sys.executable).parent
@@ -189,10 +189,10 @@ def main() -> None:
         return
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
-    (DOCS / "training_cost.json").write_text(json.dumps(result, indent=1))
-    training_cost_png(result, DOCS / "training_cost.png")
+    (DATA / "training_cost.json").write_text(json.dumps(result, indent=1))
+    training_cost_png(result, DATA / "training_cost.png")
     write_section("training_cost", "Training cost (LLaMA-Factory)", render(rows, base, args))
-    print(f"wrote {DOCS / 'training_cost.json'}, training_cost.png and the 'training_cost' section of docs/benchmarks.md")
+    print(f"wrote {DATA / 'training_cost.json'}, training_cost.png and the 'training_cost' section of docs/benchmarks.md")
 
 
 def render(rows: list[dict], base: dict[str, str], args: argparse.Namespace) -> str:
@@ -243,7 +243,7 @@ def render(rows: list[dict], base: dict[str, str], args: argparse.Namespace) -> 
                  "state for all parameters). Neither samples ranks: they run the PcaLlama checkpoint at its saved "
                  "(full) ranks. Their time is not the price of the Matryoshka method.\n\n")
         body += table(context) + "\n\n"
-    body += "![training cost](training_cost.png)\n\n"
+    body += "![training cost](data/training_cost.png)\n\n"
     body += ("The machine is shared (2 cores); ratios within this one run are more reliable than the absolute "
              "seconds.\n\nCommands:\n\n```bash\n")
     body += "".join(f"{r['command']}   # {r['wall_s']:.0f} s wall\n" for r in rows) + "```\n"

@@ -21,7 +21,7 @@ What it measures, on SmolLM2-135M-Instruct (float32) and the held-out evaluation
   and, as a control, for (2i, 2i + 1).
 - Perplexity when only keys, only values, or both are truncated, for each basis, on the same held-out windows.
 
-Writes the numbers to docs/weight_pca_diagnostic.json (``--json``) and a summary to stdout.
+Writes the numbers to docs/data/weight_pca_diagnostic.json (``--json``) and a summary to stdout.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import machine
+from benchmarks.common import DATA, machine
 from plugin.baselines.rope import plane_basis
 from plugin.baselines.weight_pca import fit_weight_pca, output_pca
 from plugin.data import load_texts, token_windows
@@ -74,13 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random control bases")
     parser.add_argument("--json", type=Path, default=None,
-                        help="output (default docs/weight_pca_diagnostic.json; --quick: a temp file, docs untouched)")
+                        help="output (default docs/data/weight_pca_diagnostic.json; --quick: a temp file, docs untouched)")
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.calibration_tokens, args.seq_len = 1024, 2048, 256
     if args.json is None:
         args.json = (Path(tempfile.mkdtemp(prefix="mkv-wpca-quick-")) / "weight_pca_diagnostic.json" if args.quick
-                     else ROOT / "docs" / "weight_pca_diagnostic.json")
+                     else DATA / "weight_pca_diagnostic.json")
     return args
 
 
