@@ -107,6 +107,10 @@ class PcaLlamaAttention(KVHookPoint, PreRopeKeys, LlamaAttention):
         # a module call: ZeRO-3 gathers its parameters
         per_group = self._group_bases(*self.kv_proj(), own_basis_at_full_rank=own_basis)
         weights: dict[str, Any] = {"dtype": dtype, "own_basis": own_basis, "groups": per_group}
+        if self.pre_rope:
+            for entry in per_group:  # [U^T | rotate_half(U^T)]: the rebuilt key and its half-rotation in one matmul
+                if entry["key"] is not None:
+                    entry["key_rebuild"] = self.rebuild_matrix(entry["key"])
         if self.folds():
             weights.update(self._fold(per_group, dtype))  # folded in float32, then cast
         for entry in per_group:
