@@ -63,6 +63,25 @@ def decode_speed(model: Any, ids: Any, steps: int) -> float:
         return steps / (time.perf_counter() - start)
 
 
+def measure_decode(loaded: list, budgets_of: dict[str, list[float]], args: argparse.Namespace) -> list[dict]:
+    """Decode tokens/s after a prefill of --decode-context held-out tokens: the full cache (the first model at full
+    rank), then each model at its first budget, one after the other in this process."""
+    from plugin.data import load_texts, token_windows
+
+    ids = token_windows(loaded[0][2], load_texts(None, split="evaluation"), args.decode_context, args.decode_context)[:1]
+    settings = [("full cache", loaded[0][1], 1.0)] + [(label, model, budgets_of[label][0]) for label, model, _ in loaded]
+    speed = []
+    for label, model, budget in settings:
+        model.set_kv_budget(budget)
+        rate = decode_speed(model, ids, args.decode_steps)
+        speed.append({"setting": label, "budget": budget, "key_space": model.config.kv_key_space,
+                      "context": args.decode_context, "tokens_per_second": rate})
+        print(f"decode {label} {budget:g}: {rate:.2f} tokens/s", flush=True)
+    for row in speed:
+        row["vs_full"] = row["tokens_per_second"] / speed[0]["tokens_per_second"]
+    return speed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -77,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(DATA / "key_space.json"))
     parser.add_argument("--docs", action="store_true", help="also write the section of docs/benchmarks.md")
     parser.add_argument("--render-only", action="store_true", help="rewrite the docs section from --out, measuring nothing")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="measure decode speed again (the models and budgets of --model) and replace --out's decode rows")
     args = parser.parse_args(argv)
     if args.render_only:
         import json
@@ -95,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = [(label, *load_model(path)) for label, path, _ in models]
     budgets_of = {label: own or budgets for label, _, own in models}
+    if args.decode_only:
+        import json
+
+        result = json.loads(Path(args.out).read_text())
+        result["decode"] = measure_decode(loaded, budgets_of, args)
+        result["decode_command"] = "python -m benchmarks.key_space " + " ".join(
+            argv if argv is not None else __import__("sys").argv[1:])
+        write_json(args.out, result)
+        if args.docs:
+            write_section("key_space", "Key basis before or after RoPE, at equal bytes", render(result))
+        return 0
     tokenizer = loaded[0][2]
     texts = load_texts(None, split="evaluation")
     short = token_windows(tokenizer, texts, 512, args.short_tokens)
@@ -131,20 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                     interval = paired_ratio(nlls[(a, budget, name)], nlls[(b, budget, name)])
                     pairs.append({"first": a, "second": b, "budget": budget, "protocol": name, **interval.as_dict()})
 
-    speed = []
-    if args.decode_steps > 0:
-        ids = token_windows(tokenizer, texts, args.decode_context, args.decode_context)[:1]
-        settings = [("full cache", first, 1.0)] + [(label, model, b) for label, model, _ in loaded
-                                                   for b in budgets_of[label][:1]]  # each model at its first budget
-        for label, model, budget in settings:
-            model.set_kv_budget(budget)
-            rate = decode_speed(model, ids, args.decode_steps)
-            speed.append({"setting": label, "budget": budget, "key_space": model.config.kv_key_space,
-                          "context": args.decode_context, "tokens_per_second": rate})
-            print(f"decode {label} {budget:g}: {rate:.2f} tokens/s", flush=True)
-        full_rate = speed[0]["tokens_per_second"]
-        for row in speed:
-            row["vs_full"] = row["tokens_per_second"] / full_rate
+    speed = measure_decode(loaded, budgets_of, args) if args.decode_steps > 0 else []
 
     command = "python -m benchmarks.key_space " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     result = {"header": header(command), "models": {label: path for label, path, _ in models}, "windows": {str(n): c for n, c in plan},
@@ -173,7 +192,8 @@ def render(result: dict) -> str:
                                  {"lower": "first wins", "higher": "first loses", "tie": "tie"}[p["verdict"]]]
                                 for p in result["pairs"]]) + "\n\n"
     if result["decode"]:
-        body += f"Decode at {result['decode'][0]['context']} tokens of context, batch 1, one process:\n\n"
+        body += f"Decode at {result['decode'][0]['context']} tokens of context, batch 1, one process"
+        body += f" (`{result['decode_command']}`, measured alone):\n\n" if result.get("decode_command") else ":\n\n"
         body += markdown_table(["setting", "keys", "budget", "tokens/s", "x full"],
                                [[r["setting"], r["key_space"], f"{r['budget']:g}", f"{r['tokens_per_second']:.2f}",
                                  f"{r['vs_full']:.2f}"] for r in result["decode"]]) + "\n"

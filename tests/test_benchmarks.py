@@ -503,3 +503,9 @@ def test_key_space_compares_pre_and_post_rope_keys_on_the_same_tokens(tmp_path) 
     assert {(p["first"], p["second"], p["budget"]) for p in result["pairs"]} == {("pre", "post", 0.5)}
     assert [r["setting"] for r in result["decode"]] == ["full cache", "pre", "post"]
     assert "| pre | post | 0.5 |" in render(result)
+    # decode measured again alone: only the decode rows change, and the section says by which command
+    assert key_space(["--model", f"pre={tmp_path / 'pre-rope'}@0.5", "--decode-only", "--decode-context", "64",
+                      "--decode-steps", "2", "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["rows"] == result["rows"] and [r["setting"] for r in again["decode"]] == ["full cache", "pre"]
+    assert "--decode-only" in again["decode_command"] and "measured alone" in render(again)
