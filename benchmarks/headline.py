@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import DATA, DOCS, ROOT, markdown_table
@@ -149,6 +150,29 @@ def longctx_targets() -> str:
     return markdown_table(["target", "wanted", "measured (95%)", "verdict"], rows)
 
 
+def headline_figure(path: Path = DATA / "headline.png", context: int = 4096) -> Path:
+    """The README's figure: the short-context frontier (frontier.json) beside long context at `context` tokens
+    (longctx.json's rows, plus the long-context projections' ranks from key_space.json and the 1/8-of-the-bytes
+    rows of longctx_evict.json, which are scored on more windows: the title says how many)."""
+    from benchmarks.plots import frontier_png
+
+    long = _load("longctx.json")
+    rows = [r for r in long["perplexity"] if int(r["context"]) == context]
+    windows = {r["windows"] for r in rows}
+    ks = _load("key_space.json")
+    for row in ks["rows"]:
+        if row["model"] == "longctx" and row["protocol"] == f"last 512 after {context}":
+            rows.append({"method": "longctx", "context": context, "bytes_fraction": row["bytes_ratio"],
+                         "last512_perplexity": row["perplexity"], "windows": int(ks["windows"][str(context)])})
+    rows += [r for r in evict_rows() if int(r["context"]) == context and r["method"] != "full"]
+    windows |= {r["windows"] for r in rows}
+    short = _load("frontier.json")
+    # the full cache on the frontier's tokens: budget 1 of quality.json, scored on the same 8,192 held-out tokens
+    full_short = next(r["perplexity"] for r in _load("quality.json")["rows"] if r["budget"] == 1.0)
+    return frontier_png(short, {"perplexity": rows}, path, context, full_short,
+                        long_title=f"last 512 tokens after {context} ({'/'.join(map(str, sorted(windows)))} windows)")
+
+
 RENDER = {"headline": readme_table, "longctx-targets": longctx_targets}
 
 
@@ -167,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if not pattern.search(text):
             raise SystemExit(f"{path} has no <!-- {key}:start --> ... <!-- {key}:end --> block")
         new = pattern.sub(lambda m, key=key: m.group(1) + RENDER[key]() + m.group(2), text)
+        if key == "headline" and not args.check:
+            headline_figure()
         if new != text:
             stale.append(str(path.relative_to(ROOT)))
             if not args.check:

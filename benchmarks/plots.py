@@ -164,7 +164,7 @@ def _envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def frontier_png(short: dict[str, Any], long: dict[str, Any], path: str | Path, context: int = 4096,
-                 full_short: float | None = None) -> Path:
+                 full_short: float | None = None, long_title: str | None = None) -> Path:
     """The headline figure: perplexity against cache bytes (fraction of a bfloat16 full cache), short context
     (whole 512-token windows, benchmarks/frontier.py) and long context (the last 512 tokens after `context`,
     benchmarks/longctx.py) side by side, one line per method at its best configuration, the full cache dashed."""
@@ -188,7 +188,7 @@ def frontier_png(short: dict[str, Any], long: dict[str, Any], path: str | Path, 
     colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(FRONTIER_LINES)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     panels = (("short", axes[0], f"512-token windows ({short.get('tokens', '')} tokens)", full_short),
-              ("long", axes[1], f"last 512 tokens after {context}", full_long))
+              ("long", axes[1], long_title or f"last 512 tokens after {context}", full_long))
     for key, ax, title, full in panels:
         for name, points in lines[key].items():
             ax.plot(*zip(*_envelope(points)), marker="o", markersize=4, color=colors[name], label=name)
