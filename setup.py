@@ -1,7 +1,7 @@
 """Packaging for matryoshka-kv (plugin + LLaMA-Factory / OpenCompass extensions).
 
 Besides the three packages, the distribution installs ``matryoshka_kv_hook.pth`` into
-site-packages.  Its single line, ``import plugin._import_hook as _h; _h.install()``, puts a
+site-packages.  Its single line, ``import plugin.model.import_hook as _h; _h.install()``, puts a
 cheap ``sys.meta_path`` finder in every interpreter of the environment, which registers the
 ``pcallama`` model type with transformers' Auto classes as soon as transformers' auto
 modules are imported.  That is how LLaMA-Factory, its torchrun / deepspeed children and
@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 # .pth files installed at the site-packages root: the core hook (registers pcallama with
 # transformers) and the LLaMA-Factory hook (Matryoshka arguments and trainers).
 PTH_FILES = {
-    "matryoshka_kv_hook.pth": "import plugin._import_hook as _h; _h.install()\n",
+    "matryoshka_kv_hook.pth": "import plugin.model.import_hook as _h; _h.install()\n",
     "matryoshka_kv_llamafactory.pth": (HERE / "llamafactory_ext" / "matryoshka_kv_llamafactory.pth").read_text(),
 }
 

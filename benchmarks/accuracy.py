@@ -46,8 +46,8 @@ import time
 from pathlib import Path
 
 from benchmarks.chance import subset_rates
-from benchmarks.common import BENCH_MD, DATA, ROOT, header, markdown_table, write_section
 from benchmarks.plots import accuracy_png
+from benchmarks.report import BENCH_MD, DATA, ROOT, header, markdown_table, write_section
 from opencompass_ext.models import budget_abbr, format_budget
 
 BIN = Path(sys.executable).parent
@@ -279,7 +279,7 @@ def main() -> None:
         llama, pca = build_tiny_checkpoints(str(tmp / "ckpt"))
         args.pca = args.trained = pca
         args.base_model, args.suite, args.items, args.datasets, args.budgets = llama, "quick", 2, "piqa,obqa", "100,50"
-        from plugin.ranks import write_rank_file
+        from plugin.budgets.ranks import write_rank_file
 
         # a mixed per-head table on the tiny model (2 layers, 2 KV heads, head_dim 16) at 50%
         ranks = {"key": [[4, 12], [8, 8]], "value": [[16, 4], [2, 10]]}
@@ -288,14 +288,14 @@ def main() -> None:
         work = tmp
     else:
         work = Path(args.work_dir or ROOT / "outputs/bench/accuracy")
-    from plugin.loading import SHIPPED
+    from plugin.storage.loading import SHIPPED
 
     if args.trained in SHIPPED:  # shipped projections on the embedded model, as a checkpoint OpenCompass can load
         from opencompass_ext.suite import shipped_checkpoint
 
         args.trained = shipped_checkpoint(args.trained)
     if args.base_model is None:
-        from plugin import assets
+        from plugin.storage import assets
 
         args.base_model = str(assets.embedded_model_dir())
     work.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from plugin import baselines
-from plugin.assets import load_embedded_model
-from plugin.data import load_texts, token_windows
-from plugin.evaluate import perplexity
+from plugin.evaluation.perplexity import perplexity
+from plugin.storage.assets import load_embedded_model
+from plugin.storage.texts import load_texts, token_windows
 
 BUDGETS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
 

@@ -41,8 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import DATA, ROOT, header, markdown_table, write_section
 from benchmarks.plots import decode_memory_png
+from benchmarks.report import DATA, ROOT, header, markdown_table, write_section
 
 BASELINES = ["dynamic", "static"]
 BUDGETS = ["1.0", "0.5", "0.25"]
@@ -74,8 +74,8 @@ def prefill_worker(args: argparse.Namespace) -> None:
     from tqdm import tqdm
     from transformers import DynamicCache
 
-    from plugin.data import load_texts
-    from plugin.loading import load_model
+    from plugin.storage.loading import load_model
+    from plugin.storage.texts import load_texts
 
     base, tokenizer = load_model(args.base)
     ids = []
@@ -101,7 +101,7 @@ def load_models(args: argparse.Namespace, settings: list[str]):
     import torch
 
     from plugin import PcaLlamaForCausalLM
-    from plugin.loading import SHIPPED, load_model
+    from plugin.storage.loading import SHIPPED, load_model
 
     base, _ = load_model(args.base)
     base = base.to(getattr(torch, args.dtype)).eval()

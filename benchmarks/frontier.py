@@ -7,7 +7,7 @@ Every configuration is scored on the same held-out windows in one process:
   token) in this project's quantized cache: what quantization alone gives;
 * each --model (PCA or trained PcaLlama) at each budget x each bit width (uniform ranks);
 * with --searched, each --model at each fraction of the table below with the ranks x bits that
-  `mkv search-budget --bytes` would choose (plugin.allocate, fast mode, on calibration-split windows,
+  `mkv search-budget --bytes` would choose (plugin.budgets.rank_bits, fast mode, on calibration-split windows,
   by default 1 x 64 tokens and fraction 0.5 as in the quality benchmark's searched rows: one greedy
   descent for all fractions), scored on the same held-out windows.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import DATA, machine, versions
+from benchmarks.report import DATA, machine, versions
 
 FRACTIONS = (1 / 2, 1 / 3, 1 / 4, 1 / 6, 1 / 8)
 
@@ -39,7 +39,7 @@ def _measure(model, windows, batch_size: int) -> tuple[float, float]:
     """(perplexity, bytes per token read from a fresh cache after one window)."""
     import torch
 
-    from plugin.evaluate import perplexity
+    from plugin.evaluation.perplexity import perplexity
 
     cache = model.model.new_cache()
     with torch.no_grad():
@@ -52,7 +52,7 @@ def _searched_rows(label: str, model, calibration, windows, args) -> list[dict]:
     """The allocator's choice at each table fraction (one descent), scored on the held-out windows."""
     import torch
 
-    from plugin.allocate import allocate_many, parse_choices
+    from plugin.budgets.rank_bits import allocate_many, parse_choices
 
     start = time.perf_counter()
     allocations = allocate_many(model, FRACTIONS, calibration, parse_choices(args.quant_bits), group=args.group,
@@ -121,16 +121,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from plugin.cache.quantize import parse_bit_pair
-    from plugin.data import load_texts, token_windows
-    from plugin.loading import load_model
+    from plugin.cache.quant_codec import parse_bit_pair
+    from plugin.storage.loading import load_model
+    from plugin.storage.texts import load_texts, token_windows
 
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     bits = [parse_bit_pair(b, "--bits") for b in args.bits.split(",") if b.strip()]
     quant_bits = [parse_bit_pair(b, "--quant-bits") for b in args.quant_bits.split(",") if b.strip()]
     base, tokenizer = load_model(args.base)
     windows = token_windows(tokenizer, load_texts(None, split="evaluation"), 512, args.tokens)
-    from plugin.modeling import PcaLlamaForCausalLM
+    from plugin.model.modeling import PcaLlamaForCausalLM
 
     runs = [("quant-only", PcaLlamaForCausalLM.from_llama(base).eval(), [1.0], quant_bits)]  # identity bases
     runs += [(label, load_model(spec)[0], budgets, bits) for spec, label in zip(args.model, labels)]
@@ -232,7 +232,7 @@ def _cell(entry: dict | None) -> str:
 
 
 def render(result: dict) -> str:
-    from benchmarks.common import markdown_table
+    from benchmarks.report import markdown_table
 
     labels = result["labels"]
     lines = [f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}  ",
@@ -276,7 +276,7 @@ def publish(result: dict, out: str) -> None:
     plot(result, out)
     print(f"wrote {out}.json, {out}.png")
     if Path(out).resolve() == (DATA / "frontier").resolve():
-        from benchmarks.common import write_section
+        from benchmarks.report import write_section
 
         write_section("frontier", "Bytes vs quality: ranks x bits against KV quantization", render(result))
         print("updated docs/benchmarks.md")

@@ -1,12 +1,12 @@
 """Do compressed-cache answers say what the full cache says?  Greedy chat answers across budgets.
 
-For each held-out instruction of plugin.instructions (never used for calibration or training),
+For each held-out instruction of plugin.evaluation.instructions (never used for calibration or training),
 the model answers in its chat template (greedy, --new-tokens tokens) with the full cache and at
 each budget.  Two rules, both without a judge model:
 
-* strict: the first sentence equals the full-cache answer's first sentence (plugin.chat.same_first_sentence);
+* strict: the first sentence equals the full-cache answer's first sentence (plugin.evaluation.chat.same_first_sentence);
 * similar: word-level ROUGE-L with the full-cache answer at or above a threshold calibrated on the full
-  model itself (plugin.answer_match): its greedy answers against --samples sampled answers of its own
+  model itself (plugin.evaluation.answer_match): its greedy answers against --samples sampled answers of its own
   (temperature 0.7; same meaning) and against its answer to the next instruction (another meaning),
   the cut that best separates them.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import DATA, machine, versions, write_json
+from benchmarks.report import DATA, machine, versions, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give one --label per --model, or none")
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
 
-    from plugin.answer_match import calibrate_threshold, calibration_pairs, rouge_l
-    from plugin.chat import first_sentence, generate_answers, same_first_sentence
-    from plugin.instructions import instructions
-    from plugin.loading import load_model
+    from plugin.evaluation.answer_match import calibrate_threshold, calibration_pairs, rouge_l
+    from plugin.evaluation.chat import first_sentence, generate_answers, same_first_sentence
+    from plugin.evaluation.instructions import instructions
+    from plugin.storage.loading import load_model
 
     prompts = instructions("heldout")[: args.prompts]
     rows, reference, threshold, calibration = [], None, None, {}

@@ -46,7 +46,7 @@ def load_base(args: argparse.Namespace) -> tuple[Any, str]:
 
     if not args.quick and args.model == "embedded":
         try:
-            from plugin.loading import load_model
+            from plugin.storage.loading import load_model
 
             model, _ = load_model("embedded")
             return model, "embedded SmolLM2-135M-Instruct"
@@ -120,7 +120,7 @@ def check_correctness(base: Any, device: torch.device, length: int) -> dict:
 
 
 def run_training(base: Any, device: torch.device, steps: int, batch: int, length: int) -> dict:
-    from plugin.ranks import rank_grid, sample_ranks
+    from plugin.budgets.ranks import rank_grid, sample_ranks
 
     base = base.to(device=device, dtype=torch.bfloat16)
     base.config._attn_implementation = "sdpa"

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import DATA, DOCS, ROOT, markdown_table
+from benchmarks.report import DATA, DOCS, ROOT, markdown_table
 
 BLOCKS = {ROOT / "README.md": "headline", DOCS / "longctx.md": "longctx-targets"}
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import DATA, ROOT, header, markdown_table, write_section
+from benchmarks.report import DATA, ROOT, header, markdown_table, write_section
 
 BIN = Path(sys.executable).parent
 STATISTICS = ("covariance", "second-moment")

@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import DATA, header, markdown_table, write_json, write_section
+from benchmarks.report import DATA, header, markdown_table, write_json, write_section
 
 
 def _parse(args: argparse.Namespace) -> tuple[list[tuple[str, str, list[float] | None]], list[float], list[tuple[int, int]]]:
+    from plugin.budgets.ranks import parse_budgets
     from plugin.commands.calibrate import parse_lengths
-    from plugin.ranks import parse_budgets
 
     models = []
     for text in args.model:
@@ -66,7 +66,7 @@ def decode_speed(model: Any, ids: Any, steps: int) -> float:
 def measure_decode(loaded: list, budgets_of: dict[str, list[float]], args: argparse.Namespace) -> list[dict]:
     """Decode tokens/s after a prefill of --decode-context held-out tokens: the full cache (the first model at full
     rank), then each model at its first budget, one after the other in this process."""
-    from plugin.data import load_texts, token_windows
+    from plugin.storage.texts import load_texts, token_windows
 
     ids = token_windows(loaded[0][2], load_texts(None, split="evaluation"), args.decode_context, args.decode_context)[:1]
     settings = [("full cache", loaded[0][1], 1.0)] + [(label, model, budgets_of[label][0]) for label, model, _ in loaded]
@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give at least one --model LABEL=PATH")
     models, budgets, plan = _parse(args)
 
-    from plugin.data import load_texts, token_windows
-    from plugin.evaluate import long_context_nll, window_token_nlls
-    from plugin.intervals import paired_ratio
-    from plugin.loading import load_model
+    from plugin.evaluation.intervals import paired_ratio
+    from plugin.evaluation.perplexity import long_context_nll, window_token_nlls
+    from plugin.storage.loading import load_model
+    from plugin.storage.texts import load_texts, token_windows
 
     loaded = [(label, *load_model(path)) for label, path, _ in models]
     budgets_of = {label: own or budgets for label, _, own in models}

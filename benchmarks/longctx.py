@@ -11,7 +11,7 @@ Settings (every one on the same prompts and windows, in one process):
   highest rank that keeps the cache's bytes at or below the --tiered-budget uniform cache's (per context
   length; see plugin/cache/tiered.py).
 * eviction x ranks x bits (with --evict R@BITS:B): the first --model at rank budget R and BITS (K or K/V;
-  16 = not quantized) with the project's own prefill eviction (plugin.eviction.SnapEviction) on its cache, evicting
+  16 = not quantized) with the project's own prefill eviction (plugin.cache.eviction.SnapEviction) on its cache, evicting
   the share of the prefill that leaves B of the full cache's bytes once the scored (or answer) tokens are held;
 * token eviction (with --kvpress PRESS:B, run from the benchmark-only env of benchmarks/kvpress_env.sh):
   an NVIDIA kvpress press on --base, acting on the prefill of the tokens read first (the context before the
@@ -22,7 +22,7 @@ Bytes are a fraction of a bfloat16 full cache: for projected and tiered caches t
 the full-rank cache's on the same tokens (the ratio does not depend on the dtype); for quantized caches the
 formula of codes + float16 scales and zeros, checked against the measured cache in benchmarks/frontier.py.
 
-* retrieval (plugin.retrieval): prompts of --contexts tokens of held-out text with a pass key at each
+* retrieval (plugin.evaluation.retrieval): prompts of --contexts tokens of held-out text with a pass key at each
   --depths, answered by greedy generation (8 tokens); accuracy per (setting, context, depth).
   Run the full model alone first (`--full --budgets 1 --contexts 128,256,512,1024`) to see where it succeeds:
   the embedded SmolLM2-135M answers about half the prompts of 128 tokens and almost none from 512 on.
@@ -53,10 +53,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import DATA, machine, versions, write_json, write_section
 from benchmarks.plots import longctx_png
-from plugin.evaluate import SCORED, last_tokens_nll
-from plugin.intervals import block_sums, blocks_ratio
+from benchmarks.report import DATA, machine, versions, write_json, write_section
+from plugin.evaluation.intervals import block_sums, blocks_ratio
+from plugin.evaluation.perplexity import SCORED, last_tokens_nll
 
 BLOCK = 64  # tokens per bootstrap block: the rows keep per-block NLL sums, so intervals pair across processes
 
@@ -105,7 +105,7 @@ class Setting:
         if share is None:
             return contextlib.nullcontext()
         if self.evict_to is not None:
-            from plugin.eviction import SnapEviction
+            from plugin.cache.eviction import SnapEviction
 
             return SnapEviction(share)(self.model)
         return make_press(self.press, share)(self.model)
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.model or args.kvpress):
         parser.error("give at least one --model (or --kvpress)")
     evictions = []
-    from plugin.cache.quantize import parse_bit_pair
+    from plugin.cache.quant_codec import parse_bit_pair
 
     for text in filter(None, (t.strip() for t in args.evict.split(","))):
         try:
@@ -284,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from plugin.data import load_texts, token_windows
-    from plugin.loading import load_model
-    from plugin.retrieval import ANSWER_TOKENS, accuracy_by_depth, generate_answers, passkey_items
+    from plugin.evaluation.retrieval import ANSWER_TOKENS, accuracy_by_depth, generate_answers, passkey_items
+    from plugin.storage.loading import load_model
+    from plugin.storage.texts import load_texts, token_windows
 
     settings: list[Setting] = []
     tokenizer = None
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.full:
         settings.insert(0, Setting("full", "full", base))
     if args.quant_bits:
-        from plugin.modeling import PcaLlamaForCausalLM
+        from plugin.model.modeling import PcaLlamaForCausalLM
 
         quant = PcaLlamaForCausalLM.from_llama(base).eval()  # identity bases: k' = k, v' = v
         for text in args.quant_bits.split(","):
@@ -423,7 +423,7 @@ def add_intervals(rows: list[dict], compare_to: str = "") -> None:
 
 def render(result: dict) -> str:
     """The docs section: perplexity by context and retrieval by depth, one row per setting with its bytes."""
-    from benchmarks.common import markdown_table
+    from benchmarks.report import markdown_table
 
     body = ("Commands (one after the other, each adding rows): " + ", ".join(f"`{c}`" for c in result["commands"])
             if len(result.get("commands", [])) > 1 else f"Command: `{result['command']}`")

@@ -12,7 +12,7 @@ the ones a user types:
 
 All four evaluations use the same windows (first N tokens of the evaluation split, seq-len 512).
 The rows are merged into one table (perplexity, cache bytes/token) and one plot (the plot `mkv eval`
-draws, plugin.plotting.plot_sweep), plus the training run's size and time read from the trained
+draws, plugin.evaluation.plotting.plot_sweep), plus the training run's size and time read from the trained
 checkpoint's trainer_state.json / train_results.json.
 
   python -m benchmarks.quality                  # full run: docs/data/quality.png, docs/data/quality.json, docs/benchmarks.md
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import DATA, ROOT, header, markdown_table, write_section
+from benchmarks.report import DATA, ROOT, header, markdown_table, write_section
 
 BIN = Path(sys.executable).parent
 MKV = str(BIN / "mkv")
@@ -221,7 +221,7 @@ def main() -> None:
     training = training_summary(Path(args.trained), ROOT / args.train_yaml) if not args.quick else None
     result = {"meta": meta, "training": training, "rows": rows}
 
-    from plugin.plotting import plot_sweep
+    from plugin.evaluation.plotting import plot_sweep
 
     title = f"perplexity vs KV budget ({args.tokens} held-out tokens, SmolLM2-135M)"
     if args.quick:

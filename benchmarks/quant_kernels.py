@@ -1,6 +1,6 @@
 """Quantize / dequantize kernels on the projected cache's shapes: this project's torch code vs optimum-quanto and HQQ.
 
-The quantized projected cache (plugin/cache/quantize.py) stores keys per channel over blocks of 64 tokens and
+The quantized projected cache (plugin/cache/quant_codec.py) stores keys per channel over blocks of 64 tokens and
 values per token over their r kept dims, where r is any multiple of the rank grid (not a power of two).
 transformers' QuantizedCache delegates the same two operations to optimum-quanto (MaxOptimizer +
 quantize_weight) or HQQ (Quantizer, with its proximal optimisation on by default). Each backend here gets the
@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import DATA, header, markdown_table, write_section
+from benchmarks.report import DATA, header, markdown_table, write_section
 
 GROUP = 64
 
@@ -45,7 +45,7 @@ def _states(heads: int, tokens: int, r: int, seed: int = 0):
 
 
 def _ours(bits: int):
-    from plugin.cache.quantize import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+    from plugin.cache.quant_codec import dequantize_keys, dequantize_values, quantize_keys, quantize_values
 
     def keys(x):
         packed, scale, zero = quantize_keys(x, bits, GROUP)

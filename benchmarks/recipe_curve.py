@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.common import DATA
+from benchmarks.report import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import DATA, machine, versions
+from benchmarks.report import DATA, machine, versions
 
 RECIPE = ROOT / "scripts" / "matryoshka_recipe.yaml"
 

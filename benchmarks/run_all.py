@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-from benchmarks.common import header, markdown_table, write_section
+from benchmarks.report import header, markdown_table, write_section
 
 # timing-sensitive ones first; accuracy reads the rank files that quality writes
 SCRIPTS = ["decode_memory", "training_cost", "quality", "accuracy", "key_centring", "weight_pca_diagnostic"]

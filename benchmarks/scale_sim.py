@@ -4,7 +4,7 @@ For each shape (real widths, head_dim 128, real vocabulary; 2 decoder layers; ra
 fresh subprocess per stage, so each stage's peak RSS is its own:
 
   build      random LlamaForCausalLM in float32, saved (safetensors) with a word-level tokenizer
-  calibrate  PCA on random token windows (`plugin.pca.calibrate`), saved as a PcaLlama checkpoint
+  calibrate  PCA on random token windows (`plugin.model.pca.calibrate`), saved as a PcaLlama checkpoint
   train      `llamafactory-cli train` with scripts/ds_z3.json on 2 processes (gloo): distillation,
              2 steps x 1 sequence x --tokens tokens per process, evaluation at 50%, save; the peak
              RSS of each process is polled (psutil) every 0.2 s
@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import DATA
+from benchmarks.report import DATA
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -94,7 +94,7 @@ def stage_calibrate(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from plugin.pca import calibrate
+    from plugin.model.pca import calibrate
 
     base = Path(args.dir) / "base"
     model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
@@ -111,7 +111,7 @@ def stage_evaluate(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from plugin.evaluate import token_nll
+    from plugin.evaluation.perplexity import token_nll
 
     model = AutoModelForCausalLM.from_pretrained(Path(args.dir) / "trained", torch_dtype=torch.float32)
     model.set_kv_budget(0.5)
@@ -128,7 +128,7 @@ def stage_search(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from plugin.search import exact_cost, run_search
+    from plugin.budgets.greedy_search import exact_cost, run_search
 
     model = AutoModelForCausalLM.from_pretrained(Path(args.dir) / "trained", torch_dtype=torch.float32)
     cfg = model.config

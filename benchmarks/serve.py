@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import DATA, ROOT, header, markdown_table, write_json, write_section
+from benchmarks.report import DATA, ROOT, header, markdown_table, write_json, write_section
 
 YAML = ROOT / "scripts" / "matryoshka_infer.yaml"
 QUESTION = "In one sentence, what is this passage about?"
@@ -46,7 +46,7 @@ def passages(model_dir: str, count: int, tokens: int) -> list[str]:
     """`count` different passages of held-out speech, each about `tokens` tokens of the model's tokenizer."""
     from transformers import AutoTokenizer
 
-    from plugin.data import load_texts
+    from plugin.storage.texts import load_texts
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = []
@@ -169,8 +169,8 @@ def summarise(run: dict[str, Any], reference: dict[int, str] | None) -> dict[str
 
 def cache_bytes_per_token(model_dir: str, budget: float) -> int:
     """float32 cache bytes per token at uniform `budget` ranks, from the checkpoint's shape."""
-    from plugin.loading import kv_shape
-    from plugin.ranks import budget_to_rank
+    from plugin.budgets.ranks import budget_to_rank
+    from plugin.storage.loading import kv_shape
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
     layers, heads, head_dim = kv_shape(config)
@@ -180,7 +180,7 @@ def cache_bytes_per_token(model_dir: str, budget: float) -> int:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from llamafactory_ext.api_server import ApiServer
-    from plugin.loading import checkpoint_dir
+    from plugin.storage.loading import checkpoint_dir
 
     model_dir = str(checkpoint_dir(args.model))  # built once here, not by both servers at start
     levels = [int(n) for n in args.clients.split(",") if n.strip()]
@@ -328,7 +328,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1 and 2 clients, 4 requests of 32 tokens, nothing written to docs")
     args = parser.parse_args()
-    from plugin.ranks import check_budget
+    from plugin.budgets.ranks import check_budget
 
     check_budget(args.budget)
     if args.quick:

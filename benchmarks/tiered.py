@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import DATA
 from benchmarks.longctx import tiered_old_rank
-from plugin.evaluate import last_tokens_nll
+from benchmarks.report import DATA
+from plugin.evaluation.perplexity import last_tokens_nll
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def documents(tokenizer, count: int, length: int, quick: bool) -> list[torch.Ten
     if quick:
         gen = torch.Generator().manual_seed(0)
         return [torch.randint(0, 128, (length,), generator=gen) for _ in range(count)]
-    from plugin.data import load_texts
+    from plugin.storage.texts import load_texts
 
     out = []
     for text in load_texts(None, "evaluation"):
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = to_pca(make_tiny_llama("gqa", attn_implementation="sdpa")).eval(), None
         args.context, args.scored, args.docs, args.window, args.recent_rank = 64, 16, 2, 16, 8
     else:
-        from plugin.loading import load_model
+        from plugin.storage.loading import load_model
 
         model, tokenizer = load_model(args.model)
         model.eval()

@@ -41,8 +41,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import DATA, ROOT, header, markdown_table, write_section
 from benchmarks.plots import training_cost_png
+from benchmarks.report import DATA, ROOT, header, markdown_table, write_section
 
 BIN = Path(sys.executable).parent
 VARIANTS = {

@@ -9,7 +9,7 @@ What it measures, on SmolLM2-135M-Instruct (float32) and the held-out evaluation
 - Relative reconstruction error per layer (mean over KV heads) of the real post-RoPE keys and of the
   values, err = sum ||x - x_hat||^2 / sum ||x||^2 over held-out tokens, where x_hat = mu + P (x - mu), P the
   projector on the kept columns and mu the basis's value mean (0 for keys). Computed exactly from the
-  float64 second moments collected with the attention observer (`plugin.pca.KVStatistics`).
+  float64 second moments collected with the attention observer (`plugin.model.pca.KVStatistics`).
 - The same for the bases it is compared with: activation PCA fitted on the calibration split (the paper's
   baseline), activation planes (whole RoPE planes ranked by measured key energy), random planes / a random
   orthogonal value basis (controls), and data-free value variants (RMSNorm weight folded into W_v, o_proj-
@@ -39,15 +39,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import DATA, machine
+from benchmarks.report import DATA, machine
 from plugin.baselines.rope import plane_basis
 from plugin.baselines.weight_pca import fit_weight_pca, output_pca
-from plugin.data import load_texts, token_windows
-from plugin.evaluate import perplexity
-from plugin.loading import load_model
-from plugin.modeling import PcaLlamaForCausalLM
-from plugin.pca import KVStatistics, observe_kv, pca_from_statistics
-from plugin.ranks import budget_to_rank, default_step
+from plugin.budgets.ranks import budget_to_rank, default_step
+from plugin.evaluation.perplexity import perplexity
+from plugin.model.modeling import PcaLlamaForCausalLM
+from plugin.model.pca import KVStatistics, observe_kv, pca_from_statistics
+from plugin.storage.loading import load_model
+from plugin.storage.texts import load_texts, token_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (0.875, 0.75, 0.5)

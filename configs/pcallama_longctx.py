@@ -43,7 +43,7 @@ def _numbers(name, default, kind):
 _model = os.environ.get('MKV_MODEL', '').strip() or _suite.shipped_checkpoint('embedded-matryoshka')
 _base = os.environ.get('MKV_BASE_MODEL', '').strip()
 if not _base:
-    _base = str(__import__('plugin.assets', fromlist=['assets']).embedded_model_dir())
+    _base = str(__import__('plugin.storage.assets', fromlist=['assets']).embedded_model_dir())
 for _name, _path in (('MKV_MODEL', _model), ('MKV_BASE_MODEL', _base)):
     if _path.lower() != 'none' and not os.path.isdir(_path):
         raise FileNotFoundError(f'{_name}={_path!r} is not a checkpoint directory')

@@ -5,7 +5,7 @@
 
     import llamafactory_ext._import_hook as _h; _h.install()
 
-:func:`install` puts a :class:`~plugin.post_import.PostImportFinder` at the front of
+:func:`install` puts a :class:`~plugin.model.post_import.PostImportFinder` at the front of
 ``sys.meta_path``, watching only the few LLaMA-Factory modules listed in :data:`TARGETS`: right
 after one has executed, :func:`llamafactory_ext.patches.apply` patches it:
 
@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import sys
 
-from plugin.post_import import PostImportFinder, module_executed
+from plugin.model.post_import import PostImportFinder, module_executed
 
 TARGETS = (
     "llamafactory.hparams.parser",

@@ -25,7 +25,7 @@ def validate(request: Any, chat_model: Any) -> None:
     """Raise the API's error response for a request the served PcaLlama cannot answer as asked."""
     from fastapi import HTTPException, status
 
-    from .model_utils import find_pca_model
+    from .projection_params import find_pca_model
 
     model = getattr(getattr(chat_model, "engine", None), "model", None)
     if find_pca_model(model) is None:

@@ -226,7 +226,7 @@ class MatryoshkaArguments:
     def _check_serving(self) -> None:
         """The inference keys, checked with the model's own parsers (the model's shape is checked at start-up)."""
         if self.matryoshka_kv_budget is not None:
-            from plugin.ranks import check_budget
+            from plugin.budgets.ranks import check_budget
 
             try:
                 self.matryoshka_kv_budget = check_budget(self.matryoshka_kv_budget)
@@ -238,7 +238,7 @@ class MatryoshkaArguments:
             raise ValueError("give `matryoshka_kv_budget` (uniform ranks) or `matryoshka_rank_file` (per-head ranks), "
                              "not both.")
         if self.matryoshka_kv_bits is not None:
-            from plugin.cache.quantize import parse_bit_pair
+            from plugin.cache.quant_codec import parse_bit_pair
 
             self.matryoshka_kv_bits = str(self.matryoshka_kv_bits).strip()
             parse_bit_pair(self.matryoshka_kv_bits, "`matryoshka_kv_bits`")
@@ -267,7 +267,7 @@ class MatryoshkaArguments:
         """``matryoshka_kv_bits`` as (key bits, value bits), or None."""
         if self.matryoshka_kv_bits is None:
             return None
-        from plugin.cache.quantize import parse_bit_pair
+        from plugin.cache.quant_codec import parse_bit_pair
 
         return parse_bit_pair(self.matryoshka_kv_bits, "`matryoshka_kv_bits`")
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from plugin.zero import gathered
+from plugin.model.zero3 import gathered
 
 CHECK_FILE = "matryoshka_processes_check.json"
 

@@ -170,7 +170,7 @@ def patch_parser(module: Any) -> None:
 # ---------------------------------------------------------------------------------------- loader
 def wants_matryoshka(margs: MatryoshkaArguments, model: Any) -> bool:
     """Whether this run trains with rank sampling (explicitly, or auto for a PcaLlama model)."""
-    from .model_utils import is_pcallama
+    from .projection_params import is_pcallama
 
     if margs.matryoshka_trainer == "none":
         return False
@@ -187,7 +187,7 @@ def patch_loader(module: Any) -> None:
     def init_adapter(config, model, model_args, finetuning_args, is_trainable):
         from transformers.integrations import is_deepspeed_zero3_enabled
 
-        from .model_utils import align_trainable_dtypes, configure_trainable, find_pca_model, load_projections
+        from .projection_params import align_trainable_dtypes, configure_trainable, find_pca_model, load_projections
 
         pca = find_pca_model(model)
         if pca is None:
@@ -227,7 +227,7 @@ def patch_loader(module: Any) -> None:
 
 # ---------------------------------------------------------------------------------------- trainers
 def select_trainer_class(stage: str, stock: type, model: Any, margs: MatryoshkaArguments) -> type:
-    from .model_utils import is_pcallama, model_type_of
+    from .projection_params import is_pcallama, model_type_of
 
     mode = margs.matryoshka_trainer
     if mode == "none":

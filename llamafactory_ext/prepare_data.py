@@ -10,7 +10,7 @@ overlap), one ``{"text": ...}`` line per group of paragraphs (<= 2000 characters
 5.6 MB and is generated, not committed.
 
 ``data/self_chat_train.jsonl`` holds the embedded instruct model's own answers to the
-``training`` instructions of :mod:`plugin.instructions` (one greedy and ``--samples`` sampled
+``training`` instructions of :mod:`plugin.evaluation.instructions` (one greedy and ``--samples`` sampled
 answers each), each conversation written out in the model's chat template as one ``{"text"}``
 line: the text the model is served, and in-distribution for self-distillation from that same
 model.  The ``heldout`` instructions are never written (they are the generation check's).
@@ -35,9 +35,9 @@ def _fresh(path: Path, force: bool) -> bool:
 
 def write_self_chat(target: Path, samples: int = 0, max_new_tokens: int = 96, batch_size: int = 24) -> int:
     """Generate the self-chat dataset into ``target`` (written to a temp file, then renamed)."""
-    from plugin.assets import load_embedded_model
-    from plugin.chat import chat_text, generate_answers
-    from plugin.instructions import instructions
+    from plugin.evaluation.chat import chat_text, generate_answers
+    from plugin.evaluation.instructions import instructions
+    from plugin.storage.assets import load_embedded_model
 
     model, tokenizer = load_embedded_model()
     prompts = instructions("training")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data-dir {str(data_dir)!r} is not a directory; create it or point at the YAMLs' dataset_dir")
     target = data_dir / "sotu_train.jsonl"
     if _fresh(target, args.force):
-        from plugin.assets import write_corpus_jsonl
+        from plugin.storage.assets import write_corpus_jsonl
 
         count = write_corpus_jsonl("training", target)
         print(f"wrote {count} lines to {target}")

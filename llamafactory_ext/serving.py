@@ -7,7 +7,7 @@ right after the engine has loaded the model (before it can take a request):
 
 * ``model_name_or_path: embedded-matryoshka`` (or ``embedded``, or a projections artifact) names a model
   the way ``mkv`` does; it is replaced by a checkpoint directory written once into the cache
-  (:func:`plugin.loading.checkpoint_dir`);
+  (:func:`plugin.storage.loading.checkpoint_dir`);
 * ``matryoshka_kv_budget`` / ``matryoshka_rank_file`` set the ranks, ``matryoshka_kv_bits`` the cache's
   bit widths: on the model, once, as ``PcaLlamaForCausalLM.set_kv_budget`` / ``load_rank_file`` /
   ``set_kv_bits`` do;
@@ -54,7 +54,7 @@ def resolve_model_path(path: Any) -> str | None:
 
     An existing directory holding config.json, or a hub id, is left alone.
     """
-    from plugin.loading import EMBEDDED, SHIPPED, checkpoint_dir, holds_projections
+    from plugin.storage.loading import EMBEDDED, SHIPPED, checkpoint_dir, holds_projections
 
     if not isinstance(path, str) or _config(path) is not None:
         return None
@@ -111,7 +111,7 @@ def check_infer_args(margs: MatryoshkaArguments, model_args: Any) -> list[str]:
 
 
 def _shipped_names() -> tuple[str, ...]:
-    from plugin.loading import EMBEDDED, SHIPPED
+    from plugin.storage.loading import EMBEDDED, SHIPPED
 
     return (EMBEDDED, *SHIPPED)
 
@@ -125,9 +125,9 @@ def check_rank_file(margs: MatryoshkaArguments, config: dict[str, Any]) -> None:
     """The rank file against the model's shape, and its bit widths against ``matryoshka_kv_bits``."""
     if margs.matryoshka_rank_file is None:
         return
+    from plugin.budgets.ranks import read_rank_file
     from plugin.cache import QuantSpec
-    from plugin.loading import kv_shape
-    from plugin.ranks import read_rank_file
+    from plugin.storage.loading import kv_shape
 
     path = margs.matryoshka_rank_file
     layers, heads, head_dim = kv_shape(config)
@@ -144,7 +144,7 @@ def apply_settings(model: Any, margs: MatryoshkaArguments) -> str | None:
     A model that is not a PcaLlama is refused when an inference key is set (a hub id is only known here).
     The projected attention builds its inference weights once, here, so the first request does not.
     """
-    from .model_utils import find_pca_model, model_type_of
+    from .projection_params import find_pca_model, model_type_of
 
     pca = find_pca_model(model)
     if pca is None:
@@ -160,7 +160,7 @@ def apply_settings(model: Any, margs: MatryoshkaArguments) -> str | None:
     if bits is not None:
         pca.set_kv_bits(*bits)
     if margs.matryoshka_eviction_ratio > 0.0:
-        from plugin.eviction import SnapEviction
+        from plugin.cache.eviction import SnapEviction
 
         attach = SnapEviction(margs.matryoshka_eviction_ratio)(pca)
         attach.__enter__()

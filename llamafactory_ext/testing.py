@@ -72,7 +72,7 @@ def build_tiny_pcallama(path: str | os.PathLike, num_kv_heads: int = 2, seed: in
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from plugin.modeling import PcaLlamaForCausalLM
+    from plugin.model.modeling import PcaLlamaForCausalLM
 
     path = Path(path)
     tokenizer = build_tokenizer(path)
@@ -113,7 +113,7 @@ def build_tiny_chat_pair(root: str | os.PathLike, seed: int = 0) -> tuple[Path, 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from plugin.modeling import PcaLlamaForCausalLM
+    from plugin.model.modeling import PcaLlamaForCausalLM
 
     root = Path(root)
     base, pca = root / "base", root / "pcallama"

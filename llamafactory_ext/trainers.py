@@ -45,7 +45,7 @@ from transformers import TrainerCallback
 
 from .arguments import MatryoshkaArguments, get_active, get_head_dim
 from .distributed import BasesAcrossRanks
-from .model_utils import (
+from .projection_params import (
     PROJECTIONS_FILE,
     configure_trainable,
     find_pca_model,
@@ -136,7 +136,7 @@ class HeldoutPerplexity(TrainerCallback):
 
     def windows(self) -> torch.Tensor:
         if self._windows is None:
-            from plugin.data import load_texts, token_windows
+            from plugin.storage.texts import load_texts, token_windows
 
             margs = self.trainer.matryoshka_args
             tokenizer = self.trainer.processing_class
@@ -150,7 +150,7 @@ class HeldoutPerplexity(TrainerCallback):
         if step in self._done:
             return
         self._done.add(step)
-        from plugin.evaluate import long_context_nll, token_nll
+        from plugin.evaluation.perplexity import long_context_nll, token_nll
 
         trainer = self.trainer
         logs: dict[str, float] = {}
@@ -206,7 +206,7 @@ class MatryoshkaTrainerMixin:
             self._rank_choices = sorted(int(r) for r in margs.matryoshka_rank_choices)
             self._rank_probs = margs.matryoshka_rank_probs
         else:
-            from plugin.ranks import rank_grid
+            from plugin.budgets.ranks import rank_grid
 
             self._rank_choices = rank_grid(self._head_dim, getattr(config, "kv_rank_step", None))
             self._rank_probs = None
@@ -250,7 +250,7 @@ class MatryoshkaTrainerMixin:
     # ------------------------------------------------------------------ rank sampling
     def draw_ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One rank per (layer, KV head), independently for K and V: two LongTensors [L, n_kv]."""
-        from plugin.ranks import sample_ranks
+        from plugin.budgets.ranks import sample_ranks
 
         return sample_ranks(
             self._n_layers, self._n_kv, self._rank_choices, generator=self._rank_generator, weights=self._rank_probs

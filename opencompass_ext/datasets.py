@@ -69,7 +69,7 @@ class SuiteError(RuntimeError):
 def cache_dir(path: str | None = None) -> str:
     """Cache folder: the argument, else ``<root>/opencompass`` where root is $MKV_CACHE_DIR,
     else $XDG_CACHE_HOME/matryoshka-kv, else ~/.cache/matryoshka-kv (the project's shared
-    cache root, as in plugin.assets)."""
+    cache root, as in plugin.storage.assets)."""
     if not path:
         root = os.environ.get("MKV_CACHE_DIR") or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),

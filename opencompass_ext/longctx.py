@@ -1,4 +1,4 @@
-"""Long-context retrieval for OpenCompass: the offline pass-key task of ``plugin.retrieval``.
+"""Long-context retrieval for OpenCompass: the offline pass-key task of ``plugin.evaluation.retrieval``.
 
 One OpenCompass dataset per (context length, needle depth), so the result table reads as
 accuracy by length and depth. Each item is a haystack of held-out text (the embedded corpus'
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from plugin.retrieval import ANSWER_TOKENS  # the answer length every front end generates
+from plugin.evaluation.retrieval import ANSWER_TOKENS  # the answer length every front end generates
 
 try:
     from opencompass.datasets.base import BaseDataset as _OCBase
@@ -28,7 +28,7 @@ ZERO_RETRIEVER = "opencompass.openicl.icl_retriever.ZeroRetriever"
 class PassKeyDataset(_OCBase):
     """``load(tokenizer_path, context, depth, per_depth, depths)``: the items of one depth.
 
-    Items are drawn for all `depths` at once (as ``plugin.retrieval.passkey_items`` does) and the
+    Items are drawn for all `depths` at once (as ``plugin.evaluation.retrieval.passkey_items`` does) and the
     ones at `depth` kept, so every entry holds exactly the prompts the other front ends score.
     """
 
@@ -38,8 +38,8 @@ class PassKeyDataset(_OCBase):
         from datasets import Dataset, DatasetDict
         from transformers import AutoTokenizer
 
-        from plugin.data import load_texts
-        from plugin.retrieval import passkey_items
+        from plugin.evaluation.retrieval import passkey_items
+        from plugin.storage.texts import load_texts
 
         if float(depth) not in [float(d) for d in depths]:
             raise ValueError(f"depth {depth} is not one of depths {list(depths)}")
@@ -54,7 +54,7 @@ class PassKeyEvaluator(_OCEvaluator):
     """Accuracy (percent): an answer is right when its first five-digit number is the key."""
 
     def score(self, predictions: list[str], references: list[str]) -> dict:
-        from plugin.retrieval import answer_key
+        from plugin.evaluation.retrieval import answer_key
 
         if len(predictions) != len(references):
             return {"error": f"{len(predictions)} predictions for {len(references)} references"}

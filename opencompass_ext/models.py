@@ -37,8 +37,8 @@ __all__ = ["PcaLlamaBaseModel", "budget_abbr", "format_budget", "parse_budget"]
 
 
 def _read_rank_file(path: str, config) -> dict:
-    """plugin.ranks.read_rank_file for the shape of a checkpoint's AutoConfig."""
-    from plugin.ranks import read_rank_file
+    """plugin.budgets.ranks.read_rank_file for the shape of a checkpoint's AutoConfig."""
+    from plugin.budgets.ranks import read_rank_file
     return read_rank_file(path, config.num_hidden_layers,
                           getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
                           getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -126,7 +126,7 @@ class PcaLlamaBaseModel(HuggingFaceBaseModel):
         """Per-prompt mean token loss, like HuggingFaceBaseModel.get_ppl, but batch-invariant.
 
         OpenCompass pads on the left (a PcaLlama model numbers each row's positions from its
-        first real token itself, see plugin.modeling.positions_from_mask) and scores every
+        first real token itself, see plugin.model.modeling.positions_from_mask) and scores every
         label that is not the pad token, so for each padded prompt it also scores the first real token (BOS) as predicted from
         the last *pad* position, whose output is meaningless and differs between models
         and batch compositions (a ~1e-3 shift of the mean loss on a tiny model; enough to

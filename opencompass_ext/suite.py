@@ -128,8 +128,8 @@ def apply_env(datasets: list[dict]) -> list[dict]:
 
 # --------------------------------------------------------------------------- models
 def parse_budget(budget: float | str) -> float:
-    """A kv_budget: 0.375, '0.375' or '37.5%' -> 0.375 (plugin.ranks.check_budget; errors name kv_budget)."""
-    from plugin.ranks import check_budget  # lazy: configs import this module without torch
+    """A kv_budget: 0.375, '0.375' or '37.5%' -> 0.375 (plugin.budgets.ranks.check_budget; errors name kv_budget)."""
+    from plugin.budgets.ranks import check_budget  # lazy: configs import this module without torch
 
     return check_budget(budget, "kv_budget")
 
@@ -137,7 +137,7 @@ def parse_budget(budget: float | str) -> float:
 def parse_budgets(text: str | None) -> list[float]:
     """MKV_BUDGETS: '100,75,62.5' or '1,0.75' or '37.5%' -> fractions (values > 1 are percentages);
     empty -> DEFAULT_BUDGETS."""
-    from plugin.ranks import parse_budgets as parse  # lazy: configs import this module without torch
+    from plugin.budgets.ranks import parse_budgets as parse  # lazy: configs import this module without torch
 
     if not text:
         return list(DEFAULT_BUDGETS)
@@ -266,7 +266,7 @@ def default_models() -> tuple:
     """
     import logging
 
-    from plugin import assets
+    from plugin.storage import assets
     base = str(assets.embedded_model_dir())
     # `make demo` writes these; prefer the trained checkpoint, then the PCA one.
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,7 +286,7 @@ def default_models() -> tuple:
 def shipped_checkpoint(name: str = "embedded-matryoshka") -> str:
     """A PcaLlama checkpoint directory of the embedded SmolLM2-135M with projections shipped in
     the package (``plugin/trained/<name>``), written once into the cache."""
-    from plugin.loading import SHIPPED
+    from plugin.storage.loading import SHIPPED
     if name not in SHIPPED:
         raise ValueError(f"no shipped projections named {name!r}; choose from {sorted(SHIPPED)}")
     return _embedded_checkpoint(f"smollm2-135m-{name}", SHIPPED[name])
@@ -304,8 +304,8 @@ def _embedded_checkpoint(dirname: str, projections=None) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from plugin import assets
-    from plugin.modeling import PcaLlamaForCausalLM
+    from plugin.model.modeling import PcaLlamaForCausalLM
+    from plugin.storage import assets
     base = str(assets.embedded_model_dir())
     llama = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
     pca = PcaLlamaForCausalLM.from_llama(llama, projections=projections)

@@ -52,7 +52,7 @@ def build_tiny_checkpoints(out_dir: str, seed: int = 0, random_bases: bool = Tru
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from plugin.modeling import PcaLlamaForCausalLM
+    from plugin.model.modeling import PcaLlamaForCausalLM
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)

@@ -15,11 +15,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PcaCache": "plugin.cache",
     "TieredPcaCache": "plugin.cache",
-    "PcaLlamaConfig": "plugin.config",
-    "PcaLlamaForCausalLM": "plugin.modeling",
-    "PcaLlamaModel": "plugin.modeling",
-    "SnapEviction": "plugin.eviction",
-    "register": "plugin.registration",
+    "PcaLlamaConfig": "plugin.model.config",
+    "PcaLlamaForCausalLM": "plugin.model.modeling",
+    "PcaLlamaModel": "plugin.model.modeling",
+    "SnapEviction": "plugin.cache.eviction",
+    "register": "plugin.model.registration",
 }
 __all__ = list(_EXPORTS)
 

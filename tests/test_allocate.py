@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_llama
 from helpers import save_tiny_base, to_pca
 
-from plugin.allocate import allocate, allocate_many, bytes_fraction, parse_choices, rank_budget_for
+from plugin.budgets.rank_bits import allocate, allocate_many, bytes_fraction, parse_choices, rank_budget_for
 from plugin.cache import QuantizedPcaCache
 from plugin.cli import main
 
@@ -70,7 +70,7 @@ def test_search_budget_bytes_writes_a_file_that_loads_with_its_bits(tmp_path, ca
                  "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["bytes_fraction"] <= 0.25 and data["quant_group"] == 16
-    from plugin.loading import load_model
+    from plugin.storage.loading import load_model
 
     model, _ = load_model(str(tmp_path / "pca"))
     model.load_rank_file(out)
@@ -105,7 +105,7 @@ def test_malformed_bits_in_a_rank_file_are_refused_and_change_nothing(tmp_path, 
 
 
 def test_search_budget_bytes_refuses_bad_input_before_loading(tmp_path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr("plugin.loading.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr("plugin.storage.loading.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     for extra, message in ((["--bytes", "1.5"], "outside (0, 1]"), (["--bytes", "0.2", "--bits", "3"], "one of 2, 4"),
                            (["--bytes", "0.2", "--group", "10"], "multiple of 8")):
         assert main(["search-budget", "--model", "embedded", *extra, "--out", str(tmp_path / "a.json")]) == 2

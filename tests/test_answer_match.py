@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from plugin.answer_match import calibrate_threshold, calibration_pairs, rouge_l
+from plugin.evaluation.answer_match import calibrate_threshold, calibration_pairs, rouge_l
 
 
 def test_rouge_l_is_the_f1_of_the_longest_common_word_subsequence() -> None:

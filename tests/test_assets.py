@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from plugin import assets
+from plugin.storage import assets
 
 
 def test_splits_are_disjoint_and_cover_the_corpus():
@@ -73,7 +73,7 @@ def test_embedded_model_cache_rebuilds_when_corrupt(tmp_path, monkeypatch, caplo
         assert (model_dir / name).is_file()
     assert assets.assets_state(tmp_path)["model_cached"] is True
     stamp = (model_dir / assets.MARKER_FILE).stat().st_mtime_ns
-    with caplog.at_level("WARNING", logger="plugin.assets"):
+    with caplog.at_level("WARNING", logger="plugin.storage.assets"):
         assert assets.embedded_model_dir(tmp_path) == model_dir  # cached: no rebuild
     assert "building" not in caplog.text and (model_dir / assets.MARKER_FILE).stat().st_mtime_ns == stamp
 
@@ -84,7 +84,7 @@ def test_embedded_model_cache_rebuilds_when_corrupt(tmp_path, monkeypatch, caplo
         fh.seek(size - 16)
         fh.write(b"\xff" * 16)
     assert assets.assets_state(tmp_path)["model_cached"] is False
-    with caplog.at_level("WARNING", logger="plugin.assets"):
+    with caplog.at_level("WARNING", logger="plugin.storage.assets"):
         assert assets.embedded_model_dir(tmp_path) == model_dir
     assert "rebuilding" in caplog.text
     assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob(".stale-*"))

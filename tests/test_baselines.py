@@ -14,7 +14,7 @@ from plugin import baselines
 from plugin.baselines.rope import plane_basis, plane_energies
 from plugin.baselines.svd_latent import fit_svd_latent, latent_ranks
 from plugin.baselines.weight_pca import fit_weight_pca
-from plugin.modeling import PcaLlamaForCausalLM
+from plugin.model.modeling import PcaLlamaForCausalLM
 
 METHODS = baselines.METHODS
 TOL = 1e-4
@@ -343,7 +343,7 @@ def test_latent_model_refuses_a_foreign_cache():
 # -- the embedded real model ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_model_cache_bytes_at_half_budget():
-    from plugin.assets import load_embedded_model
+    from plugin.storage.assets import load_embedded_model
 
     base, tokenizer = load_embedded_model()
     ids = tokenizer("The state of the union is strong.", return_tensors="pt")["input_ids"]

@@ -68,7 +68,7 @@ def test_decode_memory_quick(tmp_path, docs_untouched):
     proc = _run("decode_memory.py", "--work-dir", str(tmp_path), "--quant-bits", "4")
     assert "decode_memory quick run ok" in proc.stdout
     result = json.loads((tmp_path / "decode_memory.json").read_text())
-    from plugin import assets
+    from plugin.storage import assets
 
     layers, kv_heads, head_dim = _shape(Path(assets.embedded_model_dir()) / "config.json")
     rows = {row["setting"]: row for row in result["rows"]}
@@ -271,7 +271,7 @@ def test_longctx_on_a_tiny_model(tmp_path) -> None:
     from helpers import save_tiny_base, to_pca
     from transformers import AutoTokenizer, DynamicCache
 
-    from plugin.data import load_texts, token_windows
+    from plugin.storage.texts import load_texts, token_windows
 
     base = make_tiny_llama("gqa")
     save_tiny_base(base, tmp_path / "base")

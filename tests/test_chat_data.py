@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from plugin.chat import chat_prompt, chat_text, first_sentence, same_first_sentence
-from plugin.data import load_texts
-from plugin.instructions import instructions
+from plugin.evaluation.chat import chat_prompt, chat_text, first_sentence, same_first_sentence
+from plugin.evaluation.instructions import instructions
+from plugin.storage.texts import load_texts
 
 
 def test_instruction_splits_are_disjoint_and_large_enough() -> None:

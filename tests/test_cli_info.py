@@ -58,7 +58,7 @@ def test_bad_input_is_one_line_error(tmp_path):
 
 def test_import_hook_pth_is_active(tmp_path):
     """The installed matryoshka_kv_hook.pth loads the hook in every interpreter of the venv."""
-    code = "import sys; print('plugin._import_hook' in sys.modules)"
+    code = "import sys; print('plugin.model.import_hook' in sys.modules)"
     res = _run([sys.executable, "-c", code], tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "True"

@@ -33,9 +33,9 @@ def _no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr("plugin.loading.load_model", refuse)
-    monkeypatch.setattr("plugin.evaluate.budget_sweep", refuse)
-    monkeypatch.setattr("plugin.evaluate.perplexity", refuse)
+    monkeypatch.setattr("plugin.storage.loading.load_model", refuse)
+    monkeypatch.setattr("plugin.evaluation.perplexity.budget_sweep", refuse)
+    monkeypatch.setattr("plugin.evaluation.perplexity.perplexity", refuse)
 
 
 def test_calibrate_refuses_an_existing_file(base, tmp_path, capsys, monkeypatch) -> None:

@@ -1,4 +1,4 @@
-"""Token eviction at prefill (plugin.eviction.SnapEviction) on the projected and quantized caches."""
+"""Token eviction at prefill (plugin.cache.eviction.SnapEviction) on the projected and quantized caches."""
 
 from __future__ import annotations
 

@@ -197,7 +197,7 @@ def test_save_and_load_in_a_fresh_process(family: str, tmp_path) -> None:
 
 
 def test_pca_calibration_runs_on_every_family() -> None:
-    from plugin.pca import calibrate
+    from plugin.model.pca import calibrate
 
     windows = _ids(4, 32, seed=2)
     for family in FAMILIES:

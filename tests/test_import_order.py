@@ -22,7 +22,7 @@ import pytest
 from conftest import make_tiny_llama
 
 import plugin
-from plugin.modeling import PcaLlamaForCausalLM
+from plugin.model.modeling import PcaLlamaForCausalLM
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,8 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 ZYGOTE = """
 import json, os, sys, traceback
 import numpy, safetensors.torch, tokenizers, torch  # noqa: F401  (what every case imports first anyway)
-HOOKS = ("plugin", "plugin._import_hook", "plugin.post_import", "llamafactory_ext", "llamafactory_ext._import_hook")
+HOOKS = ("plugin", "plugin.model", "plugin.model.import_hook", "plugin.model.post_import", "llamafactory_ext",
+         "llamafactory_ext._import_hook")
 assert not [name for name in sys.modules if name.split(".")[0] in ("transformers", "plugin", "peft", "llamafactory",
             "llamafactory_ext", "opencompass") and name not in HOOKS], "the zygote must not import what the cases order"
 for line in sys.stdin:
@@ -155,7 +156,7 @@ def test_a_forked_case_starts_as_fresh_as_a_new_interpreter(zygote, tmp_path: Pa
     """What the cases rely on: no library the cases put in order is there yet, and the .pth hook is."""
     code = ("import sys\nheavy = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('transformers', 'plugin', 'peft', 'llamafactory', 'opencompass') and m not in "
-            "('plugin', 'plugin._import_hook', 'plugin.post_import'))\n"
+            "('plugin', 'plugin.model', 'plugin.model.import_hook', 'plugin.model.post_import'))\n"
             "print('HEAVY', heavy)\nprint('HOOK', any(type(f).__name__ == 'PostImportFinder' for f in sys.meta_path))")
     status, output = _forked(zygote, code, tmp_path)
     assert status == 0, output
@@ -165,7 +166,7 @@ def test_a_forked_case_starts_as_fresh_as_a_new_interpreter(zygote, tmp_path: Pa
 
 def test_the_walk_finds_the_modules_that_broke_loading() -> None:
     # plugin.attention imported first once left pcallama unregistered; the walk reaches subpackages too.
-    assert {"plugin.attention", "plugin.modeling", "plugin.cache.quantize", "plugin.families.mistral",
+    assert {"plugin.attention", "plugin.model.modeling", "plugin.cache.quant_codec", "plugin.families.mistral",
             "plugin.commands.eval"} <= set(PLUGIN_MODULES)
     assert len(PLUGIN_MODULES) == len(set(PLUGIN_MODULES)) > 40
 
@@ -174,12 +175,12 @@ def test_a_failed_registration_says_how_to_recover() -> None:
     code = """
 import os, sys, types
 os.environ.pop("MKV_DISABLE_IMPORT_HOOK")
-broken = types.ModuleType("plugin.registration")
+broken = types.ModuleType("plugin.model.registration")
 def register():
     raise ImportError("simulated")
 broken.register = register
-sys.modules["plugin.registration"] = broken
-import plugin._import_hook as hook
+sys.modules["plugin.model.registration"] = broken
+import plugin.model.import_hook as hook
 hook.install()
 from transformers import AutoModelForCausalLM
 print("REGISTERED", hook.is_registered())

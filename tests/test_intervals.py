@@ -11,8 +11,8 @@ from conftest import make_tiny_llama
 from helpers import save_tiny_base, to_pca
 
 from plugin.cli import main
-from plugin.evaluate import last_tokens_nll, long_context_nll
-from plugin.intervals import block_sums, paired_difference, paired_ratio
+from plugin.evaluation.intervals import block_sums, paired_difference, paired_ratio
+from plugin.evaluation.perplexity import last_tokens_nll, long_context_nll
 
 
 def test_two_blocks_give_the_known_interval() -> None:

@@ -107,7 +107,7 @@ def test_chat_model_answers_at_the_yaml_budget_as_generate_does(tiny) -> None:
 
 
 def test_chat_model_with_a_rank_file_carrying_bits(tiny) -> None:
-    from plugin.ranks import write_rank_file
+    from plugin.budgets.ranks import write_rank_file
 
     ranks = {"key": [[16, 8], [4, 12]], "value": [[8, 8], [16, 4]]}
     path = write_rank_file(tiny["root"] / "ranks.json", ranks, 16, key_bits=[[4, 8], [4, 4]],
@@ -160,7 +160,7 @@ def test_inference_keys_with_bad_values_name_the_key(tiny) -> None:
 def test_a_rank_file_of_another_shape_is_refused_before_loading(tiny) -> None:
     from llamafactory.hparams import get_infer_args
 
-    from plugin.ranks import write_rank_file
+    from plugin.budgets.ranks import write_rank_file
 
     three_layers = write_rank_file(tiny["root"] / "three.json", {"key": [[8, 8]] * 3, "value": [[8, 8]] * 3}, 16)
     with pytest.raises(ValueError, match="3 layers|n_layers|layers"):
@@ -347,7 +347,7 @@ def test_a_projections_artifact_is_served_from_a_checkpoint_written_once(tiny, t
     from llamafactory.hparams import get_infer_args
     from transformers import AutoModelForCausalLM
 
-    from plugin.projection_files import save_projections
+    from plugin.storage.artifacts import save_projections
 
     monkeypatch.setenv("MKV_CACHE_DIR", str(tmp_path / "cache"))
     artifact = save_projections(AutoModelForCausalLM.from_pretrained(tiny["pca"]), tmp_path / "projections",

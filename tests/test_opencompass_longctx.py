@@ -34,8 +34,8 @@ def tiny(tmp_path_factory):
 def test_dataset_holds_the_items_of_its_depth(tiny):
     from transformers import AutoTokenizer
 
-    from plugin.data import load_texts
-    from plugin.retrieval import passkey_items
+    from plugin.evaluation.retrieval import passkey_items
+    from plugin.storage.texts import load_texts
 
     depths = [0.0, 0.5, 1.0]
     data = PassKeyDataset.load(tiny["pca"], context=128, depth=0.5, per_depth=3, depths=depths)
@@ -88,7 +88,7 @@ def test_the_default_model_is_the_shipped_projections_written_once(tmp_path, mon
         suite.shipped_checkpoint("no-such-projections")
     import shutil
 
-    from plugin import assets
+    from plugin.storage import assets
 
     shutil.copytree(assets.embedded_model_dir(), tmp_path / assets.MODEL_SUBDIR)  # the base, not rebuilt here
     monkeypatch.setenv("MKV_CACHE_DIR", str(tmp_path))

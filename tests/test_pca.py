@@ -11,7 +11,7 @@ from helpers import to_pca
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from plugin import PcaLlamaForCausalLM
-from plugin.pca import KVStatistics, calibrate, collect_statistics, pca_from_statistics
+from plugin.model.pca import KVStatistics, calibrate, collect_statistics, pca_from_statistics
 
 
 def direct_kv(model, windows):

@@ -12,7 +12,7 @@ from conftest import make_tiny_llama
 from helpers import random_bases, to_pca
 
 from plugin import PcaCache, PcaLlamaForCausalLM
-from plugin.ranks import uniform_ranks
+from plugin.budgets.ranks import uniform_ranks
 
 IMPLS = ["eager", "sdpa"]
 KINDS = ["mha", "gqa"]
@@ -275,7 +275,7 @@ def test_from_pretrained_budget_keywords(tmp_path, tiny_llama_gqa) -> None:
     to_pca(tiny_llama_gqa).save_pretrained(tmp_path)
     assert PcaLlamaForCausalLM.from_pretrained(tmp_path, kv_budget="0.375").kv_budget() == 0.375
     ranks = {"key": [[4, 16], [8, 12]], "value": [[16, 2], [6, 10]]}
-    from plugin.ranks import write_rank_file
+    from plugin.budgets.ranks import write_rank_file
 
     write_rank_file(tmp_path / "r.json", ranks, 16)
     assert PcaLlamaForCausalLM.from_pretrained(tmp_path, kv_rank_file=str(tmp_path / "r.json")).get_kv_ranks() == ranks
@@ -324,9 +324,9 @@ def test_changing_ranks_mid_cache_is_refused(tiny_llama_mha) -> None:
 
 @pytest.mark.slow
 def test_real_model_full_rank_perplexity_identical() -> None:
-    from plugin.assets import load_embedded_model
-    from plugin.data import load_texts, token_windows
-    from plugin.evaluate import perplexity
+    from plugin.evaluation.perplexity import perplexity
+    from plugin.storage.assets import load_embedded_model
+    from plugin.storage.texts import load_texts, token_windows
 
     model, tokenizer = load_embedded_model()
     windows = token_windows(tokenizer, load_texts(None, "evaluation"), 256, 512)

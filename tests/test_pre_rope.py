@@ -16,8 +16,8 @@ from test_families import FAMILIES, _build, _ids
 
 from plugin import PcaCache, PcaLlamaForCausalLM
 from plugin.cache import TieredPcaCache
-from plugin.pca import collect_statistics, pca_from_statistics
-from plugin.projection_files import load_projections, save_projections
+from plugin.model.pca import collect_statistics, pca_from_statistics
+from plugin.storage.artifacts import load_projections, save_projections
 
 
 def _pre(base: torch.nn.Module) -> PcaLlamaForCausalLM:

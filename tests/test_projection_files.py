@@ -11,8 +11,8 @@ from conftest import make_tiny_llama
 from helpers import to_pca
 
 from plugin import PcaLlamaForCausalLM
-from plugin import projection_files as pf
-from plugin.projection_files import CONFIG_FILE, WEIGHTS_FILE, load_projections, save_projections
+from plugin.storage import artifacts as pf
+from plugin.storage.artifacts import CONFIG_FILE, WEIGHTS_FILE, load_projections, save_projections
 
 KINDS = ["mha", "gqa"]
 
@@ -262,7 +262,7 @@ def test_mkv_eval_takes_a_projections_dir_like_its_checkpoint(tmp_path) -> None:
     from helpers import save_tiny_base
 
     from plugin.cli import main
-    from plugin.loading import load_model
+    from plugin.storage.loading import load_model
 
     save_tiny_base(make_tiny_llama("gqa"), tmp_path / "base", tmp_path / "text.txt")
     common = ["--data", str(tmp_path / "text.txt"), "--seq-len", "32"]

@@ -9,7 +9,7 @@ from helpers import to_pca
 
 from plugin import PcaLlamaForCausalLM
 from plugin.cache import PcaCache, QuantizedPcaCache, QuantSpec
-from plugin.cache.quantize import dequantize_keys, dequantize_values, pack, quantize_keys, quantize_values, unpack
+from plugin.cache.quant_codec import dequantize_keys, dequantize_values, pack, quantize_keys, quantize_values, unpack
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

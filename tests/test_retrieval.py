@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from plugin.retrieval import NEEDLE, QUESTION, answer_key, is_correct, passkey_items
+from plugin.evaluation.retrieval import NEEDLE, QUESTION, answer_key, is_correct, passkey_items
 
 
 @pytest.mark.parametrize("answer,key,expected", [

@@ -1,4 +1,4 @@
-"""Greedy per-head budget search (plugin.search, `mkv search-budget`) on tiny random models."""
+"""Greedy per-head budget search (plugin.budgets.greedy_search, `mkv search-budget`) on tiny random models."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from plugin.modeling import PcaLlamaForCausalLM
-from plugin.ranks import read_rank_file, write_rank_file
-from plugin.search import choose_mode, exact_cost, run_search, run_search_many, search_budget
+from plugin.budgets.greedy_search import choose_mode, exact_cost, run_search, run_search_many, search_budget
+from plugin.budgets.ranks import read_rank_file, write_rank_file
+from plugin.model.modeling import PcaLlamaForCausalLM
 
 HEAD_DIM = 8
 LAYERS = 3

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from plugin.loading import SHIPPED, load_model
-from plugin.projection_files import read_projections_config
+from plugin.storage.artifacts import read_projections_config
+from plugin.storage.loading import SHIPPED, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,8 @@ def test_shipped_artifact_is_small_and_records_its_base() -> None:
 
 
 def test_shipped_projections_keep_half_the_cache_close_to_full() -> None:
-    from plugin.data import load_texts, token_windows
-    from plugin.evaluate import perplexity
+    from plugin.evaluation.perplexity import perplexity
+    from plugin.storage.texts import load_texts, token_windows
 
     model, tokenizer = load_model("embedded-matryoshka")
     for attn in model.attention_layers()[:3]:
@@ -48,8 +48,8 @@ def test_shipped_projections_keep_half_the_cache_close_to_full() -> None:
 def test_long_context_projections_hold_where_the_short_ones_fall_apart() -> None:
     """`embedded-matryoshka-longctx` (pre-RoPE keys, trained on 2,048-token windows): the last 256 tokens after
     1,792 of held-out context at half the cache stay near the full cache, and well below the 512-token recipe."""
-    from plugin.data import load_texts, token_windows
-    from plugin.evaluate import long_context_nll
+    from plugin.evaluation.perplexity import long_context_nll
+    from plugin.storage.texts import load_texts, token_windows
 
     folder = SHIPPED["embedded-matryoshka-longctx"]
     assert sum(p.stat().st_size for p in folder.iterdir()) < 4_000_000

@@ -7,8 +7,8 @@ import torch
 from conftest import make_tiny_llama
 from helpers import to_pca
 
-from plugin.modeling import PcaLlamaForCausalLM
-from plugin.zero import gathered, is_partitioned
+from plugin.model.modeling import PcaLlamaForCausalLM
+from plugin.model.zero3 import gathered, is_partitioned
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 

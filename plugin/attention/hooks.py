@@ -1,6 +1,6 @@
 """One hook point in attention for whatever reads or edits what a layer caches (kvpress's shape).
 
-A press (`plugin.eviction.SnapEviction`) or an observer (`plugin.pca.observe_kv`) registers a callable with
+A press (`plugin.cache.eviction.SnapEviction`) or an observer (`plugin.model.pca.observe_kv`) registers a callable with
 ``handle = attn.register_kv_hook(fn)`` and removes it with ``handle.remove()`` in a ``finally``; the attention
 calls every registered hook once per forward with a :class:`KVStep` and knows none of them by name.
 """

@@ -3,7 +3,7 @@
 For KV head h with ranks (r_k, r_v) and the query heads of its group:
     k' = RoPE(k) U_K[:, :r_k],  q' = RoPE(q) U_K[:, :r_k],  v' = (v - mu_V) U_V[:, :r_v]
     out = softmax(q' k'^T / sqrt(d) + mask) v' U_V[:, :r_v]^T + mu_V    -> o_proj
-Only k' and v' are cached (with a press such as plugin.eviction.SnapEviction hooked in, only the tokens it
+Only k' and v' are cached (with a press such as plugin.cache.eviction.SnapEviction hooked in, only the tokens it
 keeps of a prefill; see .hooks). Heads with equal ranks are processed together as one group (.heads).
 
 Four paths:
@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
-from ..config import PcaLlamaConfig
-from ..projections import KVProjection
-from ..rope import RopeTable, rotate
-from ..zero import is_partitioned
+from ..model.config import PcaLlamaConfig
+from ..model.projections import KVProjection
+from ..model.rope import RopeTable, rotate
+from ..model.zero3 import is_partitioned
 from .heads import HeadGroup, attend, group_heads, prepare_mask
 from .hooks import KVHook, KVHookPoint, KVStep
 from .pre_rope import PreRopeKeys

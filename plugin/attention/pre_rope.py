@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
-from ..rope import RopeTable, rotate
+from ..model.rope import RopeTable, rotate
 from .hooks import KVStep
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedModel
 
-from ..modeling import PcaLlamaForCausalLM
+from ..model.modeling import PcaLlamaForCausalLM
 
 # The weight-space baselines assume bias-free, norm-free Llama attention.
 BASELINE_TYPES = ("llama", "mistral")

@@ -23,7 +23,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from ..attention import attend, prepare_mask
-from ..rope import rotate
+from ..model.rope import rotate
 from .rope import RopeTable
 
 

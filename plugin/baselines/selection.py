@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ranks import check_budget
+from ..budgets.ranks import check_budget
 
 
 def check_choice(budget: float | None, variance: float | None, rank: int | None) -> None:

@@ -22,8 +22,8 @@ import torch
 from transformers import LlamaForCausalLM, LlamaModel, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from ..budgets.ranks import check_budget
 from ..cache import full_cache_bytes_per_token, own_cache, prepare_generation_cache
-from ..ranks import check_budget
 from .latent_attention import LatentLlamaAttention
 from .latent_cache import LatentCache
 from .rope import RopeTable

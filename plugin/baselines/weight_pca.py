@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from ..modeling import PcaLlamaForCausalLM
-from ..ranks import RankTable, budget_to_rank, default_step
+from ..budgets.ranks import RankTable, budget_to_rank, default_step
+from ..model.modeling import PcaLlamaForCausalLM
 from .rope import plane_basis, plane_energies
 from .selection import check_choice, variance_count
 

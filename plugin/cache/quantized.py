@@ -4,7 +4,7 @@ Per (layer, KV head) a key and a value bit width (2, 4, 8, or 16 = unquantized).
 stream (the keys or the values of the heads sharing ranks and bits) keeps a full-precision tail
 of recent tokens; whenever the tail reaches ``residual + group`` tokens its oldest ``group``
 tokens are quantized (keys per channel over the block, values per token, see
-:mod:`plugin.cache.quantize`).  With ``residual = 0`` at most ``group - 1`` tokens stay in full
+:mod:`plugin.cache.quant_codec`).  With ``residual = 0`` at most ``group - 1`` tokens stay in full
 precision.  Attention reads the dequantized states; ``nbytes()`` counts the packed codes, the
 float16 scales and zeros and the full-precision tail, i.e. everything held.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .base import CompressedCache, TensorMapLayer
-from .quantize import (
+from .quant_codec import (
     FULL_PRECISION,
     check_bits,
     dequantize_keys,

@@ -52,7 +52,7 @@ def check_context(lengths: list[int], model: object, flag: str = "--seq-len") ->
 
 def long_windows(tokenizer: object, texts: list[str], lengths: list[int], tokens: int) -> list:
     """Windows of every length from consecutive, non-overlapping stretches of the text, `tokens` split evenly."""
-    from ..data import token_windows
+    from ..storage.texts import token_windows
 
     share = tokens // len(lengths)
     if share < max(lengths):
@@ -101,11 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import load_texts, token_windows
-    from ..loading import load_model
-    from ..pca import calibrate
-    from ..ranks import check_budget
-    from ..writing import check_output_dir, save_checkpoint
+    from ..budgets.ranks import check_budget
+    from ..model.pca import calibrate
+    from ..storage.atomic import check_output_dir, save_checkpoint
+    from ..storage.loading import load_model
+    from ..storage.texts import load_texts, token_windows
 
     check_output_dir(args.out, args.overwrite)
     if args.budget is not None:
@@ -159,9 +159,9 @@ def run_weight_pca(args: argparse.Namespace) -> int:
     import torch
 
     from ..baselines import build
-    from ..loading import load_model
-    from ..modeling import PcaLlamaForCausalLM
-    from ..writing import save_checkpoint
+    from ..model.modeling import PcaLlamaForCausalLM
+    from ..storage.atomic import save_checkpoint
+    from ..storage.loading import load_model
 
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
     if isinstance(model, PcaLlamaForCausalLM):

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def windowed_perplexity(model: object, ids: torch.Tensor, window: int) -> tuple[float, int]:
     """(perplexity, scored tokens) over non-overlapping windows of a 1-D id tensor; a last partial
     window of at least 2 tokens is scored too."""
-    from plugin.evaluate import token_nll
+    from plugin.evaluation.perplexity import token_nll
 
     whole = ids.numel() // window * window
     parts = [ids[:whole].view(-1, window)] if whole else []
@@ -61,7 +61,7 @@ def windowed_perplexity(model: object, ids: torch.Tensor, window: int) -> tuple[
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from plugin import assets
+    from plugin.storage import assets
 
     if args.tokens < 2:
         raise ValueError(f"--tokens must be at least 2, got {args.tokens}")

@@ -73,16 +73,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..baselines import METHODS, build, full_cache_bytes_per_token, measure_cache_bytes_per_token
-    from ..data import load_texts, token_windows
-    from ..evaluate import budget_sweep, perplexity
+    from ..budgets.ranks import parse_budgets, read_rank_file
+    from ..evaluation.perplexity import budget_sweep, perplexity
+    from ..evaluation.plotting import plot_sweep
     from ..families import PCA_TYPES
-    from ..loading import kv_shape, load_model, model_config
-    from ..modeling import PcaLlamaForCausalLM
-    from ..plotting import plot_sweep
-    from ..ranks import parse_budgets, read_rank_file
+    from ..model.modeling import PcaLlamaForCausalLM
+    from ..storage.loading import kv_shape, load_model, model_config
+    from ..storage.texts import load_texts, token_windows
 
     budgets = parse_budgets(args.budgets)
-    from ..cache.quantize import parse_bit_pair
+    from ..cache.quant_codec import parse_bit_pair
 
     bit_settings = [parse_bit_pair(text, "--kv-bits") for text in (args.kv_bits or ["16"])]
     from ..cache import QuantSpec
@@ -192,12 +192,12 @@ def context_windows(args: argparse.Namespace) -> list[tuple[int, int]]:
 def run_long_context(args: argparse.Namespace, budgets: list[float], labels: list[str], texts: list[str]) -> int:
     """Long-context rows: last-token perplexity after each context, with paired intervals against the full cache
     (the first model at full rank, unquantized: the base model exactly) and against the first model's same setting."""
-    from ..cache.quantize import parse_bit_pair
-    from ..data import token_windows
-    from ..evaluate import long_context_nll, long_context_sweep
-    from ..intervals import paired_ratio
-    from ..loading import load_model
-    from ..modeling import PcaLlamaForCausalLM
+    from ..cache.quant_codec import parse_bit_pair
+    from ..evaluation.intervals import paired_ratio
+    from ..evaluation.perplexity import long_context_nll, long_context_sweep
+    from ..model.modeling import PcaLlamaForCausalLM
+    from ..storage.loading import load_model
+    from ..storage.texts import token_windows
     from .calibrate import check_context
 
     plan = context_windows(args)
@@ -271,7 +271,7 @@ def _number_list(text: str, flag: str, cast: type, example: str) -> list:
 
 
 class PasskeySweep:
-    """Pass-key retrieval (plugin.retrieval) at each setting of each model, when --passkey is given."""
+    """Pass-key retrieval (plugin.evaluation.retrieval) at each setting of each model, when --passkey is given."""
 
     def __init__(self, args: argparse.Namespace, texts: list[str]) -> None:
         self.contexts = _number_list(args.passkey, "--passkey", int, "128,256,1024")
@@ -287,7 +287,7 @@ class PasskeySweep:
         self._right: dict[tuple[str, str, int], list[int]] = {}  # (model, setting, length) -> 1 per right answer
 
     def score(self, model, tokenizer, label: str, setting: str) -> None:
-        from ..retrieval import accuracy_by_depth, generate_answers, is_correct, passkey_items
+        from ..evaluation.retrieval import accuracy_by_depth, generate_answers, is_correct, passkey_items
 
         for context in self.contexts:
             if context not in self._items:
@@ -316,7 +316,7 @@ class PasskeySweep:
     def summary(self) -> list[dict]:
         """Per (model, setting, length): answers right, and the paired 95% interval of the difference in accuracy
         against the full cache on the same prompts (a plain model's `full` row, else the first model's budget 1)."""
-        from ..intervals import paired_difference
+        from ..evaluation.intervals import paired_difference
 
         references = {}
         for (label, setting, context), right in self._right.items():

@@ -3,7 +3,7 @@
 Writes OUT/projections_config.json (format, base model, layer/head counts, head_dim, rank table)
 and OUT/projections.safetensors (per layer the effective orthogonal bases U_K, U_V and the value
 mean mu_V, float32: 4 x layers x KV heads x (2 head_dim^2 + head_dim) bytes, about 3 MB for
-SmolLM2-135M). Load it onto the base with plugin.projection_files.load_projections(base, OUT) or
+SmolLM2-135M). Load it onto the base with plugin.storage.artifacts.load_projections(base, OUT) or
 PcaLlamaForCausalLM.from_llama(base, projections=OUT). The directory is written atomically; an
 existing non-empty --out is replaced only if it holds a projections artifact and --overwrite is given.
 """
@@ -48,9 +48,9 @@ def default_base_model(model_dir: Path) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..loading import model_config
-    from ..modeling import PcaLlamaForCausalLM
-    from ..projection_files import WEIGHTS_FILE, check_target, is_projections_dir, save_projections
+    from ..model.modeling import PcaLlamaForCausalLM
+    from ..storage.artifacts import WEIGHTS_FILE, check_target, is_projections_dir, save_projections
+    from ..storage.loading import model_config
 
     if is_projections_dir(args.model):
         raise ValueError(f"{args.model!r} is already a projections artifact; export from the PcaLlama checkpoint "

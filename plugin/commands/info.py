@@ -54,7 +54,7 @@ def _device() -> dict[str, object]:
 
 
 def collect() -> dict[str, Any]:
-    from plugin import assets
+    from plugin.storage import assets
 
     return {
         "python": f"{platform.python_version()} ({sys.executable})",

@@ -9,7 +9,7 @@ default --mode auto prints the exact search's estimated cost and uses fast mode 
 evaluations (a 7B Llama at 37.5% needs about 2e7).
 
 --bytes F instead of --budget: ranks x bits under a byte budget, F a fraction of a bfloat16 full
-cache (plugin.allocate): for each bit width in --bits the searched ranks that fit, scored by KL
+cache (plugin.budgets.rank_bits): for each bit width in --bits the searched ranks that fit, scored by KL
 through the quantized cache; the file carries the winner's bits and loads wherever rank files load.
 """
 
@@ -69,9 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import load_texts, token_windows
-    from ..loading import load_model
-    from ..ranks import parse_budgets, write_rank_file
+    from ..budgets.ranks import parse_budgets, write_rank_file
+    from ..storage.loading import load_model
+    from ..storage.texts import load_texts, token_windows
 
     if args.bytes is not None:
         return run_bytes(args)
@@ -85,10 +85,10 @@ def run(args: argparse.Namespace) -> int:
     texts = load_texts(args.data, split="calibration")
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
     # Imported after load_model: it loads transformers' Auto classes and registers pcallama first;
-    # importing plugin.modeling earlier would trigger the import hook mid-import (a circular import).
-    from ..modeling import PcaLlamaForCausalLM
-    from ..ranks import check_step
-    from ..search import choose_mode, exact_cost, run_search_many
+    # importing plugin.model.modeling earlier would trigger the import hook mid-import (a circular import).
+    from ..budgets.greedy_search import choose_mode, exact_cost, run_search_many
+    from ..budgets.ranks import check_step
+    from ..model.modeling import PcaLlamaForCausalLM
 
     if not isinstance(model, PcaLlamaForCausalLM):
         print(f"mkv: warning: {args.model!r} is not a PcaLlama checkpoint; searching on identity bases "
@@ -122,14 +122,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_bytes(args: argparse.Namespace) -> int:
-    """--bytes: ranks x bits under a byte budget (plugin.allocate)."""
+    """--bytes: ranks x bits under a byte budget (plugin.budgets.rank_bits)."""
     import torch
 
-    from ..allocate import parse_choices
+    from ..budgets.rank_bits import parse_choices
+    from ..budgets.ranks import write_rank_file
     from ..cache import QuantSpec
-    from ..data import load_texts, token_windows
-    from ..loading import load_model
-    from ..ranks import write_rank_file
+    from ..storage.loading import load_model
+    from ..storage.texts import load_texts, token_windows
 
     if not 0.0 < args.bytes <= 1.0:
         raise ValueError(f"--bytes {args.bytes:g} is outside (0, 1]: give a fraction of the bf16 full cache, e.g. 0.125")
@@ -142,8 +142,8 @@ def run_bytes(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out!r} is a directory; give a file name")
     texts = load_texts(args.data, split="calibration")
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
-    from ..allocate import allocate
-    from ..modeling import PcaLlamaForCausalLM
+    from ..budgets.rank_bits import allocate
+    from ..model.modeling import PcaLlamaForCausalLM
 
     if not isinstance(model, PcaLlamaForCausalLM):
         print(f"mkv: warning: {args.model!r} is not a PcaLlama checkpoint; searching on identity bases.",

@@ -25,7 +25,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", "pcallama", "plugin.modeling", "PcaLlamaForCausalLM"),
+    "llama": Family("llama", "pcallama", "plugin.model.modeling", "PcaLlamaForCausalLM"),
     "mistral": Family("mistral", "pcamistral", "plugin.families.mistral", "PcaMistralForCausalLM"),
     "qwen2": Family("qwen2", "pcaqwen2", "plugin.families.qwen2", "PcaQwen2ForCausalLM"),
     "qwen3": Family("qwen3", "pcaqwen3", "plugin.families.qwen3", "PcaQwen3ForCausalLM"),

@@ -16,8 +16,8 @@ from transformers.models.mistral.modeling_mistral import MistralAttention
 
 from ..attention import PcaLlamaAttention
 from ..cache import CompressedCache, PcaCache, QuantSpec
-from ..config import PcaLlamaConfig
-from ..modeling import PcaLlamaForCausalLM, PcaLlamaModel
+from ..model.config import PcaLlamaConfig
+from ..model.modeling import PcaLlamaForCausalLM, PcaLlamaModel
 
 
 class PcaMistralConfig(PcaLlamaConfig):

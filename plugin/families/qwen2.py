@@ -12,8 +12,8 @@ from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
 from ..attention import PcaLlamaAttention
-from ..config import PcaLlamaConfig
-from ..modeling import PcaLlamaForCausalLM, PcaLlamaModel
+from ..model.config import PcaLlamaConfig
+from ..model.modeling import PcaLlamaForCausalLM, PcaLlamaModel
 
 
 class PcaQwen2Config(PcaLlamaConfig):

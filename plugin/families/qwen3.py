@@ -12,8 +12,8 @@ import torch
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RMSNorm
 
 from ..attention import PcaLlamaAttention
-from ..config import PcaLlamaConfig
-from ..modeling import PcaLlamaForCausalLM, PcaLlamaModel
+from ..model.config import PcaLlamaConfig
+from ..model.modeling import PcaLlamaForCausalLM, PcaLlamaModel
 
 
 class PcaQwen3Config(PcaLlamaConfig):

@@ -1,7 +1,7 @@
 """Ranks x bits under a byte budget: one allocator for the quantized projected cache.
 
 For each candidate bit width (keys / values: 16, 8, 4, 4/2, 2 by default) the byte budget fixes how
-many kept dimensions fit; the greedy KL search (plugin.search, one descent for every candidate's rank
+many kept dimensions fit; the greedy KL search (plugin.budgets.greedy_search, one descent for every candidate's rank
 budget) places those dimensions per (layer, KV head, K/V); each candidate (searched ranks + bits) is
 then scored by KL(base || compressed) through the real quantized cache on the same windows, and the
 best one within the budget wins.  Budgets are fractions of a bfloat16 full cache, counted as the
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .cache.quantize import FULL_PRECISION, parse_bit_pair
+from ..cache.quant_codec import FULL_PRECISION, parse_bit_pair
 from .ranks import RankTable, check_step
 
 DEFAULT_CHOICES: tuple[tuple[int, int], ...] = ((16, 16), (8, 8), (4, 4), (4, 2), (2, 2))
@@ -121,7 +121,7 @@ def allocate_many(
     **search_kwargs: Any,
 ) -> list[Allocation]:
     """`allocate` for several byte budgets (in the order given), sharing one greedy descent."""
-    from .search import run_search_many
+    from .greedy_search import run_search_many
 
     cfg = model.config
     d = cfg.head_dim

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from .writing import is_checkpoint, save_checkpoint
+from .atomic import is_checkpoint, save_checkpoint
 
 EMBEDDED = "embedded"
 # Projections artifacts shipped in the package, by name: the recipe's result for the embedded model.
 # Projections shipped with the package, by the names `mkv eval --model` takes: the 512-token recipe
 # (post-RoPE keys) and the long-context recipe (pre-RoPE keys, 2,048-token windows; docs/longctx.md).
-SHIPPED = {name: Path(__file__).resolve().parent / "trained" / name
+SHIPPED = {name: Path(__file__).resolve().parents[1] / "trained" / name  # plugin/trained
            for name in ("embedded-matryoshka", "embedded-matryoshka-longctx")}
 
 
@@ -35,8 +35,8 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
     projections artifact (`mkv export-projections`), loaded onto `base_model` or the base it records."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .projection_files import load_projections
-    from .projection_format import is_projections_dir, read_projections_config
+    from .artifact_format import is_projections_dir, read_projections_config
+    from .artifacts import load_projections
 
     spec = resolve_spec(spec)
     if spec not in (None, EMBEDDED) and holds_projections(spec):
@@ -68,7 +68,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
 def holds_projections(spec: str | os.PathLike) -> bool:
     """A projections artifact, or a directory meant as one: its projections_config.json is read (and a broken one
     reported as such) rather than the directory being taken for a model without config.json."""
-    from .projection_format import CONFIG_FILE, is_projections_dir
+    from .artifact_format import CONFIG_FILE, is_projections_dir
 
     path = Path(spec)
     return is_projections_dir(path) or ((path / CONFIG_FILE).is_file() and not is_checkpoint(path))
@@ -83,8 +83,8 @@ def checkpoint_dir(spec: str) -> Path:
     name that carries a fingerprint of the projections, so changed projections get a new directory. A
     checkpoint directory is returned as it is.
     """
+    from .artifact_format import CONFIG_FILE, WEIGHTS_FILE, read_projections_config
     from .assets import _build_lock, cache_root, embedded_model_dir
-    from .projection_format import CONFIG_FILE, WEIGHTS_FILE, read_projections_config
 
     if spec in (None, EMBEDDED):
         return embedded_model_dir()
@@ -115,7 +115,7 @@ def model_config(spec: str | None) -> dict[str, Any]:
     Cheap (no weights are read), so commands can validate their other inputs against the model's
     shape before any long work.
     """
-    from .projection_format import read_projections_config
+    from .artifact_format import read_projections_config
 
     spec = resolve_spec(spec)
     if spec in (None, EMBEDDED):
@@ -136,7 +136,7 @@ def model_config(spec: str | None) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{str(path / 'config.json')!r} is not valid JSON ({err})") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    from .families import PCA_TYPES, SOURCE_TYPES, SUPPORTED
+    from ..families import PCA_TYPES, SOURCE_TYPES, SUPPORTED
 
     if model_type not in (*SOURCE_TYPES, *PCA_TYPES):
         raise ValueError(

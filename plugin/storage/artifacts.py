@@ -1,6 +1,6 @@
 """Save a PcaLlama's projections as an artifact, and load an artifact onto a base model.
 
-The artifact's format, and every check made before a model is built or changed, is plugin.projection_format.
+The artifact's format, and every check made before a model is built or changed, is plugin.storage.artifact_format.
 Saving writes into a temporary sibling directory renamed into place: a failure leaves no new directory
 and an artifact being replaced intact. Saving never replaces anything but an empty directory or, with
 overwrite, another projections artifact.
@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .modeling import PcaLlamaForCausalLM
-from .projection_format import (
+from ..budgets.ranks import table_budget
+from ..model.modeling import PcaLlamaForCausalLM
+from .artifact_format import (
     CONFIG_FILE,
     FAMILY,
     FORMAT,
@@ -31,8 +32,7 @@ from .projection_format import (
     read_projections,
     read_projections_config,
 )
-from .ranks import table_budget
-from .writing import atomic_directory
+from .atomic import atomic_directory
 
 __all__ = [
     "CONFIG_FILE",

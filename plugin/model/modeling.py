@@ -13,20 +13,8 @@ import torch
 from transformers import LlamaForCausalLM, LlamaModel, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from .attention import PcaLlamaAttention
-from .cache import (
-    CompressedCache,
-    PcaCache,
-    QuantizedPcaCache,
-    QuantSpec,
-    full_cache_bytes_per_token,
-    own_cache,
-    prepare_generation_cache,
-)
-from .config import PcaLlamaConfig
-from .families import PCA_TYPES
-from .projection_format import read_projections
-from .ranks import (
+from ..attention import PcaLlamaAttention
+from ..budgets.ranks import (
     RankTable,
     check_budget,
     read_rank_file,
@@ -35,6 +23,18 @@ from .ranks import (
     validate_ranks,
     write_rank_file,
 )
+from ..cache import (
+    CompressedCache,
+    PcaCache,
+    QuantizedPcaCache,
+    QuantSpec,
+    full_cache_bytes_per_token,
+    own_cache,
+    prepare_generation_cache,
+)
+from ..families import PCA_TYPES
+from ..storage.artifact_format import read_projections
+from .config import PcaLlamaConfig
 from .rope import RopeTable
 
 RANK_FILE = "kv_ranks.json"
@@ -146,10 +146,10 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         Bases are ``[n_layers, n_kv_heads, d, d]`` with columns ordered by importance; value means
         ``[n_layers, n_kv_heads, d]``. The new model shares the base weights' storage with `model`.
         `projections`, a directory written by save_projections / `mkv export-projections`, supplies
-        bases, means and ranks instead (`ranks` still overrides); see plugin.projection_format.
+        bases, means and ranks instead (`ranks` still overrides); see plugin.storage.artifact_format.
         `key_space`: "post-rope" (the paper's) or "pre-rope" (the key basis before RoPE; see plugin.attention).
         """
-        from .families import check_convertible, family_of
+        from ..families import check_convertible, family_of
 
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
@@ -297,7 +297,7 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         Give a uniform `budget` or a rank table; no head may go above its current ranks.  Decoding
         continues with the same cache at the new ranks, exactly as if they had been used throughout.
         """
-        from .cache import PcaCache
+        from ..cache import PcaCache
 
         if not isinstance(cache, PcaCache):
             raise TypeError(f"only a PcaCache can shrink (got {type(cache).__name__}); quantized caches cannot")
@@ -405,7 +405,7 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         budget, rank_file = kwargs.pop("kv_budget", None), kwargs.pop("kv_rank_file", None)
         bits = kwargs.pop("kv_bits", None)
         if bits is not None:
-            from .cache.quantize import check_bits, parse_bit_pair
+            from ..cache.quant_codec import check_bits, parse_bit_pair
 
             bits = parse_bit_pair(bits, "kv_bits") if isinstance(bits, str) else (check_bits(bits, "kv_bits"),) * 2
         if budget is not None and rank_file is not None:

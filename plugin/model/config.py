@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from .ranks import RankTable, check_step, default_step, full_ranks, validate_ranks
+from ..budgets.ranks import RankTable, check_step, default_step, full_ranks, validate_ranks
 
 #: Where the key basis sits relative to RoPE: "post-rope" (the paper: keys and queries are projected after
 #: RoPE, attention runs in the r-dim space) or "pre-rope" (the cache holds r coefficients of the key before

@@ -1,6 +1,6 @@
 """Registers every converted type (`pcallama`, `pcamistral`, `pcaqwen2`, ...) with transformers' Auto classes (idempotent).
 
-Two ways in: the `.pth` import hook (plugin._import_hook) as soon as transformers' Auto classes load, and
+Two ways in: the `.pth` import hook (plugin.model.import_hook) as soon as transformers' Auto classes load, and
 `plugin.register()` by hand where the hook is switched off (MKV_DISABLE_IMPORT_HOOK=1) or not installed.
 """
 
@@ -15,7 +15,7 @@ def register() -> None:
     global _done
     if _done:
         return
-    from .families import FAMILIES
+    from ..families import FAMILIES
 
     families = {family.pca_type: family for family in FAMILIES.values()}
     for family in families.values():

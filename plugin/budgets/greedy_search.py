@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .modeling import PcaLlamaForCausalLM
+from ..model.modeling import PcaLlamaForCausalLM
 from .ranks import KINDS, RankTable, check_budget, check_step, table_budget
 
 MODES = ("exact", "fast")
@@ -246,7 +246,7 @@ class _Evaluator:
 
 def _check_windows(windows: torch.Tensor, vocab_size: int) -> torch.Tensor:
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 1:
-        raise ValueError("data_windows must be a LongTensor [n_windows, seq_len] of token ids (see plugin.data.token_windows)")
+        raise ValueError("data_windows must be a LongTensor [n_windows, seq_len] of token ids (see plugin.storage.texts.token_windows)")
     if windows.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"data_windows must hold integer token ids, got dtype {windows.dtype}")
     if int(windows.min()) < 0 or int(windows.max()) >= vocab_size:
@@ -391,6 +391,6 @@ def search_budget(
     """Per-head ranks for `budget` found by the greedy KL search; options as in :func:`run_search`.
 
     The result loads with ``model.set_kv_ranks(table)`` or, written with
-    ``plugin.ranks.write_rank_file``, with ``model.load_rank_file`` / ``mkv eval --rank-file``.
+    ``plugin.budgets.ranks.write_rank_file``, with ``model.load_rank_file`` / ``mkv eval --rank-file``.
     """
     return run_search(model, budget, data_windows, step=step, mode=mode, **kwargs).ranks

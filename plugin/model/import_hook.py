@@ -1,11 +1,11 @@
 """Import hook that registers ``pcallama`` with transformers' Auto classes on first use.
 
 ``matryoshka_kv_hook.pth`` (installed into site-packages by setup.py / scripts/install.sh)
-runs ``import plugin._import_hook as _h; _h.install()`` at every interpreter start of the
-environment.  :func:`install` puts a :class:`~plugin.post_import.PostImportFinder` at the
+runs ``import plugin.model.import_hook as _h; _h.install()`` at every interpreter start of the
+environment.  :func:`install` puts a :class:`~plugin.model.post_import.PostImportFinder` at the
 front of ``sys.meta_path``, watching the modules of ``transformers``: after each one has
 executed, once ``transformers.models.auto.configuration_auto`` and ``...modeling_auto`` exist
-*and no transformers module is still executing*, it calls ``plugin.registration.register()``.
+*and no transformers module is still executing*, it calls ``plugin.model.registration.register()``.
 Then ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained(dir)`` load PcaLlama checkpoints
 in processes that never imported ``plugin``: LLaMA-Factory and its torchrun / deepspeed
 children, OpenCompass subprocesses.
@@ -15,7 +15,7 @@ subclasses Llama's classes: when a library imports ``transformers.models.llama.m
 first, the auto modules load from inside it, and registering at that moment would import a
 half-executed ``modeling_llama`` ("cannot import name 'LlamaForCausalLM'").  For the same reason
 it waits for every ``plugin`` module still executing: ``import plugin.attention`` loads transformers
-from inside ``plugin.attention``, and registering then would import ``plugin.modeling``, which needs
+from inside ``plugin.attention``, and registering then would import ``plugin.model.modeling``, which needs
 the half-executed ``plugin.attention``; so the finder watches ``plugin``'s modules too and registers
 once the outermost of them has finished.
 
@@ -26,7 +26,7 @@ Rules this module keeps:
 * idempotent: ``install()`` may be called any number of times; ``register()`` is called at
   most once per process (successfully);
 * never breaks interpreter start: ``install()`` catches everything and prints one line;
-* errors are not swallowed silently: a missing ``plugin.registration`` module is ignored
+* errors are not swallowed silently: a missing ``plugin.model.registration`` module is ignored
   (the package may be partially installed), any other failure of ``register()`` is logged
   as a one-line warning that says how to recover (``import plugin; plugin.register()``).
 
@@ -39,7 +39,7 @@ import contextlib
 import os
 import sys
 
-from plugin.post_import import PostImportFinder, module_executed
+from plugin.model.post_import import PostImportFinder, module_executed
 
 PACKAGES = ("transformers", "plugin")  # registration waits until no module of these is executing
 TARGETS = (
@@ -47,7 +47,7 @@ TARGETS = (
     "transformers.models.auto.modeling_auto",
 )
 RECOVERY = "load PcaLlama checkpoints after `import plugin; plugin.register()`"
-_REGISTRATION_MODULE = "plugin.registration"
+_REGISTRATION_MODULE = "plugin.model.registration"
 
 _state = {"installed": False, "registered": False, "attempted": False}
 _finder: PostImportFinder | None = None
@@ -61,7 +61,7 @@ def _warn(message: str) -> None:
 
 
 def _register() -> bool:
-    """Call ``plugin.registration.register()`` once.  Returns True when it ran."""
+    """Call ``plugin.model.registration.register()`` once.  Returns True when it ran."""
     if _state["registered"] or _state["attempted"]:
         return _state["registered"]
     _state["attempted"] = True
@@ -72,7 +72,7 @@ def _register() -> bool:
 
         registration = importlib.import_module(_REGISTRATION_MODULE)
     except ModuleNotFoundError as exc:
-        if exc.name in (_REGISTRATION_MODULE, "plugin"):
+        if exc.name in (_REGISTRATION_MODULE, "plugin.model", "plugin"):
             return False  # registration not written / not installed yet: nothing to do
         _warn(f"importing {_REGISTRATION_MODULE} failed: {type(exc).__name__}: {exc}; {RECOVERY}")
         return False
@@ -123,5 +123,5 @@ def install() -> None:
 
 
 def is_registered() -> bool:
-    """Whether ``plugin.registration.register()`` has run in this process via the hook."""
+    """Whether ``plugin.model.registration.register()`` has run in this process via the hook."""
     return bool(_state["registered"])

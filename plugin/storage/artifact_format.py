@@ -1,7 +1,7 @@
 """The projections artifact format: MatryoshkaKV's K/V projections saved apart from the base weights.
 
-Reading and checking need no model class, so plugin.modeling reads artifacts from here
-(`from_llama(projections=...)`) while plugin.projection_files, which saves and loads models, imports modeling.
+Reading and checking need no model class, so plugin.model.modeling reads artifacts from here
+(`from_llama(projections=...)`) while plugin.storage.artifacts, which saves and loads models, imports modeling.
 
 An artifact is a directory holding exactly two files:
 
@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import check_key_space
-from .families import PCA_TYPES, SOURCE_TYPES
-from .ranks import RankTable, check_step, validate_ranks
-from .writing import check_output_dir
+from ..budgets.ranks import RankTable, check_step, validate_ranks
+from ..families import PCA_TYPES, SOURCE_TYPES
+from ..model.config import check_key_space
+from .atomic import check_output_dir
 
 FORMAT = "matryoshka-kv-projections"
 FORMAT_VERSION = 1
@@ -66,7 +66,7 @@ def is_projections_dir(path: str | os.PathLike) -> bool:
 
 
 def check_target(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse a target that saving would destroy (see `plugin.writing.check_output_dir`)."""
+    """Refuse a target that saving would destroy (see `plugin.storage.atomic.check_output_dir`)."""
     return check_output_dir(out_dir, overwrite, is_projections_dir, WHAT)
 
 

@@ -1,6 +1,6 @@
 """Call a function right after chosen modules have executed, from a meta-path finder.
 
-Both import hooks of the project are built on this (``plugin._import_hook`` registers
+Both import hooks of the project are built on this (``plugin.model.import_hook`` registers
 ``pcallama`` once transformers' auto modules exist; ``llamafactory_ext._import_hook`` patches
 LLaMA-Factory modules). It runs at interpreter start from ``.pth`` files, so it imports only
 ``sys`` and never raises into an import.

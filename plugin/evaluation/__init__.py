@@ -1,0 +1,1 @@
+"""Evaluations: perplexity sweeps, generation, chat answers, retrieval, answer matching, intervals, plots."""

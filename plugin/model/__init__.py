@@ -1,0 +1,1 @@
+"""What the PcaLlama model is made of: config, projections, model classes, RoPE, registration, PCA fitting."""
