@@ -192,6 +192,15 @@ print("REGISTERED", hook.is_registered())
     assert "plugin.register()" in proc.stderr
 
 
+def test_the_hooks_old_address_still_installs_it(checkpoint: Path) -> None:
+    """A matryoshka_kv_hook.pth written before the hook moved to plugin.model.import_hook still registers."""
+    code = ("import os\nos.environ.pop('MKV_DISABLE_IMPORT_HOOK')\n"
+            "import plugin._import_hook as _h; _h.install()\n" + LOAD.format(path=str(checkpoint)))
+    proc = _python(code, MKV_DISABLE_IMPORT_HOOK="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOADED PcaLlamaForCausalLM" in proc.stdout
+
+
 def test_register_by_hand_recovers(checkpoint: Path) -> None:
     code = ("import plugin; plugin.register()\n" + LOAD.format(path=str(checkpoint)))
     proc = _python(code, MKV_DISABLE_IMPORT_HOOK="1")
