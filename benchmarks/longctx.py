@@ -236,16 +236,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="a setting every row is also compared with (paired interval), e.g. the best competitor")
     parser.add_argument("--out", default=str(DATA / "longctx.json"))
     parser.add_argument("--docs", action="store_true", help="also write the section of docs/benchmarks.md")
+    parser.add_argument("--section", default=f"{SECTION[0]}={SECTION[1]}",
+                        help="KEY=TITLE of the docs/benchmarks.md section --docs / --render-only write")
     parser.add_argument("--append", action="store_true",
                         help="add to --out's rows: (setting, length) pairs already there are skipped, not re-measured")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the docs/benchmarks.md section from --out, measuring nothing")
     args = parser.parse_args(argv)
+    if "=" not in args.section:
+        parser.error(f"--section is KEY=TITLE, e.g. longctx-eighth=Long context at 1/8 of the bytes; got {args.section!r}")
     if args.render_only:
         import json
 
         result = json.loads(Path(args.out).read_text())
-        write_section("longctx", "Long context: retrieval and last-512-token perplexity at equal bytes", render(result))
+        write_section(*args.section.split("=", 1), render(result))
         if result["perplexity"]:
             longctx_png(result, Path(args.out).with_suffix(".png"))
         return 0
@@ -399,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         result["note"] = previous["note"]  # the reading written for the earlier rows stays until rewritten
     write_json(args.out, result)
     if args.docs:
-        write_section("longctx", "Long context: retrieval and last-512-token perplexity at equal bytes", render(result))
+        write_section(*args.section.split("=", 1), render(result))
         if perplexity:
             longctx_png(result, Path(args.out).with_suffix(".png"))
     return 0
@@ -419,6 +423,9 @@ def add_intervals(rows: list[dict], compare_to: str = "") -> None:
             if name and other is not None and len(other["block_nll"]) == len(row["block_nll"]):
                 row[key] = blocks_ratio(row["block_nll"], other["block_nll"], counts).as_dict()
                 row[key]["against"] = name
+
+
+SECTION = ("longctx", "Long context: retrieval and last-512-token perplexity at equal bytes")
 
 
 def render(result: dict) -> str:

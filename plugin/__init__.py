@@ -19,6 +19,7 @@ _EXPORTS = {
     "PcaLlamaForCausalLM": "plugin.model.modeling",
     "PcaLlamaModel": "plugin.model.modeling",
     "SnapEviction": "plugin.cache.eviction",
+    "load_model": "plugin.storage.loading",
     "register": "plugin.model.registration",
 }
 __all__ = list(_EXPORTS)
