@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.plots import longctx_png
 from benchmarks.report import DATA, machine, versions, write_json, write_section
+from plugin.cache.eviction import prefill_ratio
 from plugin.evaluation.intervals import block_sums, blocks_ratio
 from plugin.evaluation.perplexity import SCORED, last_tokens_nll
 
@@ -94,9 +95,9 @@ class Setting:
         """The share of `context` prefill tokens this setting evicts (None: it does not evict); ValueError where
         the `after` tokens kept whole alone exceed its bytes."""
         if self.evict_to is not None:
-            return eviction_ratio(self.evict_to / self.rate(), context, after)
+            return prefill_ratio(self.evict_to / self.rate(), context, after)
         if self.press is not None:
-            return eviction_ratio(self.budget, context, after)
+            return prefill_ratio(self.budget, context, after)
         return None
 
     def reading(self, context: int, after: int) -> contextlib.AbstractContextManager:
@@ -111,12 +112,16 @@ class Setting:
         return make_press(self.press, share)(self.model)
 
     def rate(self) -> float:
-        """Bytes per token of this setting's ranks and bits, as a fraction of a bfloat16 full cache's."""
+        """Bytes per token of this setting's ranks and bits, as a fraction of a bfloat16 full cache's (an evicting
+        pre-RoPE cache also stores each kept key's position, int32 per KV head and layer)."""
         import torch
 
+        from plugin.budgets.composition import POSITION_BYTES, full_bytes_per_token, stores_positions
+
         cfg = self.model.config
-        full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
-        return self.model.kv_cache_bytes_per_token(torch.bfloat16) / full
+        positions = (POSITION_BYTES * cfg.num_hidden_layers * cfg.num_key_value_heads
+                     if self.evict_to is not None and stores_positions(self.model) else 0)
+        return (self.model.kv_cache_bytes_per_token(torch.bfloat16) + positions) / full_bytes_per_token(cfg)
 
     def cache(self, total: int, budget: float) -> Any:
         """A fresh cache for a sequence of `total` tokens (tiered: its old rank for that length)."""
@@ -146,7 +151,7 @@ class Setting:
         """
         cfg = self.model.config
         full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-        if self.bits is not None:  # the rate times the share of the tokens the cache still holds
+        if self.bits is not None or self.evict_to is not None:  # the rate times the share of the tokens still held
             return self.rate() * cache.get_seq_length() / tokens
         if self.hf_quant is not None:
             codes, groups, elements = hf_quant_counts(cache)
@@ -183,16 +188,6 @@ def make_press(name: str, ratio: float) -> Any:
     classes = {"knorm": kvpress.KnormPress, "snapkv": kvpress.SnapKVPress,
                "expected-attention": kvpress.ExpectedAttentionPress}
     return classes[name](compression_ratio=ratio)
-
-
-def eviction_ratio(budget: float, context: int, after: int) -> float:
-    """The share of `context` prefill tokens to evict so that they, plus `after` tokens kept in full, hold
-    `budget` of the full cache's bytes."""
-    ratio = 1.0 - (budget * (context + after) - after) / context
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"{after} tokens kept in full already hold more than {budget:g} of a "
-                         f"{context + after}-token cache")
-    return ratio
 
 
 def tiered_old_rank(budget_rank: float, recent_rank: int, total: int, window: int) -> int:

@@ -102,7 +102,7 @@ class PcaLlamaBaseModel(HuggingFaceBaseModel):
         if self.kv_budget_requested is not None:
             self.model.set_kv_budget(self.kv_budget_requested)
         elif self._kv_ranks is not None:
-            self.model.set_kv_ranks(self._kv_ranks["key"], self._kv_ranks["value"])
+            self.model.load_rank_file(self.rank_file)  # bits and eviction too, when the file carries them
         if hasattr(self.model, "kv_budget"):
             self.kv_budget_effective = float(self.model.kv_budget())
             msg = f"PcaLlama KV budget in force: {format_budget(self.kv_budget_effective)}"

@@ -11,6 +11,11 @@ evaluations (a 7B Llama at 37.5% needs about 2e7).
 --bytes F instead of --budget: ranks x bits under a byte budget, F a fraction of a bfloat16 full
 cache (plugin.budgets.rank_bits): for each bit width in --bits the searched ranks that fit, scored by KL
 through the quantized cache; the file carries the winner's bits and loads wherever rank files load.
+
+--bytes F --context L: tokens x ranks x bits for a cache of L tokens (plugin.budgets.composition): the share
+of the prompt each layer keeps at prefill (evenly or as a pyramid), uniform ranks and bit widths, every
+composition that fits scored by the perplexity of the last --score-last tokens of calibration windows of L
+tokens; the file also carries the eviction and the bytes measured at L.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ examples:
   mkv eval --model outputs/pca --budgets 0.5 --rank-file ranks-0.5.json     compare with uniform
   mkv search-budget --model outputs/pca --bytes 0.125 --out alloc-0.125.json
       ranks x bits for 1/8 of the bf16 cache (bits 16, 8, 4, 4/2, 2 tried; --bits to change)
+  mkv search-budget --model embedded-matryoshka-longctx --bytes 0.125 --context 8192 --out comp-8k.json
+      tokens x ranks x bits for 1/8 of a bf16 cache holding 8,192 tokens (the estimate prints first)
+  mkv eval --model embedded-matryoshka-longctx --budgets 1 --rank-file comp-8k.json --context 8192
 """
 
 
@@ -40,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", default="16,8,4,4/2,2",
                         help="--bytes: bit widths to try, K or K/V (default 16,8,4,4/2,2)")
     parser.add_argument("--group", type=int, default=64, help="--bytes: key quantization block in tokens (default 64)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="--bytes: also evict, for a cache of this many tokens (windows of this length, "
+                             "scored on their last --score-last tokens)")
+    parser.add_argument("--windows", type=int, default=2,
+                        help="--context: calibration windows; the best --finalists are scored on all (default 2)")
+    parser.add_argument("--score-last", type=int, default=512, help="--context: tokens scored per window (512)")
+    parser.add_argument("--finalists", type=int, default=3, help="--context: compositions scored on every window")
     target.add_argument("--budget",
                         help="target budget in (0, 1], e.g. 0.375; a comma list (0.5,0.375) reads every "
                              "target off one descent and writes one rank file each")
@@ -140,6 +155,8 @@ def run_bytes(args: argparse.Namespace) -> int:
         out = out.replace("{budget}", f"{args.bytes:g}")
     if Path(out).is_dir():
         raise ValueError(f"--out {out!r} is a directory; give a file name")
+    if args.context is not None:
+        return run_composition(args, choices, out)
     texts = load_texts(args.data, split="calibration")
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
     from ..budgets.rank_bits import allocate
@@ -163,4 +180,47 @@ def run_bytes(args: argparse.Namespace) -> int:
     print(f"chose {result.key_bits}/{result.value_bits} bits at {result.bytes_fraction:.4f} of the bf16 cache "
           f"(KL {result.kl:.5f} per token); wrote {out}")
     print(f"  use it: mkv eval --model {args.model} --budgets 1 --rank-file {out}")
+    return 0
+
+
+def run_composition(args: argparse.Namespace, choices: list[tuple[int, int]], out: str) -> int:
+    """--bytes F --context L: tokens x ranks x bits for a cache of L tokens (plugin.budgets.composition)."""
+    import torch
+
+    from ..budgets.ranks import write_rank_file
+    from ..storage.loading import load_model
+    from ..storage.texts import load_texts, token_windows
+    from .calibrate import check_context
+
+    for name in ("windows", "score_last", "finalists"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.context <= args.score_last:
+        raise ValueError(f"--context {args.context} must exceed --score-last {args.score_last}")
+    texts = load_texts(args.data, split="calibration")
+    model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
+    from ..budgets.composition import compose
+    from ..model.modeling import PcaLlamaForCausalLM
+
+    if not isinstance(model, PcaLlamaForCausalLM):
+        raise ValueError(  # noqa: TRY004 (one `mkv: error:` line)
+            f"{args.model!r} is not a PcaLlama checkpoint; --context searches trained projections "
+            "(e.g. embedded-matryoshka-longctx, or `mkv calibrate` output)")
+    check_context([args.context], model, "--context")
+    windows = token_windows(tokenizer, texts, args.context, args.windows * args.context)[: args.windows]
+    if len(windows) < args.windows:
+        raise ValueError(f"--data holds {len(windows)} windows of {args.context} tokens, not {args.windows}; give "
+                         "more text or fewer --windows")
+    result = compose(model, args.bytes, windows, scored=args.score_last, choices=choices, group=args.group,
+                     finalists=args.finalists)
+    cfg = model.config
+    write_rank_file(out, result.ranks, cfg.head_dim, **result.file_fields(cfg.num_hidden_layers,
+                                                                           cfg.num_key_value_heads),
+                    model=args.model, data=args.data or "sotu:calibration", samples=len(windows), seq_len=args.context)
+    for row in sorted(result.candidates, key=lambda r: r["perplexity"])[:8]:
+        print(f"  {row['composition']}: {row['bytes_fraction']:.4f} of bf16, perplexity {row['perplexity']:.2f} "
+              f"({row['windows']} window{'s' if row['windows'] > 1 else ''})")
+    print(f"chose {result.best.label()}: {result.bytes_fraction:.4f} of the bf16 cache at {result.context} tokens, "
+          f"perplexity {result.perplexity:.2f} (full cache {result.full_perplexity:.2f}); wrote {out}")
+    print(f"  use it: mkv eval --model {args.model} --budgets 1 --rank-file {out} --context {result.context}")
     return 0

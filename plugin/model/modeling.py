@@ -259,16 +259,40 @@ class PcaLlamaForCausalLM(LlamaForCausalLM):
         self.set_kv_ranks(uniform_ranks(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, budget, cfg.kv_rank_step))
 
     def load_rank_file(self, path: str | os.PathLike) -> None:
-        """Ranks from a rank file; bit widths too when it carries them (`mkv search-budget --bytes`)."""
+        """Ranks from a rank file; bit widths and per-layer eviction too when it carries them (`mkv search-budget
+        --bytes`, with `--context` for eviction)."""
         import json
+
+        from ..cache.eviction import SnapEviction
 
         cfg = self.config
         ranks = read_rank_file(path, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-        spec = QuantSpec.from_rank_file(json.loads(Path(path).read_text()), cfg.num_hidden_layers,
-                                        cfg.num_key_value_heads, str(path))  # checked before anything changes
+        data = json.loads(Path(path).read_text())
+        # every part is checked before anything changes
+        spec = QuantSpec.from_rank_file(data, cfg.num_hidden_layers, cfg.num_key_value_heads, str(path))
+        press = SnapEviction.from_rank_file(data, cfg.num_hidden_layers, str(path))
         self.set_kv_ranks(ranks)
         if spec is not None:
             self.set_kv_quant(spec)
+        if press is not None:
+            self.set_kv_eviction(press)
+
+    def set_kv_eviction(self, press: Any | None) -> None:
+        """Evict at every prefill from now on with `press` (a plugin.cache.eviction.SnapEviction); None stops.
+
+        The same hooks as ``with press(model):``, held until the next call instead of a ``with`` block."""
+        held = self.__dict__.pop("_kv_eviction", None)
+        if held is not None:
+            held[1].__exit__(None, None, None)
+        if press is not None:
+            attached = press(self)
+            attached.__enter__()
+            self.__dict__["_kv_eviction"] = (press, attached)
+
+    def get_kv_eviction(self) -> Any | None:
+        """The press `set_kv_eviction` attached (None: every prompt token is cached)."""
+        held = self.__dict__.get("_kv_eviction")
+        return None if held is None else held[0]
 
     def get_kv_ranks(self) -> RankTable:
         ranks = self.config.resolved_kv_ranks()

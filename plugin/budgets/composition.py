@@ -1,0 +1,214 @@
+"""Tokens x ranks x bits under one byte budget at a context length: the long-context allocator.
+
+Three axes shrink a cache: the share of a prompt's tokens each layer keeps at prefill (SnapEviction), the kept
+dims of every head (ranks) and the bit widths of their codes.  For a byte budget F, a fraction of a bfloat16 full
+cache holding L tokens, the allocator lists the compositions that fit: for every bit width and kept-token share,
+the largest rank on the grid that fits what is left, the kept tokens spread evenly over the layers or as a pyramid
+(more in the lower layers, as PyramidKV keeps).  It scores each by the perplexity of the last ``scored`` tokens of
+calibration windows of L tokens read through its cache (the long-context protocol of plugin.evaluation), first on
+one window, then the best few on all of them, and keeps the best.
+
+Bytes are what the cache holds at L: every layer's kept prompt tokens and the ``scored`` tokens read after them,
+at that layer's rate (codes, float16 scales and zeros when quantized), plus the key positions an evicted pre-RoPE
+cache stores; they are read from a real cache after a real prefill, never only from the formula.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..cache.eviction import SnapEviction, prefill_ratio
+from ..cache.quant_codec import FULL_PRECISION
+from .rank_bits import DEFAULT_CHOICES, rank_budget_for
+from .ranks import RankTable
+
+KEEP_SHARES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125)
+PROFILES = ("uniform", "pyramid")
+POSITION_BYTES = 4  # int32 position of each kept key, per KV head and layer (pre-RoPE caches that evicted)
+
+
+@dataclass(frozen=True)
+class Composition:
+    """One point of the search: uniform ranks and bits, and each layer's share of the prompt evicted."""
+
+    rank_budget: float
+    key_bits: int
+    value_bits: int
+    layer_ratios: tuple[float, ...]  # evicted share of a prompt of context - scored tokens, per layer
+    profile: str
+
+    def label(self) -> str:
+        bits = f"{self.key_bits}" if self.key_bits == self.value_bits else f"{self.key_bits}/{self.value_bits}"
+        kept = 1.0 - sum(self.layer_ratios) / len(self.layer_ratios)
+        tokens = "all tokens" if not any(self.layer_ratios) else f"{kept:.3g} of the prompt ({self.profile})"
+        return f"ranks {self.rank_budget:g} x {bits} bits x {tokens}"
+
+    def press(self) -> SnapEviction | None:
+        return SnapEviction(max(self.layer_ratios), layer_ratios=self.layer_ratios) if any(self.layer_ratios) else None
+
+    def apply(self, model: Any, group: int) -> None:
+        """Set the model's ranks and bits (not its eviction: `press()` is entered around a prefill)."""
+        model.set_kv_budget(self.rank_budget)
+        if (self.key_bits, self.value_bits) == (FULL_PRECISION, FULL_PRECISION):
+            model.clear_kv_bits()
+        else:
+            model.set_kv_bits(self.key_bits, self.value_bits, group=group)
+
+
+@dataclass
+class CompositionResult:
+    best: Composition
+    ranks: RankTable
+    bytes_fraction: float  # measured at `context`
+    perplexity: float
+    full_perplexity: float
+    context: int
+    scored: int
+    group: int
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def file_fields(self, layers: int, heads: int) -> dict[str, Any]:
+        """What the rank file carries besides the ranks: bits, the eviction, and the bytes it holds at `context`."""
+        best = self.best
+        return {
+            "key_bits": [[best.key_bits] * heads for _ in range(layers)],
+            "value_bits": [[best.value_bits] * heads for _ in range(layers)], "quant_group": self.group,
+            "eviction": {"layer_ratios": [round(r, 6) for r in best.layer_ratios], "profile": best.profile},
+            "context": self.context, "scored": self.scored, "bytes_fraction": round(self.bytes_fraction, 6),
+            "composition": best.label(), "perplexity": round(self.perplexity, 4),
+            "full_perplexity": round(self.full_perplexity, 4), "candidates": self.candidates,
+        }
+
+
+def full_bytes_per_token(config: Any) -> int:
+    """Bytes per token of a bfloat16 full cache (keys and values, every layer and KV head)."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+
+
+def stores_positions(model: Any) -> bool:
+    """An evicted cache of this model stores its kept keys' positions (keys cached before RoPE)."""
+    return getattr(model.config, "kv_key_space", "post-rope") == "pre-rope"
+
+
+def held_bytes(model: Any, cache: Any) -> float:
+    """Bytes `cache` holds, counted at bfloat16 for unquantized states: per layer its tokens times its rate, plus
+    the stored key positions."""
+    rate = model.kv_cache_bytes_per_token(torch.bfloat16) / len(cache.layers)  # uniform ranks and bits per layer
+    held = sum(rate * layer.get_seq_length() for layer in cache.layers)
+    return held + (cache._position_bytes() if hasattr(cache, "_position_bytes") else 0)
+
+
+def candidates(model: Any, byte_budget: float, context: int, scored: int,
+               choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES, shares: Sequence[float] = KEEP_SHARES,
+               profiles: Sequence[str] = PROFILES, group: int = 64, spread: float = 0.5,
+               min_rank_budget: float = 0.25) -> list[Composition]:
+    """Every composition whose formula bytes at `context` fit `byte_budget`: per bit width, each kept share with
+    the largest grid rank that fits, and the kept share at which full rank fits exactly."""
+    if not 0.0 < byte_budget <= 1.0:
+        raise ValueError(f"the byte budget must lie in (0, 1] (a fraction of the bf16 full cache); got {byte_budget}")
+    if not 0 < scored < context:
+        raise ValueError(f"--context {context} must exceed the {scored} scored tokens")
+    cfg = model.config
+    d, layers, step = cfg.head_dim, cfg.num_hidden_layers, cfg.kv_rank_step
+    position_share = POSITION_BYTES / (4 * d) if stores_positions(model) else 0.0  # per kept token, of bf16 full
+    out: list[Composition] = []
+    for kb, vb in choices:
+        full_rank = rank_budget_for(1.0, kb, vb, d, group)  # bytes of full rank at these bits, as a rank budget
+        fit = byte_budget / (1.0 / full_rank + position_share)  # kept share where full rank fits exactly
+        options = {min(1.0, share) for share in shares if share <= 1.0} | ({fit} if fit < 1.0 else set())
+        for share in sorted(options, reverse=True):
+            evicts = share < 1.0
+            room = byte_budget / share - (position_share if evicts else 0.0)
+            rank = min(1.0, rank_budget_for(room, kb, vb, d, group))
+            rank = math.floor(rank * d / step + 1e-9) * step / d
+            if rank < max(min_rank_budget, step / d) or (share != fit and rank >= 1.0 and evicts):
+                continue  # too few dims, or full rank fits with more tokens kept (the `fit` share covers that)
+            if not evicts:
+                out.append(Composition(rank, kb, vb, (0.0,) * layers, "uniform"))
+                continue
+            if share * context <= scored:
+                continue  # the scored tokens alone would fill the budget
+            ratio = prefill_ratio(share, context - scored, scored)
+            for profile in profiles:
+                press = (SnapEviction.pyramid(ratio, layers, spread) if profile == "pyramid"
+                         else SnapEviction(ratio, layer_ratios=(ratio,) * layers))
+                out.append(Composition(rank, kb, vb, press.layer_ratios, profile))
+    return out
+
+
+@torch.no_grad()
+def window_nll(model: Any, composition: Composition | None, window: torch.Tensor, scored: int,
+               group: int) -> tuple[torch.Tensor, float]:
+    """Per-token NLL of the last `scored` tokens of `window` [T] through `composition`'s cache (None: the full
+    cache), and the bytes that cache held at the end, as a fraction of a bfloat16 full cache of T tokens."""
+    from ..evaluation.perplexity import last_tokens_nll
+
+    if composition is None:
+        model.set_kv_budget(1.0)
+        model.clear_kv_bits()
+        press = None
+    else:
+        composition.apply(model, group)
+        press = composition.press()
+    cache = model.model.new_cache()
+    nll = last_tokens_nll(model, window[None], cache, press(model) if press else None, scored)
+    return nll, held_bytes(model, cache) / (full_bytes_per_token(model.config) * window.shape[-1])
+
+
+def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int = 512,
+            choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES, group: int = 64, finalists: int = 3,
+            profiles: Sequence[str] = PROFILES, progress: bool = True,
+            log: Callable[[str], None] = print) -> CompositionResult:
+    """The best composition within `byte_budget` at the windows' length (`windows` [n, L], calibration text)."""
+    context = windows.shape[-1]
+    options = candidates(model, byte_budget, context, scored, choices, profiles=profiles, group=group)
+    if not options:
+        raise ValueError(f"no composition fits {byte_budget:g} of a bf16 cache at {context} tokens with "
+                         f"{scored} scored tokens; give a larger budget or a longer --context")
+    saved_ranks, saved_bits = model.get_kv_ranks(), model.get_kv_bits()
+    was_training = model.training
+    model.eval()
+    try:
+        started = time.perf_counter()
+        full = [window_nll(model, None, windows[0], scored, group)[0]]
+        per_window = time.perf_counter() - started
+        rest = len(windows) - 1
+        estimate = per_window * (len(options) + finalists * rest + rest)
+        log(f"{len(options)} compositions fit {byte_budget:g} of the bf16 cache at {context} tokens; about "
+            f"{estimate / 60:.1f} min ({per_window:.0f} s a window: all on 1 window, the best {finalists} on "
+            f"{len(windows)})")
+        full += [window_nll(model, None, w, scored, group)[0] for w in windows[1:]]
+        rows: list[dict[str, Any]] = []
+        first: dict[Composition, tuple[torch.Tensor, float]] = {}
+        for option in tqdm(options, desc=f"compositions at {byte_budget:g}", disable=not progress):
+            nll, used = window_nll(model, option, windows[0], scored, group)
+            if used > byte_budget + 1e-9:
+                raise AssertionError(f"{option.label()} held {used:.5f} of the bf16 cache, above {byte_budget:g}")
+            first[option] = (nll, used)
+        ranked = sorted(options, key=lambda o: float(first[o][0].mean()))
+        scores: dict[Composition, torch.Tensor] = {}
+        for option in tqdm(ranked[:finalists], desc="finalists", disable=not progress or rest == 0):
+            parts = [first[option][0]] + [window_nll(model, option, w, scored, group)[0] for w in windows[1:]]
+            scores[option] = torch.cat(parts)
+        for option in options:
+            nll = scores.get(option, first[option][0])
+            rows.append({"composition": option.label(), "rank_budget": option.rank_budget,
+                         "key_bits": option.key_bits, "value_bits": option.value_bits, "profile": option.profile,
+                         "bytes_fraction": round(first[option][1], 6), "windows": len(windows) if option in scores else 1,
+                         "perplexity": round(math.exp(float(nll.mean())), 4)})
+        best = min(scores, key=lambda o: float(scores[o].mean()))
+        best.apply(model, group)
+        ranks = model.get_kv_ranks()
+        return CompositionResult(best, ranks, first[best][1], math.exp(float(scores[best].mean())),
+                                 math.exp(float(torch.cat(full).mean())), context, scored, group, rows)
+    finally:
+        model.set_kv_ranks(saved_ranks)
+        model.set_kv_quant(saved_bits)
+        model.train(was_training)

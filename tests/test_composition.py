@@ -1,0 +1,196 @@
+"""Tokens x ranks x bits under one byte budget (plugin.budgets.composition) and per-layer eviction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from helpers import save_tiny_base, to_pca
+
+from plugin import SnapEviction
+from plugin.budgets.composition import (
+    Composition,
+    candidates,
+    compose,
+    full_bytes_per_token,
+    held_bytes,
+    window_nll,
+)
+from plugin.cache.eviction import prefill_ratio
+from plugin.cli import main
+
+KEY_SPACES = ["post-rope", "pre-rope"]
+
+
+def _model(key_space: str = "pre-rope", attn: str = "sdpa"):
+    return to_pca(make_tiny_llama("gqa", attn_implementation=attn), key_space=key_space)
+
+
+def _ids(length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("key_space", KEY_SPACES)
+def test_layers_at_ratio_zero_hold_the_plain_cache(key_space: str) -> None:
+    model, ids = _model(key_space), _ids(40)
+    plain = model.model.new_cache()
+    reference = model(input_ids=ids, past_key_values=plain, use_cache=True).logits
+    cache = model.model.new_cache()
+    with SnapEviction(0.5, window=8, layer_ratios=(0.5, 0.0))(model):
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+    assert torch.equal(logits, reference)  # the prefill's own attention is exact
+    assert cache.layers[0].get_seq_length() == 20 and cache.layers[1].get_seq_length() == 40
+    assert torch.equal(cache.layers[1].keys, plain.layers[1].keys)
+    assert torch.equal(cache.layers[1].values, plain.layers[1].values)
+    every = model.model.new_cache()
+    with SnapEviction(0.0, layer_ratios=(0.0, 0.0))(model):
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False),
+                           model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=every))
+
+
+@pytest.mark.parametrize("key_space", KEY_SPACES)
+def test_per_layer_eviction_next_token_equals_a_forward_masked_per_layer(key_space: str) -> None:
+    """Each layer keeps its own share (the window covers the prompt: each keeps its newest tokens); the next
+    token's logits equal a full forward whose last query is masked, layer by layer, off what that layer evicted."""
+    model, ids = _model(key_space, attn="eager"), _ids(21)
+    model.set_kv_budget(0.75)
+    press = SnapEviction(0.5, window=64, layer_ratios=(0.5, 0.25))
+    cache = model.model.new_cache()
+    with press(model):
+        model(input_ids=ids[:, :20], past_key_values=cache, use_cache=True)
+    step = model(input_ids=ids[:, 20:], past_key_values=cache, position_ids=torch.tensor([[20]]),
+                 use_cache=True).logits[:, -1]
+    assert [layer.get_seq_length() for layer in cache.layers] == [press.kept(20, 0), press.kept(20, 1)] == [10, 15]
+
+    def masked(layer: int):
+        mask = torch.ones(21, 21, dtype=torch.bool).tril()
+        mask[20, : 20 - press.kept(20, layer)] = False
+
+        def hook(module, args, kwargs):
+            kwargs["attention_mask"] = mask[None, None]
+            return args, kwargs
+        return hook
+
+    handles = [attn.register_forward_pre_hook(masked(i), with_kwargs=True)
+               for i, attn in enumerate(model.attention_layers())]
+    try:
+        reference = model(input_ids=ids).logits[:, 20]
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.allclose(step, reference, atol=1e-5)
+
+
+def test_pyramid_keeps_more_below_and_the_same_mean() -> None:
+    press = SnapEviction.pyramid(0.6, 4, spread=0.5)
+    kept = [1 - r for r in press.layer_ratios]
+    assert kept == sorted(kept, reverse=True) and kept[0] == pytest.approx(0.6) and kept[-1] == pytest.approx(0.2)
+    assert sum(kept) / 4 == pytest.approx(0.4)
+    narrow = SnapEviction.pyramid(0.2, 3, spread=0.5)  # 0.8 * 1.5 > 1: the spread narrows to fit
+    assert max(1 - r for r in narrow.layer_ratios) <= 1.0
+    assert sum(1 - r for r in narrow.layer_ratios) / 3 == pytest.approx(0.8)
+
+
+def test_bad_layer_ratios_get_one_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        SnapEviction(0.5, layer_ratios=(0.5, 1.0))
+    with pytest.raises(ValueError, match="one ratio per layer"), SnapEviction(0.5, layer_ratios=(0.5,))(_model()):
+        pass
+    assert prefill_ratio(0.5, 688, 512) == pytest.approx(1 - 88 / 688)
+    with pytest.raises(ValueError, match="kept whole already"):
+        prefill_ratio(0.5, 88, 512)
+
+
+@pytest.mark.parametrize("key_space", KEY_SPACES)
+def test_no_composition_exceeds_its_byte_budget(key_space: str) -> None:
+    """Every composition the allocator can emit, run through a real prefill at the context: the bytes the cache
+    holds (read from the cache object) stay within the budget; unquantized, the formula equals the buffers."""
+    model = _model(key_space)
+    window = _ids(96)[0]
+    for budget in (0.5, 0.25, 0.125):
+        options = candidates(model, budget, 96, 16, group=16)
+        assert any(any(o.layer_ratios) for o in options) and any(o.rank_budget < 1 for o in options)
+        assert {o.profile for o in options} == {"uniform", "pyramid"}
+        for option in options:
+            _, used = window_nll(model, option, window, 16, group=16)
+            assert used <= budget + 1e-9, (option.label(), used)
+            if (option.key_bits, option.value_bits) == (16, 16):
+                cache = model.model.new_cache()
+                option.apply(model, 16)
+                with option.press()(model) if option.press() else torch.no_grad():
+                    model(input_ids=window[None, :80], past_key_values=cache, use_cache=True)
+                live = cache.live_nbytes() - cache._position_bytes()
+                assert held_bytes(model, cache) - cache._position_bytes() == pytest.approx(live / 2)  # fp32 -> bf16
+    assert full_bytes_per_token(model.config) == 2 * 2 * 2 * 16 * 2
+
+
+def test_the_allocator_picks_the_best_it_scored_and_leaves_the_model_as_it_was() -> None:
+    model = _model()
+    windows = torch.cat([_ids(96, seed) for seed in range(2)])
+    result = compose(model, 0.25, windows, scored=16, group=16, finalists=2, progress=False, log=lambda _: None)
+    assert result.bytes_fraction <= 0.25 + 1e-9
+    finals = [r for r in result.candidates if r["windows"] == 2]
+    assert len(finals) == 2 and result.perplexity == pytest.approx(min(r["perplexity"] for r in finals), rel=1e-4)
+    assert model.kv_budget() == 1.0 and model.get_kv_bits() is None and model.get_kv_eviction() is None
+
+
+def test_a_composition_file_round_trips_through_every_loader(tmp_path: Path) -> None:
+    base, text = tmp_path / "base", tmp_path / "text.txt"
+    save_tiny_base(make_tiny_llama("gqa", attn_implementation="sdpa"), base, text, words=2000)
+    out = tmp_path / "pca"
+    assert main(["calibrate", "--model", str(base), "--out", str(out), "--data", str(text),
+                 "--seq-len", "32", "--tokens", "256", "--batch-size", "2"]) == 0
+    comp = tmp_path / "comp.json"
+    assert main(["search-budget", "--model", str(out), "--bytes", "0.25", "--context", "96", "--score-last", "16",
+                 "--windows", "1", "--group", "16", "--data", str(text), "--out", str(comp)]) == 0
+    data = json.loads(comp.read_text())
+    assert data["context"] == 96 and data["bytes_fraction"] <= 0.25 and len(data["eviction"]["layer_ratios"]) == 2
+
+    from transformers import AutoModelForCausalLM
+
+    for model in (AutoModelForCausalLM.from_pretrained(out, kv_rank_file=str(comp)),
+                  _loaded(out, comp)):
+        assert model.get_kv_ranks()["key"] == data["key"] and model.get_kv_ranks()["value"] == data["value"]
+        bits = model.get_kv_bits()
+        if data["key_bits"][0][0] == 16 and data["value_bits"][0][0] == 16:
+            assert bits is None or bits.is_identity()
+        else:
+            assert [list(r) for r in bits.key_bits] == data["key_bits"]
+        press = model.get_kv_eviction()
+        if any(data["eviction"]["layer_ratios"]):
+            assert list(press.layer_ratios) == pytest.approx(data["eviction"]["layer_ratios"])
+        model.set_kv_eviction(None)
+        assert model.get_kv_eviction() is None
+    assert main(["eval", "--model", str(out), "--budgets", "1", "--rank-file", str(comp), "--context", "96",
+                 "--score-last", "16", "--windows", "1", "--data", str(text),
+                 "--out", str(tmp_path / "ev")]) == 0
+
+
+def _loaded(path: Path, comp: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.load_rank_file(comp)
+    return model
+
+
+def test_a_malformed_eviction_entry_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    model = _model()
+    ranks = model.get_kv_ranks()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**ranks, "head_dim": 16, "eviction": {"layer_ratios": [0.5]}}))
+    with pytest.raises(ValueError, match="one evicted share per layer"):
+        model.load_rank_file(bad)
+    bad.write_text(json.dumps({**ranks, "head_dim": 16, "eviction": {"layer_ratios": [0.5, 1.5]}}))
+    with pytest.raises(ValueError, match=r"bad.json: .*\[0, 1\)"):
+        model.load_rank_file(bad)
+    assert model.get_kv_eviction() is None
+
+
+def test_composition_labels_say_what_they_hold() -> None:
+    assert Composition(0.5, 4, 2, (0.5, 0.25), "pyramid").label() == (
+        "ranks 0.5 x 4/2 bits x 0.625 of the prompt (pyramid)")
+    assert Composition(1.0, 16, 16, (0.0, 0.0), "uniform").label() == "ranks 1 x 16 bits x all tokens"
