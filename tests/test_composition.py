@@ -63,7 +63,7 @@ def test_per_layer_eviction_next_token_equals_a_forward_masked_per_layer(key_spa
         model(input_ids=ids[:, :20], past_key_values=cache, use_cache=True)
     step = model(input_ids=ids[:, 20:], past_key_values=cache, position_ids=torch.tensor([[20]]),
                  use_cache=True).logits[:, -1]
-    assert [layer.get_seq_length() for layer in cache.layers] == [press.kept(20, 0), press.kept(20, 1)] == [10, 15]
+    assert [layer.get_seq_length() - 1 for layer in cache.layers] == [press.kept(20, 0), press.kept(20, 1)] == [10, 15]
 
     def masked(layer: int):
         mask = torch.ones(21, 21, dtype=torch.bool).tril()
@@ -145,7 +145,7 @@ def test_a_composition_file_round_trips_through_every_loader(tmp_path: Path) -> 
                  "--seq-len", "32", "--tokens", "256", "--batch-size", "2"]) == 0
     comp = tmp_path / "comp.json"
     assert main(["search-budget", "--model", str(out), "--bytes", "0.25", "--context", "96", "--score-last", "16",
-                 "--windows", "1", "--group", "16", "--data", str(text), "--out", str(comp)]) == 0
+                 "--windows", "1", "--group", "16", "--bits", "16,4", "--data", str(text), "--out", str(comp)]) == 0
     data = json.loads(comp.read_text())
     assert data["context"] == 96 and data["bytes_fraction"] <= 0.25 and len(data["eviction"]["layer_ratios"]) == 2
 

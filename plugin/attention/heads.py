@@ -41,8 +41,11 @@ def prepare_mask(
     transformers may hand SDPA-configured layers no mask at all (it relies on is_causal); this
     rebuilds the bottom-right aligned causal mask in that case.
     """
+    if mask is not None and mask.shape[-1] != kv_len:
+        # Built for another layer's cache length: layers that evicted to different lengths (eviction refuses
+        # padding, so every cached token is visible and only the new tokens need the causal part, below).
+        mask = None
     if mask is not None:
-        mask = mask[..., :kv_len]
         if mask.dtype == torch.bool:
             # Fully masked rows (left padding) would give NaN; let them attend anywhere, they are ignored.
             mask = mask | ~mask.any(dim=-1, keepdim=True)

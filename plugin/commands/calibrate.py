@@ -31,14 +31,14 @@ METHODS = ("pca", "weight-pca", "weight-pca-shared", "svd-latent")
 DEFAULT_KEY_SPACE = "pre-rope"
 
 
-def parse_lengths(text: str, flag: str = "--seq-len") -> list[int]:
-    """'512' or '512,2048,8192' -> window lengths (each >= 2), with one clear error naming the flag."""
+def parse_lengths(text: str, flag: str = "--seq-len", what: str = "window length", minimum: int = 2) -> list[int]:
+    """'512' or '512,2048,8192' -> window lengths (each >= `minimum`), with one clear error naming the flag."""
     try:
         lengths = [int(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"{flag} {text!r} must be window lengths in tokens, e.g. 512 or 512,2048,8192") from None
-    if not lengths or any(n < 2 for n in lengths):
-        raise ValueError(f"{flag} {text!r}: every window length must be at least 2 tokens")
+        raise ValueError(f"{flag} {text!r} must be {what}s, comma-separated, e.g. 512 or 512,2048,8192") from None
+    if not lengths or any(n < minimum for n in lengths):
+        raise ValueError(f"{flag} {text!r}: every {what} must be at least {minimum}")
     return lengths
 
 

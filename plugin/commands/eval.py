@@ -179,7 +179,7 @@ def context_windows(args: argparse.Namespace) -> list[tuple[int, int]]:
     from .calibrate import parse_lengths
 
     lengths = parse_lengths(args.context, "--context")
-    counts = parse_lengths(args.windows, "--windows") if args.windows else [8 if n < 8192 else 4 for n in lengths]
+    counts = parse_lengths(args.windows, "--windows", "window count", 1) if args.windows else [8 if n < 8192 else 4 for n in lengths]
     if len(counts) == 1:
         counts = counts * len(lengths)
     if len(counts) != len(lengths):
