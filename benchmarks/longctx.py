@@ -81,10 +81,17 @@ class Setting:
     hf_quant: tuple[str, int] | None = None  # transformers' QuantizedCache: (backend, bits)
     press: str | None = None  # a kvpress press acting on the prefill, at the bytes of `budget`
     evict_to: float | None = None  # the project's eviction on this setting's cache, down to these bytes
+    rank_file: str | None = None  # ranks, bits and per-layer eviction of `mkv search-budget --bytes --context`
+    only_context: int | None = None  # the one context the rank file was allocated for
 
     def apply(self) -> None:
         if not hasattr(self.model, "set_kv_budget"):
             return  # a plain model: its cache says everything
+        self.model.set_kv_eviction(None)
+        if self.rank_file is not None:
+            self.model.clear_kv_bits()
+            self.model.load_rank_file(self.rank_file)  # attaches its eviction until the next apply()
+            return
         self.model.set_kv_budget(self.budget)
         if self.bits is None:
             self.model.clear_kv_bits()
@@ -151,6 +158,10 @@ class Setting:
         """
         cfg = self.model.config
         full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+        if self.rank_file is not None:  # per layer: its tokens at its rate, plus stored positions
+            from plugin.budgets.composition import full_bytes_per_token, held_bytes
+
+            return held_bytes(self.model, cache) / (full_bytes_per_token(cfg) * tokens)
         if self.bits is not None or self.evict_to is not None:  # the rate times the share of the tokens still held
             return self.rate() * cache.get_seq_length() / tokens
         if self.hf_quant is not None:
@@ -219,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="R@BITS:B[,...]: the first --model at rank budget R and BITS (K or K/V of 2, 4, 8, 16; "
                              "16 = unquantized) with the project's prefill eviction down to B of the bytes (e.g. "
                              "1@4:0.125,1@8/4:0.25)")
+    parser.add_argument("--rank-file", action="append", default=[],
+                        help="LABEL=PATH: a row for the first --model with a rank file of `mkv search-budget --bytes F "
+                             "--context L` (ranks, bits, per-layer eviction), measured at its L only (repeatable)")
     parser.add_argument("--tiered", default="", help="W@R[,W@R]: age-tiered rows for the first --model (e.g. 512@32)")
     parser.add_argument("--tiered-budget", type=float, default=0.25, help="the uniform budget whose bytes tiers match")
     parser.add_argument("--contexts", default="512,1024,2048", help="retrieval prompt lengths (tokens); '' for none")
@@ -297,6 +311,15 @@ def main(argv: list[str] | None = None) -> int:
             window, recent = (int(x) for x in tier.split("@"))
             settings.append(Setting(f"tiered {window}@{recent} <= {args.tiered_budget:g}", "tiered", model,
                                     recent / model.config.head_dim, tiered=(window, recent)))
+        for text in args.rank_file if spec == args.model[0] else ():
+            import json
+
+            name, _, path = text.partition("=")
+            if not path or not Path(path).is_file():
+                parser.error(f"--rank-file {text!r}: give LABEL=PATH of an existing rank file")
+            data = json.loads(Path(path).read_text())
+            settings.append(Setting(f"{label} {name}", "composition", model, float(data.get("budget", 1.0)),
+                                    rank_file=path, only_context=data.get("context")))
         for rank, bits, budget in evictions if spec == args.model[0] else ():
             written = str(bits[0]) if bits[0] == bits[1] else f"{bits[0]}/{bits[1]}"
             settings.append(Setting(f"{label} {rank:g} x {written}b + evict <= {budget:g}", "evict-ranks-bits", model,
@@ -340,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     for setting in settings:
         setting.apply()
         for context, rows in windows.items():
-            if (setting.name, context) in done_ppl:
+            if (setting.name, context) in done_ppl or setting.only_context not in (None, context):
                 continue
             start = time.perf_counter()
             try:
@@ -360,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{setting.name}: last-512 perplexity at {context} = {math.exp(float(nll.mean())):.2f}, "
                   f"bytes {perplexity[-1]['bytes_fraction']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
         for context, items in prompts.items():
-            if (setting.name, context) in done_retrieval:
-                continue
+            if (setting.name, context) in done_retrieval or setting.only_context is not None:
+                continue  # a rank file's eviction was allocated for its own context, not these prompts
             start = time.perf_counter()
             if setting.tiered is not None:
                 try:
