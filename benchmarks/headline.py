@@ -120,7 +120,8 @@ def longctx_targets() -> str:
     for budget, target in ((0.5, 1.5), (0.25, 3.0)):
         for protocol in _contexts(ks):
             cell = _ks_row(ks, "longctx", budget, protocol)["vs_full"]
-            verdict = "met" if cell["ratio"] <= target else f"missed by {cell['ratio'] - target:.2f}x"
+            verdict = ("met" if cell["high"] <= target else f"met at the estimate (interval to {cell['high']:.2f}x)"
+                       if cell["ratio"] <= target else f"missed by {cell['ratio'] - target:.2f}x")
             rows.append([f"ranks alone at {budget:.0%}, {protocol}", f"<= {target}x", _interval(cell), verdict])
     shipped = _ks_row(ks, "shipped", 0.5, "512 windows")["vs_full"]
     ours = _ks_row(ks, "longctx", 0.5, "512 windows")["vs_full"]

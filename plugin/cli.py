@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = "mkv " + shlex.join(sys.argv[1:] if argv is None else argv)  # recorded with results
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2

@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     print_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"data": args.data or "sotu:evaluation", "tokens": int(windows.numel()), "seq_len": args.seq_len}
+    meta = {"data": args.data or "sotu:evaluation", "tokens": int(windows.numel()), "seq_len": args.seq_len,
+            "command": getattr(args, "command_line", None)}
     result = {"meta": meta, "rows": rows}
     if passkey.rows:
         passkey.print_table()
@@ -254,6 +255,7 @@ def run_long_context(args: argparse.Namespace, budgets: list[float], labels: lis
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"data": args.data or "sotu:evaluation", "score_last": args.score_last,
+            "command": getattr(args, "command_line", None),
             "windows": {str(n): int(w.shape[0]) for n, w in windows.items()},
             "interval": "paired block bootstrap over 64-token blocks of the scored tokens, 95%"}
     Path(f"{out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
