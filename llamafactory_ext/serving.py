@@ -162,9 +162,7 @@ def apply_settings(model: Any, margs: MatryoshkaArguments) -> str | None:
     if margs.matryoshka_eviction_ratio > 0.0:
         from plugin.cache.eviction import SnapEviction
 
-        attach = SnapEviction(margs.matryoshka_eviction_ratio)(pca)
-        attach.__enter__()
-        pca._mkv_eviction = attach  # held for the model's life: a collected context would detach it
+        pca.set_kv_eviction(SnapEviction(margs.matryoshka_eviction_ratio))  # held for the model's life
     warm_up(pca)
     return describe(pca, margs)
 
