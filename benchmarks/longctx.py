@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             if not path or not Path(path).is_file():
                 parser.error(f"--rank-file {text!r}: give LABEL=PATH of an existing rank file")
             data = json.loads(Path(path).read_text())
-            settings.append(Setting(f"{label} {name}", "composition", model, float(data.get("budget", 1.0)),
+            described = f" ({data['composition']})" if data.get("composition") else ""
+            settings.append(Setting(f"{label} {name}{described}", "composition", model, float(data.get("budget", 1.0)),
                                     rank_file=path, only_context=data.get("context")))
         for rank, bits, budget in evictions if spec == args.model[0] else ():
             written = str(bits[0]) if bits[0] == bits[1] else f"{bits[0]}/{bits[1]}"

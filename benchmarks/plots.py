@@ -151,7 +151,7 @@ def longctx_png(data: dict[str, Any], path: str | Path) -> Path:
 # Which line of the headline figure each measured method belongs to (a line holds its best configuration).
 FRONTIER_LINES = {
     "ours: ranks x bits x eviction": ("recipe", "recipe searched", "evict-ranks-bits", "recipe240", "tiered",
-                                      "longctx"),
+                                      "longctx", "composition"),
     "KV quantization alone": ("quant-only", "hf-quanto", "hf-hqq"),
     "token eviction (kvpress)": ("kvpress-snapkv", "kvpress-expected-attention", "kvpress-knorm"),
 }
