@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..cache.eviction import SnapEviction, prefill_ratio
 from ..cache.quant_codec import FULL_PRECISION
-from .rank_bits import DEFAULT_CHOICES, rank_budget_for
+from .rank_bits import DEFAULT_CHOICES, bytes_fraction, rank_budget_for
 from .ranks import RankTable
 
 KEEP_SHARES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125)
@@ -120,8 +120,8 @@ def candidates(model: Any, byte_budget: float, context: int, scored: int,
     position_share = POSITION_BYTES / (4 * d) if stores_positions(model) else 0.0  # per kept token, of bf16 full
     out: list[Composition] = []
     for kb, vb in choices:
-        full_rank = rank_budget_for(1.0, kb, vb, d, group)  # bytes of full rank at these bits, as a rank budget
-        fit = byte_budget / (1.0 / full_rank + position_share)  # kept share where full rank fits exactly
+        full_rank = bytes_fraction({"key": [[d]], "value": [[d]]}, kb, vb, d, group)  # per token, of bf16 full
+        fit = byte_budget / (full_rank + position_share)  # the kept share at which full rank fits exactly
         options = {min(1.0, share) for share in shares if share <= 1.0} | ({fit} if fit < 1.0 else set())
         for share in sorted(options, reverse=True):
             evicts = share < 1.0
@@ -172,9 +172,10 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
     if not options:
         raise ValueError(f"no composition fits {byte_budget:g} of a bf16 cache at {context} tokens with "
                          f"{scored} scored tokens; give a larger budget or a longer --context")
-    saved_ranks, saved_bits = model.get_kv_ranks(), model.get_kv_bits()
+    saved_ranks, saved_bits, saved_eviction = model.get_kv_ranks(), model.get_kv_bits(), model.get_kv_eviction()
     was_training = model.training
     model.eval()
+    model.set_kv_eviction(None)  # each composition brings its own
     try:
         started = time.perf_counter()
         full = [window_nll(model, None, windows[0], scored, group)[0]]
@@ -189,9 +190,11 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         first: dict[Composition, tuple[torch.Tensor, float]] = {}
         for option in tqdm(options, desc=f"compositions at {byte_budget:g}", disable=not progress):
             nll, used = window_nll(model, option, windows[0], scored, group)
-            if used > byte_budget + 1e-9:
-                raise AssertionError(f"{option.label()} held {used:.5f} of the bf16 cache, above {byte_budget:g}")
+            if used > byte_budget + 1e-9:  # the real cache held more than the formula said: never chosen
+                log(f"  {option.label()} held {used:.5f} of the bf16 cache, above {byte_budget:g}: left out")
+                continue
             first[option] = (nll, used)
+        options = list(first)
         ranked = sorted(options, key=lambda o: float(first[o][0].mean()))
         scores: dict[Composition, torch.Tensor] = {}
         for option in tqdm(ranked[:finalists], desc="finalists", disable=not progress or rest == 0):
@@ -211,4 +214,5 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
     finally:
         model.set_kv_ranks(saved_ranks)
         model.set_kv_quant(saved_bits)
+        model.set_kv_eviction(saved_eviction)
         model.train(was_training)
