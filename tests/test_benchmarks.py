@@ -409,9 +409,6 @@ def test_longctx_kvpress_rows_evict_in_the_prefill_at_measured_bytes(tmp_path, m
     _KeepFirstPress.prefills = 0
     save_tiny_base(make_tiny_llama("gqa", attn_implementation="sdpa"), tmp_path / "base")
     longctx = importlib.import_module("benchmarks.longctx")
-    assert longctx.prefill_ratio(0.5, 688, 512) == pytest.approx(1 - 88 / 688)
-    with pytest.raises(ValueError, match="already hold more than 0.5"):
-        longctx.prefill_ratio(0.5, 88, 512)
     out = tmp_path / "press.json"
     assert longctx.main(["--kvpress", "knorm:0.5", "--base", str(tmp_path / "base"), "--contexts", "200",
                          "--depths", "0,1", "--per-depth", "1", "--ppl-contexts", "600,1200", "--ppl-windows", "1",
