@@ -5,8 +5,9 @@ dims of every head (ranks) and the bit widths of their codes.  For a byte budget
 cache holding L tokens, the allocator lists the compositions that fit: for every bit width and kept-token share,
 the largest rank on the grid that fits what is left, the kept tokens spread evenly over the layers or as a pyramid
 (more in the lower layers, as PyramidKV keeps).  It scores each by the perplexity of the last ``scored`` tokens of
-calibration windows of L tokens read through its cache (the long-context protocol of plugin.evaluation), first on
-one window, then the best few on all of them, and keeps the best.
+calibration windows of L tokens read through its cache (the long-context protocol of plugin.evaluation): every
+evenly spread composition on one window, then the pyramid spread of the best few, then the best few of all on every
+window; the best of those wins.  Its cost (one window per composition) is measured and printed before the search.
 
 Bytes are what the cache holds at L: every layer's kept prompt tokens and the ``scored`` tokens read after them,
 at that layer's rate (codes, float16 scales and zeros when quantized), plus the key positions an evicted pre-RoPE
@@ -164,11 +165,16 @@ def window_nll(model: Any, composition: Composition | None, window: torch.Tensor
 
 def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int = 512,
             choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES, group: int = 64, finalists: int = 3,
-            profiles: Sequence[str] = PROFILES, progress: bool = True,
+            profiles: Sequence[str] = PROFILES, spread: float = 0.5, progress: bool = True,
             log: Callable[[str], None] = print) -> CompositionResult:
-    """The best composition within `byte_budget` at the windows' length (`windows` [n, L], calibration text)."""
-    context = windows.shape[-1]
-    options = candidates(model, byte_budget, context, scored, choices, profiles=profiles, group=group)
+    """The best composition within `byte_budget` at the windows' length (`windows` [n, L], calibration text).
+
+    Every composition with eviction spread evenly is scored on the first window; the pyramid spread of the best
+    `finalists` of them joins; the best `finalists` of all are scored on every window, and the best of those wins.
+    """
+    context, layers = windows.shape[-1], model.config.num_hidden_layers
+    options = candidates(model, byte_budget, context, scored, choices, profiles=("uniform",), group=group,
+                         spread=spread)
     if not options:
         raise ValueError(f"no composition fits {byte_budget:g} of a bf16 cache at {context} tokens with "
                          f"{scored} scored tokens; give a larger budget or a longer --context")
@@ -179,28 +185,41 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
     try:
         started = time.perf_counter()
         full = [window_nll(model, None, windows[0], scored, group)[0]]
-        per_window = time.perf_counter() - started
+        per_full = time.perf_counter() - started
+        probe = min(options, key=lambda o: o.rank_budget)  # low ranks run the slowest path: time one of those
+        started = time.perf_counter()
+        first: dict[Composition, tuple[torch.Tensor, float]] = {probe: window_nll(model, probe, windows[0], scored,
+                                                                                  group)}
+        per_option = time.perf_counter() - started
         rest = len(windows) - 1
-        estimate = per_window * (len(options) + finalists * rest + rest)
-        log(f"{len(options)} compositions fit {byte_budget:g} of the bf16 cache at {context} tokens; about "
-            f"{estimate / 60:.1f} min ({per_window:.0f} s a window: all on 1 window, the best {finalists} on "
-            f"{len(windows)})")
+        pyramids = finalists if "pyramid" in profiles else 0
+        estimate = per_full * rest + per_option * (len(options) - 1 + pyramids + finalists * rest)
+        log(f"{len(options)} compositions fit {byte_budget:g} of the bf16 cache at {context} tokens (+{pyramids} "
+            f"pyramid spreads); about {estimate / 60:.1f} min more ({per_option:.0f} s a window: all on 1 window, the "
+            f"best {finalists} on {len(windows)})")
         full += [window_nll(model, None, w, scored, group)[0] for w in windows[1:]]
-        rows: list[dict[str, Any]] = []
-        first: dict[Composition, tuple[torch.Tensor, float]] = {}
-        for option in tqdm(options, desc=f"compositions at {byte_budget:g}", disable=not progress):
-            nll, used = window_nll(model, option, windows[0], scored, group)
-            if used > byte_budget + 1e-9:  # the real cache held more than the formula said: never chosen
-                log(f"  {option.label()} held {used:.5f} of the bf16 cache, above {byte_budget:g}: left out")
-                continue
-            first[option] = (nll, used)
-        options = list(first)
-        ranked = sorted(options, key=lambda o: float(first[o][0].mean()))
+
+        def score_first(batch: list[Composition], desc: str) -> None:
+            for option in tqdm(batch, desc=desc, disable=not progress):
+                nll, used = window_nll(model, option, windows[0], scored, group)
+                if used > byte_budget + 1e-9:  # the real cache held more than the formula said: never chosen
+                    log(f"  {option.label()} held {used:.5f} of the bf16 cache, above {byte_budget:g}: left out")
+                    continue
+                first[option] = (nll, used)
+
+        score_first([o for o in options if o != probe], f"compositions at {byte_budget:g}")
+        if first[probe][1] > byte_budget + 1e-9:
+            del first[probe]
+        if pyramids:
+            evicting = [o for o in sorted(first, key=lambda o: float(first[o][0].mean())) if any(o.layer_ratios)]
+            score_first([_pyramid_of(o, layers, spread) for o in evicting[:pyramids]], "pyramid spreads")
+        ranked = sorted(first, key=lambda o: float(first[o][0].mean()))
         scores: dict[Composition, torch.Tensor] = {}
         for option in tqdm(ranked[:finalists], desc="finalists", disable=not progress or rest == 0):
             parts = [first[option][0]] + [window_nll(model, option, w, scored, group)[0] for w in windows[1:]]
             scores[option] = torch.cat(parts)
-        for option in options:
+        rows: list[dict[str, Any]] = []
+        for option in ranked:
             nll = scores.get(option, first[option][0])
             rows.append({"composition": option.label(), "rank_budget": option.rank_budget,
                          "key_bits": option.key_bits, "value_bits": option.value_bits, "profile": option.profile,
@@ -216,3 +235,10 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         model.set_kv_quant(saved_bits)
         model.set_kv_eviction(saved_eviction)
         model.train(was_training)
+
+
+def _pyramid_of(option: Composition, layers: int, spread: float) -> Composition:
+    """The same composition with its evicted tokens spread as a pyramid (same mean share)."""
+    ratio = sum(option.layer_ratios) / len(option.layer_ratios)
+    press = SnapEviction.pyramid(ratio, layers, spread)
+    return Composition(option.rank_budget, option.key_bits, option.value_bits, press.layer_ratios, "pyramid")
