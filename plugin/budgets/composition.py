@@ -137,10 +137,15 @@ def candidates(model: Any, byte_budget: float, context: int, scored: int,
             if share * context <= scored:
                 continue  # the scored tokens alone would fill the budget
             ratio = prefill_ratio(share, context - scored, scored)
+            per_token = bytes_fraction({"key": [[round(rank * d)]], "value": [[round(rank * d)]]}, kb, vb, d, group)
             for profile in profiles:
                 press = (SnapEviction.pyramid(ratio, layers, spread) if profile == "pyramid"
                          else SnapEviction(ratio, layer_ratios=(ratio,) * layers))
-                out.append(Composition(rank, kb, vb, press.layer_ratios, profile))
+                # the tokens each layer really keeps (whole tokens, at least one) with the scored ones after them
+                held = sum((press.kept(context - scored, layer) + scored) * (per_token + position_share)
+                           for layer in range(layers)) / (layers * context)
+                if held <= byte_budget + 1e-9:
+                    out.append(Composition(rank, kb, vb, press.layer_ratios, profile))
     return out
 
 
