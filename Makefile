@@ -68,7 +68,7 @@ data/sotu_train.jsonl: | install
 	$(PY) -m llamafactory_ext.prepare_data
 
 test: install data/sotu_train.jsonl
-	$(PY) -m pytest -q --durations=30 tests
+	$(PY) -m pytest -q --durations=60 tests
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         result = json.loads(Path(args.out).read_text())
-        write_section(*args.section.split("=", 1), render(result))
+        write_section(*args.section.split("=", 1), render(result, Path(args.out).with_suffix(".png").name))
         if result["perplexity"]:
             longctx_png(result, Path(args.out).with_suffix(".png"))
         return 0
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         result["note"] = previous["note"]  # the reading written for the earlier rows stays until rewritten
     write_json(args.out, result)
     if args.docs:
-        write_section(*args.section.split("=", 1), render(result))
+        write_section(*args.section.split("=", 1), render(result, Path(args.out).with_suffix(".png").name))
         if perplexity:
             longctx_png(result, Path(args.out).with_suffix(".png"))
     return 0
@@ -447,7 +447,7 @@ def add_intervals(rows: list[dict], compare_to: str = "") -> None:
 SECTION = ("longctx", "Long context: retrieval and last-512-token perplexity at equal bytes")
 
 
-def render(result: dict) -> str:
+def render(result: dict, figure: str = "longctx.png") -> str:
     """The docs section: perplexity by context and retrieval by depth, one row per setting with its bytes."""
     from benchmarks.report import markdown_table
 
@@ -479,7 +479,7 @@ def render(result: dict) -> str:
         body += markdown_table(["setting", "bytes"] + [f"{c} tokens" for c in contexts],
                                [[name, f"{bytes_of[name]:.3f}"] + [ctx.get(c, "-") for c in contexts]
                                 for name, ctx in table.items()]) + "\n\n"
-        body += "![perplexity against cache bytes at each context](data/longctx.png)\n\n"
+        body += f"![perplexity against cache bytes at each context](data/{figure})\n\n"
     if result["retrieval"]:
         depths = sorted({r["depth"] for r in result["retrieval"]})
         lines: dict[tuple[str, int], dict[float, str]] = {}
