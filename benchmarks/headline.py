@@ -152,26 +152,27 @@ def longctx_targets() -> str:
 
 
 def headline_figure(path: Path = DATA / "headline.png", context: int = 4096) -> Path:
-    """The README's figure: the short-context frontier (frontier.json) beside long context at `context` tokens
-    (longctx.json's rows, plus the long-context projections' ranks from key_space.json and the 1/8-of-the-bytes
-    rows of longctx_evict.json, which are scored on more windows: the title says how many)."""
+    """The README's figure: the short-context frontier (frontier.json) beside long context at `context` tokens, where
+    every point is scored on the same held-out windows: the long-context projections' ranks (key_space.json) and
+    the 1/8-of-the-bytes rows with the full cache (longctx_evict.json).  The older long-context rows (longctx.json:
+    quantization alone, kvpress) were scored on fewer windows and are not drawn beside them."""
     from benchmarks.plots import frontier_png
 
-    long = _load("longctx.json")
-    rows = [r for r in long["perplexity"] if int(r["context"]) == context]
-    windows = {r["windows"] for r in rows}
     ks = _load("key_space.json")
-    for row in ks["rows"]:
-        if row["model"] == "longctx" and row["protocol"] == f"last 512 after {context}":
-            rows.append({"method": "longctx", "context": context, "bytes_fraction": row["bytes_ratio"],
-                         "last512_perplexity": row["perplexity"], "windows": int(ks["windows"][str(context)])})
-    rows += [r for r in evict_rows() if int(r["context"]) == context and r["method"] != "full"]
-    windows |= {r["windows"] for r in rows}
+    ranks = [r for r in ks["rows"] if r["model"] == "longctx" and r["protocol"] == f"last 512 after {context}"]
+    rows = [{"method": "longctx", "context": context, "bytes_fraction": row["bytes_ratio"],
+             "last512_perplexity": row["perplexity"], "windows": int(ks["windows"][str(context)])} for row in ranks]
+    evict = [r for r in _load("longctx_evict.json")["perplexity"] if int(r["context"]) == context]
+    rows += evict
+    windows = {r["windows"] for r in rows}
+    full = next(r for r in evict if r["method"] == "full")["last512_perplexity"]
+    if len(windows) != 1 or any(abs(full - r["full_perplexity"]) > 1e-6 * full for r in ranks):
+        raise ValueError("key_space.json and longctx_evict.json were not scored on the same windows")
     short = _load("frontier.json")
     # the full cache on the frontier's tokens: budget 1 of quality.json, scored on the same 8,192 held-out tokens
     full_short = next(r["perplexity"] for r in _load("quality.json")["rows"] if r["budget"] == 1.0)
     return frontier_png(short, {"perplexity": rows}, path, context, full_short,
-                        long_title=f"last 512 tokens after {context} ({'/'.join(map(str, sorted(windows)))} windows)")
+                        long_title=f"last 512 tokens after {context} ({windows.pop()} windows)")
 
 
 RENDER = {"headline": readme_table, "longctx-targets": longctx_targets}

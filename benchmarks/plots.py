@@ -202,8 +202,10 @@ def frontier_png(short: dict[str, Any], long: dict[str, Any], path: str | Path, 
         ax.xaxis.set_minor_formatter(NullFormatter())
         low, high = ax.get_ylim()
         ticks = [t for t in (10, 15, 20, 25, 30, 40, 50, 70, 100, 150, 200, 300, 500) if low <= t <= high]
+        if len(ticks) < 3:  # a narrow range (every point near the full cache): plain ticks across it
+            ticks = sorted({round(low + (high - low) * i / 4, 1) for i in range(5)})
         ax.yaxis.set_major_locator(FixedLocator(ticks))
-        ax.set_yticklabels([str(t) for t in ticks])
+        ax.set_yticklabels([f"{t:g}" for t in ticks])
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("cache bytes / bfloat16 full cache")
         ax.set_ylabel("perplexity (lower is better)")
