@@ -123,12 +123,13 @@ class Setting:
         pre-RoPE cache also stores each kept key's position, int32 per KV head and layer)."""
         import torch
 
-        from plugin.budgets.composition import POSITION_BYTES, full_bytes_per_token, stores_positions
+        from plugin.budgets.composition import POSITION_BYTES, stores_positions
 
         cfg = self.model.config
         positions = (POSITION_BYTES * cfg.num_hidden_layers * cfg.num_key_value_heads
                      if self.evict_to is not None and stores_positions(self.model) else 0)
-        return (self.model.kv_cache_bytes_per_token(torch.bfloat16) + positions) / full_bytes_per_token(cfg)
+        full = self.model.full_cache_bytes_per_token(torch.bfloat16)
+        return (self.model.kv_cache_bytes_per_token(torch.bfloat16) + positions) / full
 
     def cache(self, total: int, budget: float) -> Any:
         """A fresh cache for a sequence of `total` tokens (tiered: its old rank for that length)."""
@@ -159,9 +160,11 @@ class Setting:
         cfg = self.model.config
         full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
         if self.rank_file is not None:  # per layer: its tokens at its rate, plus stored positions
-            from plugin.budgets.composition import full_bytes_per_token, held_bytes
+            import torch
 
-            return held_bytes(self.model, cache) / (full_bytes_per_token(cfg) * tokens)
+            from plugin.budgets.composition import held_bytes
+
+            return held_bytes(self.model, cache) / (self.model.full_cache_bytes_per_token(torch.bfloat16) * tokens)
         if self.bits is not None or self.evict_to is not None:  # the rate times the share of the tokens still held
             return self.rate() * cache.get_seq_length() / tokens
         if self.hf_quant is not None:

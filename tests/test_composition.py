@@ -15,7 +15,6 @@ from plugin.budgets.composition import (
     Composition,
     candidates,
     compose,
-    full_bytes_per_token,
     held_bytes,
     window_nll,
 )
@@ -124,7 +123,7 @@ def test_no_composition_exceeds_its_byte_budget(key_space: str) -> None:
                     model(input_ids=window[None, :80], past_key_values=cache, use_cache=True)
                 live = cache.live_nbytes() - cache._position_bytes()
                 assert held_bytes(model, cache) - cache._position_bytes() == pytest.approx(live / 2)  # fp32 -> bf16
-    assert full_bytes_per_token(model.config) == 2 * 2 * 2 * 16 * 2
+    assert model.full_cache_bytes_per_token(torch.bfloat16) == 2 * 2 * 2 * 16 * 2
 
 
 def test_the_allocator_picks_the_best_it_scored_and_leaves_the_model_as_it_was() -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..cache.base import full_cache_bytes_per_token
 from ..cache.eviction import SnapEviction, prefill_ratio
 from ..cache.quant_codec import FULL_PRECISION
 from .rank_bits import DEFAULT_CHOICES, bytes_fraction, rank_budget_for
@@ -86,11 +87,6 @@ class CompositionResult:
             "composition": best.label(), "perplexity": round(self.perplexity, 4),
             "full_perplexity": round(self.full_perplexity, 4), "candidates": self.candidates,
         }
-
-
-def full_bytes_per_token(config: Any) -> int:
-    """Bytes per token of a bfloat16 full cache (keys and values, every layer and KV head)."""
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
 
 
 def stores_positions(model: Any) -> bool:
@@ -165,7 +161,7 @@ def window_nll(model: Any, composition: Composition | None, window: torch.Tensor
         press = composition.press()
     cache = model.model.new_cache()
     nll = last_tokens_nll(model, window[None], cache, press(model) if press else None, scored)
-    return nll, held_bytes(model, cache) / (full_bytes_per_token(model.config) * window.shape[-1])
+    return nll, held_bytes(model, cache) / (full_cache_bytes_per_token(model, torch.bfloat16) * window.shape[-1])
 
 
 def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int = 512,
