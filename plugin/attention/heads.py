@@ -86,7 +86,8 @@ def attend(
         return torch.matmul(probs, value.unsqueeze(2))
     r_k, r_v = key.shape[-1], value.shape[-1]
     # SDPA's fused CPU kernel wants one head size for q, k and v, else it falls back to materialising every score
-    # (measured 2x slower at 2k tokens): zero dims change no score and no output, so pad the narrower side.
+    # (pre-RoPE decode at 8k tokens, docs/data/key_space.json): zero dims change no score and no output, so pad the
+    # narrower side.
     width = max(r_k, r_v)
     if r_k < width:
         query, key = F.pad(query, (0, width - r_k)), F.pad(key, (0, width - r_k))
