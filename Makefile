@@ -67,8 +67,9 @@ data/self_chat_train.jsonl: | install
 data/sotu_train.jsonl: | install
 	$(PY) -m llamafactory_ext.prepare_data
 
+# Two workers, each running whole test files (module fixtures are built once), one torch thread each.
 test: install data/sotu_train.jsonl
-	$(PY) -m pytest -q --durations=60 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=60 tests
 
 lint: install
 	$(VENV)/bin/ruff check .

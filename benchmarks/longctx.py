@@ -16,7 +16,7 @@ Settings (every one on the same prompts and windows, in one process):
 * token eviction (with --kvpress PRESS:B, run from the benchmark-only env of benchmarks/kvpress_env.sh):
   an NVIDIA kvpress press on --base, acting on the prefill of the tokens read first (the context before the
   scored 512, or the pass-key prompt), at the compression ratio that leaves B of the full cache's bytes once
-  the scored (or answer) tokens are held too; presses: knorm, snapkv, expected-attention.
+  the scored (or answer) tokens are held too; presses: knorm, snapkv, expected-attention, pyramidkv.
 
 Bytes are a fraction of a bfloat16 full cache: for projected and tiered caches the measured `nbytes()` over
 the full-rank cache's on the same tokens (the ratio does not depend on the dtype); for quantized caches the
@@ -192,16 +192,16 @@ def hf_quant_counts(cache: Any) -> tuple[int, int, int]:
     return codes, groups, elements
 
 
-PRESSES = ("knorm", "snapkv", "expected-attention")
+PRESSES = ("knorm", "snapkv", "expected-attention", "pyramidkv")
 
 
 def make_press(name: str, ratio: float) -> Any:
     """A kvpress press by short name (kvpress's own defaults otherwise: what a user gets)."""
     import kvpress
 
-    classes = {"knorm": kvpress.KnormPress, "snapkv": kvpress.SnapKVPress,
-               "expected-attention": kvpress.ExpectedAttentionPress}
-    return classes[name](compression_ratio=ratio)
+    classes = {"knorm": "KnormPress", "snapkv": "SnapKVPress", "expected-attention": "ExpectedAttentionPress",
+               "pyramidkv": "PyramidKVPress"}  # PyramidKV: SnapKV's scores, per-layer budgets shrinking with depth
+    return getattr(kvpress, classes[name])(compression_ratio=ratio)
 
 
 def tiered_old_rank(budget_rank: float, recent_rank: int, total: int, window: int) -> int:

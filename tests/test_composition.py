@@ -126,6 +126,24 @@ def test_no_composition_exceeds_its_byte_budget(key_space: str) -> None:
     assert model.full_cache_bytes_per_token(torch.bfloat16) == 2 * 2 * 2 * 16 * 2
 
 
+def test_a_kept_token_floor_leaves_out_every_composition_that_keeps_less() -> None:
+    """--min-kept: every layer of every composition keeps at least that share of the prompt; a floor of 1 leaves
+    only the compositions that evict nothing, and one too high for the budget says so in one error."""
+    model = _model()
+    context, scored = 96, 16
+    free = candidates(model, 0.125, context, scored, group=16)
+    floored = candidates(model, 0.125, context, scored, group=16, min_kept=0.5)
+    assert set(floored) < set(free)  # a floor only removes
+    assert any(max(o.layer_ratios) > 0.5 for o in free)
+    assert floored and all(max(o.layer_ratios) <= 0.5 + 1e-9 for o in floored)
+    assert all(not any(o.layer_ratios) for o in candidates(model, 0.25, context, scored, group=16, min_kept=1.0))
+    windows = _ids(context)
+    with pytest.raises(ValueError, match="--min-kept"):
+        compose(model, 0.05, windows, scored=scored, group=16, progress=False, log=lambda _: None, min_kept=1.0)
+    with pytest.raises(ValueError, match="floor"):
+        candidates(model, 0.125, context, scored, min_kept=1.5)
+
+
 def test_the_allocator_picks_the_best_it_scored_and_leaves_the_model_as_it_was() -> None:
     model = _model()
     windows = torch.cat([_ids(96, seed) for seed in range(2)])

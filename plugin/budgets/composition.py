@@ -105,11 +105,14 @@ def held_bytes(model: Any, cache: Any) -> float:
 def candidates(model: Any, byte_budget: float, context: int, scored: int,
                choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES, shares: Sequence[float] = KEEP_SHARES,
                profiles: Sequence[str] = PROFILES, group: int = 64, spread: float = 0.5,
-               min_rank_budget: float = 0.25) -> list[Composition]:
+               min_rank_budget: float = 0.25, min_kept: float = 0.0) -> list[Composition]:
     """Every composition whose formula bytes at `context` fit `byte_budget`: per bit width, each kept share with
-    the largest grid rank that fits, and the kept share at which full rank fits exactly."""
+    the largest grid rank that fits, and the kept share at which full rank fits exactly.  `min_kept` is a floor on
+    the share of the prompt every layer keeps (a needle evicted at prefill cannot be retrieved later)."""
     if not 0.0 < byte_budget <= 1.0:
         raise ValueError(f"the byte budget must lie in (0, 1] (a fraction of the bf16 full cache); got {byte_budget}")
+    if not 0.0 <= min_kept <= 1.0:
+        raise ValueError(f"the kept-token floor must lie in [0, 1] (a share of the prompt); got {min_kept}")
     if not 0 < scored < context:
         raise ValueError(f"--context {context} must exceed the {scored} scored tokens")
     cfg = model.config
@@ -122,6 +125,8 @@ def candidates(model: Any, byte_budget: float, context: int, scored: int,
         options = {min(1.0, share) for share in shares if share <= 1.0} | ({fit} if fit < 1.0 else set())
         for share in sorted(options, reverse=True):
             evicts = share < 1.0
+            if evicts and (share * context - scored) / (context - scored) < min_kept - 1e-9:
+                continue  # keeps less of the prompt than the floor
             room = byte_budget / share - (position_share if evicts else 0.0)
             rank = min(1.0, rank_budget_for(room, kb, vb, d, group))
             rank = math.floor(rank * d / step + 1e-9) * step / d
@@ -137,6 +142,8 @@ def candidates(model: Any, byte_budget: float, context: int, scored: int,
             for profile in profiles:
                 press = (SnapEviction.pyramid(ratio, layers, spread) if profile == "pyramid"
                          else SnapEviction(ratio, layer_ratios=(ratio,) * layers))
+                if max(press.layer_ratios) > 1.0 - min_kept + 1e-9:
+                    continue  # a layer would keep less than the floor
                 # the tokens each layer really keeps (whole tokens, at least one) with the scored ones after them
                 held = sum((press.kept(context - scored, layer) + scored) * (per_token + position_share)
                            for layer in range(layers)) / (layers * context)
@@ -167,7 +174,7 @@ def window_nll(model: Any, composition: Composition | None, window: torch.Tensor
 def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int = 512,
             choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES, group: int = 64, finalists: int = 3,
             profiles: Sequence[str] = PROFILES, spread: float = 0.5, progress: bool = True,
-            log: Callable[[str], None] = print) -> CompositionResult:
+            log: Callable[[str], None] = print, min_kept: float = 0.0) -> CompositionResult:
     """The best composition within `byte_budget` at the windows' length (`windows` [n, L], calibration text).
 
     Every composition with eviction spread evenly is scored on the first window; the pyramid spread of the best
@@ -175,10 +182,12 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
     """
     context, layers = windows.shape[-1], model.config.num_hidden_layers
     options = candidates(model, byte_budget, context, scored, choices, profiles=("uniform",), group=group,
-                         spread=spread)
+                         spread=spread, min_kept=min_kept)
     if not options:
+        floor = f" keeping at least {min_kept:g} of the prompt" if min_kept else ""
         raise ValueError(f"no composition fits {byte_budget:g} of a bf16 cache at {context} tokens with "
-                         f"{scored} scored tokens; give a larger budget or a longer --context")
+                         f"{scored} scored tokens{floor}; give a larger budget, a longer --context or a lower "
+                         "--min-kept")
     saved_ranks, saved_bits, saved_eviction = model.get_kv_ranks(), model.get_kv_bits(), model.get_kv_eviction()
     was_training = model.training
     model.eval()
@@ -213,7 +222,8 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
             del first[probe]
         if pyramids:
             evicting = [o for o in sorted(first, key=lambda o: float(first[o][0].mean())) if any(o.layer_ratios)]
-            score_first([_pyramid_of(o, layers, spread) for o in evicting[:pyramids]], "pyramid spreads")
+            spreads = [_pyramid_of(o, layers, spread) for o in evicting[:pyramids]]
+            score_first([o for o in spreads if max(o.layer_ratios) <= 1.0 - min_kept + 1e-9], "pyramid spreads")
         ranked = sorted(first, key=lambda o: float(first[o][0].mean()))
         scores: dict[Composition, torch.Tensor] = {}
         for option in tqdm(ranked[:finalists], desc="finalists", disable=not progress or rest == 0):

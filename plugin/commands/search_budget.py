@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--context: calibration windows; the best --finalists are scored on all (default 2)")
     parser.add_argument("--score-last", type=int, default=512, help="--context: tokens scored per window (512)")
     parser.add_argument("--finalists", type=int, default=3, help="--context: compositions scored on every window")
+    parser.add_argument("--min-kept", type=float, default=0.0,
+                        help="--context: keep at least this share of the prompt in every layer (e.g. 0.5), protecting "
+                             "retrieval: a token evicted at prefill cannot be found later (default 0: no floor)")
     target.add_argument("--budget",
                         help="target budget in (0, 1], e.g. 0.375; a comma list (0.5,0.375) reads every "
                              "target off one descent and writes one rank file each")
@@ -212,7 +215,7 @@ def run_composition(args: argparse.Namespace, choices: list[tuple[int, int]], ou
         raise ValueError(f"--data holds {len(windows)} windows of {args.context} tokens, not {args.windows}; give "
                          "more text or fewer --windows")
     result = compose(model, args.bytes, windows, scored=args.score_last, choices=choices, group=args.group,
-                     finalists=args.finalists)
+                     finalists=args.finalists, min_kept=args.min_kept)
     cfg = model.config
     write_rank_file(out, result.ranks, cfg.head_dim, **result.file_fields(cfg.num_hidden_layers,
                                                                            cfg.num_key_value_heads),

@@ -1,0 +1,238 @@
+"""The long-context frontier: last-512-token perplexity against cache bytes from 1/2 to 1/16 of a bfloat16 cache.
+
+One line per way to shrink the cache, every point scored on the same held-out windows (the long-context protocol:
+the last 512 tokens of each window, the tokens before them read into the setting's cache first, a paired
+block-bootstrap 95% interval against the full cache), with the shipped long-context projections:
+
+* the allocator: `mkv search-budget --bytes F --context L` at each budget F (its files go to
+  docs/data/composition/longctx-F-Lk.json; a file already there is reused, not searched again);
+* ranks alone (the projections at uniform ranks on their grid);
+* bits alone: ours (quant-only, KIVI-style, identity bases) and transformers' QuantizedCache (optimum-quanto);
+* ours bits x eviction at full rank (4 bits, the project's SnapEviction down to each budget);
+* kvpress presses on the base model (SnapKV, expected attention, PyramidKV's per-layer budgets), from the
+  benchmark-only env of benchmarks/kvpress_env.sh.
+
+Steps, each resumable (rows already in the JSON are kept, not measured again):
+
+    python -m benchmarks.longctx_frontier --context 4096 --search      # the allocator, one search per budget
+    python -m benchmarks.longctx_frontier --context 4096               # every line but kvpress's
+    bash benchmarks/kvpress_env.sh && \\
+        .venv-kvpress/bin/python -m benchmarks.longctx_frontier --context 4096 --kvpress
+    python -m benchmarks.longctx_frontier --render                     # docs/benchmarks.md section + figure
+
+The summary reads each line at each budget as its best point at or below that many bytes, and sets the
+allocator's pick against the best other line there with the paired interval of the two rows' ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from benchmarks.report import DATA, markdown_table, write_json, write_section
+
+BUDGETS = (1 / 2, 1 / 3, 1 / 4, 1 / 6, 1 / 8, 1 / 12, 1 / 16)
+NAMES = {1 / 2: "1/2", 1 / 3: "1/3", 1 / 4: "1/4", 1 / 6: "1/6", 1 / 8: "1/8", 1 / 12: "1/12", 1 / 16: "1/16"}
+MODEL = "embedded-matryoshka-longctx"
+WINDOWS = {2048: 8, 4096: 8, 8192: 4}
+RANKS = (0.5, 0.375, 0.25, 0.125)  # the projections' rank grid (steps of head_dim / 8) within 1/2 of the bytes
+QUANT_BITS = ("8", "4", "2")
+HF_QUANT = ("quanto:4", "quanto:2")
+EVICT_BITS = 4
+PRESSES = ("snapkv", "expected-attention", "pyramidkv")
+OUT = DATA / "longctx_frontier.json"
+SECTION = ("longctx-frontier", "Long-context frontier: 1/2 to 1/16 of the bytes, every way to shrink the cache")
+
+# The line each row's method belongs to, in the order the summary lists them.
+LINES = {
+    "allocator": ("composition",),
+    "ranks alone": ("longctx",),
+    "bits alone (ours)": ("quant-only",),
+    "bits alone (QuantizedCache)": ("hf-quanto",),
+    f"{EVICT_BITS} bits x eviction, full rank (ours)": ("evict-ranks-bits",),
+    "kvpress SnapKV": ("kvpress-snapkv",),
+    "kvpress expected attention": ("kvpress-expected-attention",),
+    "kvpress PyramidKV": ("kvpress-pyramidkv",),
+}
+SLACK = 1e-6  # bytes read from a cache sit a hair off the budget's float
+
+
+def composition_file(budget: float, context: int) -> Path:
+    return DATA / "composition" / f"longctx-{budget:.4g}-{context // 1024}k.json"
+
+
+def search(context: int, windows: int) -> None:
+    """One allocator search per budget (skipping budgets whose file exists), each written atomically."""
+    from plugin.cli import main as mkv
+
+    for budget in BUDGETS:
+        path = composition_file(budget, context)
+        if path.is_file():
+            print(f"{NAMES[budget]} at {context}: {path} is there, not searched again", flush=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        code = mkv(["search-budget", "--model", MODEL, "--bytes", repr(budget), "--context", str(context),
+                    "--windows", str(windows), "--out", str(path)])
+        if code != 0:
+            raise SystemExit(f"the search at {NAMES[budget]} of the bytes and {context} tokens failed ({code})")
+
+
+def _has_quanto() -> bool:
+    try:
+        import optimum.quanto  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def measure(context: int, kvpress: bool, out: Path) -> None:
+    """The rows of one context through benchmarks.longctx (--append: rows already measured are kept)."""
+    from benchmarks import longctx
+
+    common = ["--contexts", "", "--ppl-contexts", str(context), "--ppl-windows", str(WINDOWS[context]),
+              "--append", "--out", str(out)]
+    if kvpress:
+        presses = ",".join(f"{press}:{budget!r}" for press in PRESSES for budget in BUDGETS)
+        longctx.main(["--kvpress", presses, *common])
+        return
+    missing = [NAMES[b] for b in BUDGETS if not composition_file(b, context).is_file()]
+    if missing:
+        raise SystemExit(f"no allocator file at {', '.join(missing)} of the bytes for {context} tokens: run "
+                         f"`python -m benchmarks.longctx_frontier --context {context} --search` first")
+    args = ["--model", MODEL, "--label", "longctx", "--full", "--budgets", ",".join(f"{r:g}" for r in RANKS),
+            "--quant-bits", ",".join(QUANT_BITS)]
+    if _has_quanto():
+        args += ["--hf-quant", ",".join(HF_QUANT)]
+    else:
+        print("optimum-quanto is not installed: no QuantizedCache rows (pip install -r "
+              "benchmarks/requirements-competitors.txt)", flush=True)
+    evict = [f"1@{EVICT_BITS}:{budget!r}" for budget in BUDGETS if budget < 0.3]  # 4 bits alone holds ~0.28
+    args += ["--evict", ",".join(evict)]
+    for budget in BUDGETS:
+        args += ["--rank-file", f"alloc-{NAMES[budget]}={composition_file(budget, context)}"]
+    longctx.main(args + common)
+
+
+# ------------------------------------------------------------------------------------------------ the summary
+def line_of(row: dict) -> str | None:
+    return next((line for line, methods in LINES.items() if row["method"] in methods), None)
+
+
+def best_at(rows: list[dict], budget: float) -> dict | None:
+    """The row of lowest perplexity among `rows` that holds at most `budget` of the bytes."""
+    within = [r for r in rows if r["bytes_fraction"] <= budget + SLACK]
+    return min(within, key=lambda r: r["last512_perplexity"], default=None)
+
+
+def summarize(result: dict) -> list[dict]:
+    """Per context and budget: every line's best point at or below the budget, the allocator against the best
+    other line (paired interval of the two rows' perplexity ratio), and the targets' verdicts."""
+    from benchmarks.longctx import BLOCK
+    from plugin.evaluation.intervals import blocks_ratio
+
+    summary = []
+    for context in sorted({r["context"] for r in result["perplexity"]}):
+        rows = [r for r in result["perplexity"] if r["context"] == context]
+        full = next((r for r in rows if r["method"] == "full"), None)
+        by_line: dict[str, list[dict]] = {}
+        for row in rows:
+            if (line := line_of(row)) is not None:
+                by_line.setdefault(line, []).append(row)
+        for budget in BUDGETS:
+            entry = {"context": context, "budget": budget, "name": NAMES[budget], "lines": {}}
+            for line, members in by_line.items():
+                if line == "allocator":  # the allocator's point at a budget is the file searched for it
+                    best = next((r for r in members if f"alloc-{NAMES[budget]} " in r["setting"] + " "), None)
+                else:
+                    best = best_at(members, budget)
+                if best is not None:
+                    entry["lines"][line] = {"setting": best["setting"], "perplexity": best["last512_perplexity"],
+                                            "bytes": best["bytes_fraction"], "vs_full": best.get("vs_full")}
+            pick = entry["lines"].get("allocator")
+            others = {k: v for k, v in entry["lines"].items() if k != "allocator"}
+            if pick and others:
+                rival_line, rival = min(others.items(), key=lambda kv: kv[1]["perplexity"])
+                a = next(r for r in rows if r["setting"] == pick["setting"])
+                b = next(r for r in rows if r["setting"] == rival["setting"])
+                vs = blocks_ratio(a["block_nll"], b["block_nll"], [BLOCK] * len(a["block_nll"])).as_dict()
+                entry["best_other"] = {"line": rival_line, **rival}
+                entry["allocator_vs_best_other"] = vs
+                entry["no_worse"] = vs["verdict"] in ("lower", "tie")
+                entry["strictly_better"] = vs["verdict"] == "lower"
+            if pick and full:
+                entry["allocator_vs_full"] = pick["perplexity"] / full["last512_perplexity"]
+                data = json.loads(composition_file(budget, context).read_text()) if composition_file(
+                    budget, context).is_file() else {}
+                ranks = [r for table in (data.get("key", []), data.get("value", [])) for layer in table for r in layer]
+                entry["allocator_uses_ranks_below_full"] = bool(ranks) and min(ranks) < data.get("head_dim", 0)
+            summary.append(entry)
+    return summary
+
+
+def render(result: dict, summary: list[dict], figure: str) -> str:
+    from benchmarks.longctx import render as rows_section
+
+    body = ("Every line at every budget is its best measured point holding at most that share of a bfloat16 full "
+            "cache's bytes (bytes read from the cache after the prefill, key positions of an evicted pre-RoPE cache "
+            "included); the cell is its perplexity of the last 512 tokens over the full cache's, with the paired "
+            "95% interval. `allocator vs best other` is the paired ratio of the allocator's pick to the best other "
+            "line at that budget: ▼ lower, ▲ higher (interval excluding 1), no mark a tie.\n\n")
+    for context in sorted({e["context"] for e in summary}):
+        entries = [e for e in summary if e["context"] == context]
+        lines = [line for line in LINES if any(line in e["lines"] for e in entries)]
+        table = []
+        for entry in entries:
+            cells = []
+            for line in lines:
+                point = entry["lines"].get(line)
+                if point is None:
+                    cells.append("-")
+                    continue
+                vs = point.get("vs_full") or {}
+                cells.append(f"{vs.get('ratio', math.nan):.2f}x ({vs.get('low', math.nan):.2f}-"
+                             f"{vs.get('high', math.nan):.2f}) @ {point['bytes']:.3f}")
+            vs = entry.get("allocator_vs_best_other")
+            mark = {"lower": " ▼", "higher": " ▲", "tie": ""}.get(vs["verdict"], "") if vs else ""
+            cells.append(f"{vs['ratio']:.3f}x {entry['best_other']['line']} ({vs['low']:.3f}-{vs['high']:.3f}){mark}"
+                         if vs else "-")
+            table.append([entry["name"], *cells])
+        body += f"**{context} tokens** ({WINDOWS.get(context, '?')} held-out windows):\n\n"
+        body += markdown_table(["bytes", *lines, "allocator vs best other"], table) + "\n\n"
+    body += rows_section(result, figure)
+    return body
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--context", type=int, choices=sorted(WINDOWS), default=4096)
+    parser.add_argument("--search", action="store_true", help="run the allocator's searches (one per budget)")
+    parser.add_argument("--search-windows", type=int, default=2, help="calibration windows per search (default 2)")
+    parser.add_argument("--kvpress", action="store_true", help="the kvpress rows (run with .venv-kvpress/bin/python)")
+    parser.add_argument("--render", action="store_true", help="only write the docs section and figure from --out")
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.search:
+        search(args.context, args.search_windows)
+        return 0
+    if not args.render:
+        measure(args.context, args.kvpress, out)
+    if not out.is_file():
+        parser.error(f"{out} does not exist: measure first (python -m benchmarks.longctx_frontier --context 4096)")
+    result = json.loads(out.read_text())
+    summary = summarize(result)
+    result["summary"] = summary
+    write_json(out, result)
+    if args.render:
+        from benchmarks.plots import longctx_png
+
+        longctx_png(result, out.with_suffix(".png"))
+        write_section(*SECTION, render(result, summary, out.with_suffix(".png").name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
