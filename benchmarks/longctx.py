@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank-file", action="append", default=[],
                         help="LABEL=PATH: a row for the first --model with a rank file of `mkv search-budget --bytes F "
                              "--context L` (ranks, bits, per-layer eviction), measured at its L only (repeatable)")
+    parser.add_argument("--rank-file-prompts", action="store_true",
+                        help="also answer the --contexts pass-key prompts with each --rank-file's composition (its "
+                             "per-layer kept shares applied to each prompt's prefill), not only its own context")
     parser.add_argument("--tiered", default="", help="W@R[,W@R]: age-tiered rows for the first --model (e.g. 512@32)")
     parser.add_argument("--tiered-budget", type=float, default=0.25, help="the uniform budget whose bytes tiers match")
     parser.add_argument("--contexts", default="512,1024,2048", help="retrieval prompt lengths (tokens); '' for none")
@@ -387,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{setting.name}: last-512 perplexity at {context} = {math.exp(float(nll.mean())):.2f}, "
                   f"bytes {perplexity[-1]['bytes_fraction']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
         for context, items in prompts.items():
-            if (setting.name, context) in done_retrieval or setting.only_context is not None:
-                continue  # a rank file's eviction was allocated for its own context, not these prompts
+            if (setting.name, context) in done_retrieval or (setting.only_context is not None
+                                                             and not args.rank_file_prompts):
+                continue  # a rank file's eviction was allocated for its own context (unless asked for)
             start = time.perf_counter()
             if setting.tiered is not None:
                 try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 from benchmarks.report import DATA, markdown_table, write_json, write_section
@@ -42,6 +43,9 @@ QUANT_BITS = ("8", "4", "2")
 HF_QUANT = ("quanto:4", "quanto:2")
 EVICT_BITS = 4
 PRESSES = ("snapkv", "expected-attention", "pyramidkv")
+PASSKEY_LENGTHS = (128, 256)  # the base model answers 34/100 at 128 and 20/100 at 256 (docs/data/longctx_passkey.json)
+PASSKEY_PER_DEPTH = 20  # x 5 depths: 100 prompts per length
+FLOORS = ((1 / 4, 0.75), (1 / 8, 0.5))  # the allocator protecting retrieval: (budget, kept share of the prompt)
 OUT = DATA / "longctx_frontier.json"
 SECTION = ("longctx-frontier", "Long-context frontier: 1/2 to 1/16 of the bytes, every way to shrink the cache")
 
@@ -59,22 +63,23 @@ LINES = {
 SLACK = 1e-6  # bytes read from a cache sit a hair off the budget's float
 
 
-def composition_file(budget: float, context: int) -> Path:
-    return DATA / "composition" / f"longctx-{budget:.4g}-{context // 1024}k.json"
+def composition_file(budget: float, context: int, min_kept: float = 0.0) -> Path:
+    floor = f"-kept-{min_kept:g}" if min_kept else ""
+    return DATA / "composition" / f"longctx-{budget:.4g}-{context // 1024}k{floor}.json"
 
 
 def search(context: int, windows: int) -> None:
-    """One allocator search per budget (skipping budgets whose file exists), each written atomically."""
+    """One allocator search per budget, and per (budget, kept-token floor) of FLOORS (skipping files that exist)."""
     from plugin.cli import main as mkv
 
-    for budget in BUDGETS:
-        path = composition_file(budget, context)
+    for budget, floor in [(b, 0.0) for b in BUDGETS] + list(FLOORS):
+        path = composition_file(budget, context, floor)
         if path.is_file():
             print(f"{NAMES[budget]} at {context}: {path} is there, not searched again", flush=True)
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         code = mkv(["search-budget", "--model", MODEL, "--bytes", repr(budget), "--context", str(context),
-                    "--windows", str(windows), "--out", str(path)])
+                    "--windows", str(windows), "--min-kept", str(floor), "--out", str(path)])
         if code != 0:
             raise SystemExit(f"the search at {NAMES[budget]} of the bytes and {context} tokens failed ({code})")
 
@@ -87,12 +92,17 @@ def _has_quanto() -> bool:
     return True
 
 
-def measure(context: int, kvpress: bool, out: Path) -> None:
-    """The rows of one context through benchmarks.longctx (--append: rows already measured are kept)."""
+def measure(context: int, kvpress: bool, out: Path, passkey: bool = False) -> None:
+    """The rows of one context through benchmarks.longctx (--append: rows already measured are kept); with
+    `passkey`, pass-key retrieval at PASSKEY_LENGTHS instead of perplexity, for the same settings (the allocator's
+    compositions with their kept shares applied to each prompt)."""
     from benchmarks import longctx
 
     common = ["--contexts", "", "--ppl-contexts", str(context), "--ppl-windows", str(WINDOWS[context]),
               "--append", "--out", str(out)]
+    if passkey:
+        common = ["--contexts", ",".join(map(str, PASSKEY_LENGTHS)), "--per-depth", str(PASSKEY_PER_DEPTH),
+                  "--ppl-contexts", "", "--rank-file-prompts", "--append", "--out", str(out)]
     if kvpress:
         presses = ",".join(f"{press}:{budget!r}" for press in PRESSES for budget in BUDGETS)
         longctx.main(["--kvpress", presses, *common])
@@ -112,6 +122,10 @@ def measure(context: int, kvpress: bool, out: Path) -> None:
     args += ["--evict", ",".join(evict)]
     for budget in BUDGETS:
         args += ["--rank-file", f"alloc-{NAMES[budget]}={composition_file(budget, context)}"]
+    for budget, floor in FLOORS:
+        path = composition_file(budget, context, floor)
+        if path.is_file():
+            args += ["--rank-file", f"alloc-{NAMES[budget]}-kept-{floor:g}={path}"]
     longctx.main(args + common)
 
 
@@ -163,10 +177,9 @@ def summarize(result: dict) -> list[dict]:
                 entry["strictly_better"] = vs["verdict"] == "lower"
             if pick and full:
                 entry["allocator_vs_full"] = pick["perplexity"] / full["last512_perplexity"]
-                data = json.loads(composition_file(budget, context).read_text()) if composition_file(
-                    budget, context).is_file() else {}
-                ranks = [r for table in (data.get("key", []), data.get("value", [])) for layer in table for r in layer]
-                entry["allocator_uses_ranks_below_full"] = bool(ranks) and min(ranks) < data.get("head_dim", 0)
+            if pick:  # the row names its composition: "... (ranks R x B bits x ...)"
+                found = re.search(r"\(ranks ([0-9.]+) x", pick["setting"])
+                entry["allocator_uses_ranks_below_full"] = bool(found) and float(found.group(1)) < 1.0
             summary.append(entry)
     return summary
 
@@ -211,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search", action="store_true", help="run the allocator's searches (one per budget)")
     parser.add_argument("--search-windows", type=int, default=2, help="calibration windows per search (default 2)")
     parser.add_argument("--kvpress", action="store_true", help="the kvpress rows (run with .venv-kvpress/bin/python)")
+    parser.add_argument("--passkey", action="store_true",
+                        help=f"pass-key retrieval at {', '.join(map(str, PASSKEY_LENGTHS))} tokens for the same settings "
+                             f"({PASSKEY_PER_DEPTH * 5} prompts per length), into --out's retrieval rows")
     parser.add_argument("--render", action="store_true", help="only write the docs section and figure from --out")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
@@ -219,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         search(args.context, args.search_windows)
         return 0
     if not args.render:
-        measure(args.context, args.kvpress, out)
+        measure(args.context, args.kvpress, out, args.passkey)
     if not out.is_file():
         parser.error(f"{out} does not exist: measure first (python -m benchmarks.longctx_frontier --context 4096)")
     result = json.loads(out.read_text())

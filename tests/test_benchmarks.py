@@ -346,6 +346,75 @@ def test_longctx_evict_rows_compose_eviction_ranks_and_bits_at_measured_bytes(tm
         longctx.main(["--model", str(tmp_path / "pca"), "--evict", "1@3:0.2", "--out", str(out)])
 
 
+def test_longctx_rank_file_rows_hold_their_bytes_and_answer_prompts_only_when_asked(tmp_path) -> None:
+    """--rank-file: a composition file of the allocator is measured at its own context only, within the bytes it
+    states; its pass-key prompts are answered only with --rank-file-prompts."""
+    from conftest import make_tiny_llama
+    from helpers import save_tiny_base, to_pca
+
+    from plugin.budgets.composition import compose
+    from plugin.budgets.ranks import write_rank_file
+
+    base = make_tiny_llama("gqa", attn_implementation="sdpa")
+    save_tiny_base(base, tmp_path / "base")
+    pca = to_pca(base, key_space="pre-rope")
+    pca.save_pretrained(tmp_path / "pca")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tmp_path / "base" / name).exists():
+            (tmp_path / "pca" / name).write_bytes((tmp_path / "base" / name).read_bytes())
+    import torch
+
+    windows = torch.randint(0, 128, (1, 1200), generator=torch.Generator().manual_seed(0))
+    result = compose(pca, 0.125, windows, scored=512, group=64, finalists=1, progress=False, log=lambda _: None)
+    cfg = pca.config
+    write_rank_file(tmp_path / "alloc.json", result.ranks, cfg.head_dim,
+                    **result.file_fields(cfg.num_hidden_layers, cfg.num_key_value_heads))
+    longctx = importlib.import_module("benchmarks.longctx")
+    common = ["--model", str(tmp_path / "pca"), "--label", "tiny", "--budgets", "", "--rank-file",
+              f"a={tmp_path / 'alloc.json'}", "--contexts", "200", "--depths", "1", "--per-depth", "1",
+              "--ppl-contexts", "600,1200", "--ppl-windows", "1"]
+    assert longctx.main([*common, "--out", str(tmp_path / "plain.json")]) == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    (row,) = plain["perplexity"]  # its own context only
+    assert row["context"] == 1200 and row["method"] == "composition" and row["setting"].startswith("tiny a (")
+    assert row["bytes_fraction"] <= 0.125 + 1e-9 and row["bytes_fraction"] == pytest.approx(result.bytes_fraction)
+    assert plain["retrieval"] == []
+    assert longctx.main([*common, "--rank-file-prompts", "--out", str(tmp_path / "asked.json")]) == 0
+    asked = json.loads((tmp_path / "asked.json").read_text())
+    assert [(r["setting"], r["context"], r["items"]) for r in asked["retrieval"]] == [(row["setting"], 200, 1)]
+
+
+def test_frontier_summary_reads_each_line_at_or_below_each_budget() -> None:
+    """benchmarks.longctx_frontier's summary: a line's point at a budget is its best row within those bytes, the
+    allocator's is the row of the file searched for that budget, and the comparison pairs the two rows' blocks."""
+    import math
+
+    frontier = importlib.import_module("benchmarks.longctx_frontier")
+
+    def row(setting: str, method: str, nbytes: float, nll: float) -> dict:
+        return {"setting": setting, "method": method, "context": 4096, "bytes_fraction": nbytes,
+                "last512_perplexity": math.exp(nll), "block_nll": [nll * 64 + i % 3 for i in range(8)]}
+
+    rows = [row("full", "full", 1.0, 3.0), row("longctx 0.5", "longctx", 0.5, 3.4),
+            row("longctx 0.25", "longctx", 0.25, 3.9), row("quant-only 4b", "quant-only", 0.281, 3.01),
+            row("longctx alloc-1/4 (ranks 1 x 4 bits x 0.9 of the prompt (uniform))", "composition", 0.2499, 3.02),
+            row("longctx alloc-1/8 (ranks 0.75 x 4 bits x 0.5 of the prompt (uniform))", "composition", 0.125, 3.05),
+            row("longctx 1 x 4b + evict <= 0.125", "evict-ranks-bits", 0.125, 3.1),
+            row("snapkv 0.125", "kvpress-snapkv", 0.1251, 2.9)]  # a hair above 1/8: not a point at 1/8
+    summary = {e["name"]: e for e in frontier.summarize({"perplexity": rows})}
+    quarter = summary["1/4"]
+    assert quarter["lines"]["ranks alone"]["setting"] == "longctx 0.25"  # 0.5 holds too many bytes
+    assert "bits alone (ours)" not in quarter["lines"]  # 0.281 of the bytes is more than 1/4
+    assert quarter["lines"]["allocator"]["setting"].startswith("longctx alloc-1/4 ")
+    assert quarter["allocator_uses_ranks_below_full"] is False
+    eighth = summary["1/8"]
+    assert "kvpress SnapKV" not in eighth["lines"] and eighth["best_other"]["setting"] == "longctx 1 x 4b + evict <= 0.125"
+    assert eighth["allocator_vs_best_other"]["ratio"] == pytest.approx(math.exp(-0.05))
+    assert eighth["strictly_better"] and eighth["allocator_uses_ranks_below_full"] is True
+    assert eighth["allocator_vs_full"] == pytest.approx(math.exp(0.05))
+    assert "allocator" not in summary["1/16"]["lines"]
+
+
 def test_quant_kernels_measures_ours_with_exact_bytes_and_bounded_error(tmp_path) -> None:
     """benchmarks/quant_kernels.py in process on a small shape: this project's row has the formula's bytes and
     an error within half a grid step; competitors are measured when installed, else reported missing."""

@@ -82,7 +82,7 @@ class CompositionResult:
         return {
             "key_bits": [[best.key_bits] * heads for _ in range(layers)],
             "value_bits": [[best.value_bits] * heads for _ in range(layers)], "quant_group": self.group,
-            "eviction": {"layer_ratios": [round(r, 6) for r in best.layer_ratios], "profile": best.profile},
+            "eviction": {"layer_ratios": list(best.layer_ratios), "profile": best.profile},  # unrounded: kept counts exact
             "context": self.context, "scored": self.scored, "bytes_fraction": round(self.bytes_fraction, 6),
             "composition": best.label(), "perplexity": round(self.perplexity, 4),
             "full_perplexity": round(self.full_perplexity, 4), "candidates": self.candidates,
