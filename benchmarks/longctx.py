@@ -167,9 +167,13 @@ class Setting:
             return held_bytes(self.model, cache) / (self.model.full_cache_bytes_per_token(torch.bfloat16) * tokens)
         if self.bits is not None or self.evict_to is not None:  # the rate times the share of the tokens still held
             return self.rate() * cache.get_seq_length() / tokens
-        if self.hf_quant is not None:
+        if self.hf_quant is not None:  # codes, float16 scales and zeros, and the bf16 residual window it keeps
+            import torch
+
             codes, groups, elements = hf_quant_counts(cache)
-            return (codes + 2 * 2 * groups) / (2 * elements)
+            residual = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers
+                           if isinstance(getattr(layer, "keys", None), torch.Tensor))
+            return (codes + 2 * 2 * groups + 2 * residual) / (2 * (elements + residual))
         if not hasattr(self.model, "set_kv_budget"):  # a DynamicCache: its tensors, after any eviction
             held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
             return held / (full * tokens)

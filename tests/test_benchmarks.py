@@ -575,3 +575,21 @@ def test_key_space_compares_pre_and_post_rope_keys_on_the_same_tokens(tmp_path) 
     again = json.loads(out.read_text())
     assert again["rows"] == result["rows"] and [r["setting"] for r in again["decode"]] == ["full cache", "pre"]
     assert "--decode-only" in again["decode_command"] and "measured alone" in render(again)
+
+
+def test_quantized_cache_bytes_count_its_full_precision_window() -> None:
+    """transformers' QuantizedCache keeps its newest tokens unquantized: they count at bfloat16 beside the codes."""
+    import types
+
+    import torch
+
+    longctx = importlib.import_module("benchmarks.longctx")
+    quantized = (torch.zeros(64, dtype=torch.uint8), {"scale": torch.zeros(8), "shape": (1, 2, 64, 4)})  # 512 at 1 byte
+    layer = types.SimpleNamespace(_quantized_keys=quantized, _quantized_values=quantized,
+                                  keys=torch.zeros(1, 2, 16, 4), values=torch.zeros(1, 2, 16, 4))
+    cache = types.SimpleNamespace(layers=[layer])
+    model = types.SimpleNamespace(config=types.SimpleNamespace(num_hidden_layers=1, num_key_value_heads=2, head_dim=4))
+    setting = longctx.Setting("quanto 4b", "hf-quanto", model, hf_quant=("quanto", 4))
+    codes, groups, residual = 2 * 64, 2 * 8, 2 * 2 * 16 * 4
+    expected = (codes + 2 * 2 * groups + 2 * residual) / (2 * (2 * 512 + residual))
+    assert setting.bf16_fraction(cache, 80) == pytest.approx(expected)
