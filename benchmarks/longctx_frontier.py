@@ -32,7 +32,7 @@ import math
 import re
 from pathlib import Path
 
-from benchmarks.report import DATA, markdown_table, write_json, write_section
+from benchmarks.report import DATA, ROOT, markdown_table, write_json, write_section
 
 BUDGETS = (1 / 2, 1 / 3, 1 / 4, 1 / 6, 1 / 8, 1 / 12, 1 / 16)
 NAMES = {1 / 2: "1/2", 1 / 3: "1/3", 1 / 4: "1/4", 1 / 6: "1/6", 1 / 8: "1/8", 1 / 12: "1/12", 1 / 16: "1/16"}
@@ -68,6 +68,11 @@ def composition_file(budget: float, context: int, min_kept: float = 0.0) -> Path
     return DATA / "composition" / f"longctx-{budget:.4g}-{context // 1024}k{floor}.json"
 
 
+def _shown(path: Path) -> str:
+    """A path as the recorded command gives it: relative when run from the repository root (any checkout)."""
+    return str(path.relative_to(ROOT)) if Path.cwd().resolve() == ROOT else str(path)
+
+
 def search(context: int, windows: int) -> None:
     """One allocator search per budget, and per (budget, kept-token floor) of FLOORS (skipping files that exist)."""
     from plugin.cli import main as mkv
@@ -79,7 +84,7 @@ def search(context: int, windows: int) -> None:
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         code = mkv(["search-budget", "--model", MODEL, "--bytes", repr(budget), "--context", str(context),
-                    "--windows", str(windows), "--min-kept", str(floor), "--out", str(path)])
+                    "--windows", str(windows), "--min-kept", str(floor), "--out", _shown(path)])
         if code != 0:
             raise SystemExit(f"the search at {NAMES[budget]} of the bytes and {context} tokens failed ({code})")
 
@@ -121,11 +126,11 @@ def measure(context: int, kvpress: bool, out: Path, passkey: bool = False) -> No
     evict = [f"1@{EVICT_BITS}:{budget!r}" for budget in BUDGETS if budget < 0.3]  # 4 bits alone holds ~0.28
     args += ["--evict", ",".join(evict)]
     for budget in BUDGETS:
-        args += ["--rank-file", f"alloc-{NAMES[budget]}={composition_file(budget, context)}"]
+        args += ["--rank-file", f"alloc-{NAMES[budget]}={_shown(composition_file(budget, context))}"]
     for budget, floor in FLOORS:
         path = composition_file(budget, context, floor)
         if path.is_file():
-            args += ["--rank-file", f"alloc-{NAMES[budget]}-kept-{floor:g}={path}"]
+            args += ["--rank-file", f"alloc-{NAMES[budget]}-kept-{floor:g}={_shown(path)}"]
     longctx.main(args + common)
 
 
