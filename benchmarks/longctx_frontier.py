@@ -70,7 +70,8 @@ def composition_file(budget: float, context: int, min_kept: float = 0.0) -> Path
 
 def _shown(path: Path) -> str:
     """A path as the recorded command gives it: relative when run from the repository root (any checkout)."""
-    return str(path.relative_to(ROOT)) if Path.cwd().resolve() == ROOT else str(path)
+    full = Path(path).resolve()
+    return str(full.relative_to(ROOT)) if Path.cwd().resolve() == ROOT and full.is_relative_to(ROOT) else str(path)
 
 
 def search(context: int, windows: int) -> None:
@@ -104,10 +105,10 @@ def measure(context: int, kvpress: bool, out: Path, passkey: bool = False) -> No
     from benchmarks import longctx
 
     common = ["--contexts", "", "--ppl-contexts", str(context), "--ppl-windows", str(WINDOWS[context]),
-              "--append", "--out", str(out)]
+              "--append", "--out", _shown(out)]
     if passkey:
         common = ["--contexts", ",".join(map(str, PASSKEY_LENGTHS)), "--per-depth", str(PASSKEY_PER_DEPTH),
-                  "--ppl-contexts", "", "--rank-file-prompts", "--append", "--out", str(out)]
+                  "--ppl-contexts", "", "--rank-file-prompts", "--append", "--out", _shown(out)]
     if kvpress:
         presses = ",".join(f"{press}:{budget!r}" for press in PRESSES for budget in BUDGETS)
         longctx.main(["--kvpress", presses, *common])
