@@ -159,20 +159,16 @@ class Setting:
         """
         cfg = self.model.config
         full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-        if self.rank_file is not None:  # per layer: its tokens at its rate, plus stored positions
-            import torch
+        import torch
 
+        if self.rank_file is not None:  # per layer: its tokens at its rate, plus stored positions
             from plugin.budgets.composition import held_bytes
 
             return held_bytes(self.model, cache) / (self.model.full_cache_bytes_per_token(torch.bfloat16) * tokens)
         if self.bits is not None or self.evict_to is not None:  # the rate times the share of the tokens still held
             return self.rate() * cache.get_seq_length() / tokens
         if self.hf_quant is not None:  # codes, float16 scales and zeros, and the bf16 residual window it keeps
-            import torch
-
-            codes, groups, elements = hf_quant_counts(cache)
-            residual = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers
-                           if isinstance(getattr(layer, "keys", None), torch.Tensor))
+            codes, groups, elements, residual = hf_quant_counts(cache)
             return (codes + 2 * 2 * groups + 2 * residual) / (2 * (elements + residual))
         if not hasattr(self.model, "set_kv_budget"):  # a DynamicCache: its tensors, after any eviction
             held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
@@ -180,10 +176,13 @@ class Setting:
         return cache.nbytes() / (full * tokens * self.model.dtype.itemsize)
 
 
-def hf_quant_counts(cache: Any) -> tuple[int, int, int]:
-    """(bytes of packed codes, quantization groups, quantized elements) of a transformers QuantizedCache."""
-    codes = groups = elements = 0
+def hf_quant_counts(cache: Any) -> tuple[int, int, int, int]:
+    """(bytes of packed codes, quantization groups, quantized elements, elements of the recent tokens it keeps
+    unquantized) of a transformers QuantizedCache."""
+    codes = groups = elements = residual = 0
     for layer in cache.layers:
+        if hasattr(layer.keys, "numel"):  # a tensor once the layer holds any token
+            residual += layer.keys.numel() + layer.values.numel()
         for q in (layer._quantized_keys, layer._quantized_values):
             if isinstance(q, tuple):  # HQQ: (packed codes, meta)
                 codes += q[0].numel() * q[0].element_size()
@@ -193,7 +192,7 @@ def hf_quant_counts(cache: Any) -> tuple[int, int, int]:
                 codes += q._data._data.numel() * q._data._data.element_size()
                 groups += q._scale.numel()
                 elements += q.numel()
-    return codes, groups, elements
+    return codes, groups, elements, residual
 
 
 PRESSES = ("knorm", "snapkv", "expected-attention", "pyramidkv")
@@ -447,12 +446,16 @@ def add_intervals(rows: list[dict], compare_to: str = "") -> None:
     for row in rows:
         if not row.get("block_nll"):
             continue
-        counts = [BLOCK] * len(row["block_nll"])
         for key, name in (("vs_full", "full"), ("vs_compared", compare_to)):
             other = by.get((name, row["context"]))
             if name and other is not None and len(other["block_nll"]) == len(row["block_nll"]):
-                row[key] = blocks_ratio(row["block_nll"], other["block_nll"], counts).as_dict()
+                row[key] = paired_ratio(row, other)
                 row[key]["against"] = name
+
+
+def paired_ratio(row: dict, other: dict) -> dict:
+    """`row`'s perplexity over `other`'s on the same windows, with its paired 95% interval over their 64-token blocks."""
+    return blocks_ratio(row["block_nll"], other["block_nll"], [BLOCK] * len(row["block_nll"])).as_dict()
 
 
 SECTION = ("longctx", "Long context: retrieval and last-512-token perplexity at equal bytes")

@@ -149,8 +149,7 @@ def best_at(rows: list[dict], budget: float) -> dict | None:
 def summarize(result: dict) -> list[dict]:
     """Per context and budget: every line's best point at or below the budget, the allocator against the best
     other line (paired interval of the two rows' perplexity ratio), and the targets' verdicts."""
-    from benchmarks.longctx import BLOCK
-    from plugin.evaluation.intervals import blocks_ratio
+    from benchmarks.longctx import paired_ratio
 
     summary = []
     for context in sorted({r["context"] for r in result["perplexity"]}):
@@ -176,7 +175,7 @@ def summarize(result: dict) -> list[dict]:
                 rival_line, rival = min(others.items(), key=lambda kv: kv[1]["perplexity"])
                 a = next(r for r in rows if r["setting"] == pick["setting"])
                 b = next(r for r in rows if r["setting"] == rival["setting"])
-                vs = blocks_ratio(a["block_nll"], b["block_nll"], [BLOCK] * len(a["block_nll"])).as_dict()
+                vs = paired_ratio(a, b)
                 entry["best_other"] = {"line": rival_line, **rival}
                 entry["allocator_vs_best_other"] = vs
                 entry["no_worse"] = vs["verdict"] in ("lower", "tie")

@@ -102,6 +102,11 @@ def held_bytes(model: Any, cache: Any) -> float:
     return held + (cache._position_bytes() if hasattr(cache, "_position_bytes") else 0)
 
 
+def keeps_floor(layer_ratios: Sequence[float], min_kept: float) -> bool:
+    """Every layer keeps at least `min_kept` of the prompt (a needle evicted at prefill cannot be found later)."""
+    return max(layer_ratios) <= 1.0 - min_kept + 1e-9
+
+
 def candidates(model: Any, byte_budget: float, context: int, scored: int,
                choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES, shares: Sequence[float] = KEEP_SHARES,
                profiles: Sequence[str] = PROFILES, group: int = 64, spread: float = 0.5,
@@ -125,8 +130,6 @@ def candidates(model: Any, byte_budget: float, context: int, scored: int,
         options = {min(1.0, share) for share in shares if share <= 1.0} | ({fit} if fit < 1.0 else set())
         for share in sorted(options, reverse=True):
             evicts = share < 1.0
-            if evicts and (share * context - scored) / (context - scored) < min_kept - 1e-9:
-                continue  # keeps less of the prompt than the floor
             room = byte_budget / share - (position_share if evicts else 0.0)
             rank = min(1.0, rank_budget_for(room, kb, vb, d, group))
             rank = math.floor(rank * d / step + 1e-9) * step / d
@@ -142,8 +145,8 @@ def candidates(model: Any, byte_budget: float, context: int, scored: int,
             for profile in profiles:
                 press = (SnapEviction.pyramid(ratio, layers, spread) if profile == "pyramid"
                          else SnapEviction(ratio, layer_ratios=(ratio,) * layers))
-                if max(press.layer_ratios) > 1.0 - min_kept + 1e-9:
-                    continue  # a layer would keep less than the floor
+                if not keeps_floor(press.layer_ratios, min_kept):
+                    continue
                 # the tokens each layer really keeps (whole tokens, at least one) with the scored ones after them
                 held = sum((press.kept(context - scored, layer) + scored) * (per_token + position_share)
                            for layer in range(layers)) / (layers * context)
@@ -223,7 +226,7 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         if pyramids:
             evicting = [o for o in sorted(first, key=lambda o: float(first[o][0].mean())) if any(o.layer_ratios)]
             spreads = [_pyramid_of(o, layers, spread) for o in evicting[:pyramids]]
-            score_first([o for o in spreads if max(o.layer_ratios) <= 1.0 - min_kept + 1e-9], "pyramid spreads")
+            score_first([o for o in spreads if keeps_floor(o.layer_ratios, min_kept)], "pyramid spreads")
         ranked = sorted(first, key=lambda o: float(first[o][0].mean()))
         scores: dict[Composition, torch.Tensor] = {}
         for option in tqdm(ranked[:finalists], desc="finalists", disable=not progress or rest == 0):
