@@ -358,10 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = {c: passkey_items(tokenizer, texts, c, _floats(args.depths), args.per_depth) for c in _ints(args.contexts)}
     lengths, counts = _ints(args.ppl_contexts), _ints(args.ppl_windows)
     counts = counts * len(lengths) if len(counts) == 1 else counts
-    if len(counts) != len(lengths):
+    if lengths and len(counts) != len(lengths):
         parser.error("--ppl-windows: one count, or one per --ppl-contexts length")
     windows = {c: token_windows(tokenizer, texts, c, c * n) for c, n in zip(lengths, counts)}
-    retrieval, perplexity, commands = [], [], []
+    retrieval, perplexity, commands, previous = [], [], [], {}
     if args.append and Path(args.out).exists():
         import json
 
@@ -370,6 +370,28 @@ def main(argv: list[str] | None = None) -> int:
         commands = previous.get("commands", [previous["command"]])
     done_ppl = {(r["setting"], r["context"]) for r in perplexity}
     done_retrieval = {(r["setting"], r["context"]) for r in retrieval}
+    interpreter = "python"
+    if Path(sys.prefix).name != ".venv":  # e.g. the kvpress env: say which interpreter made these rows
+        interpreter = f"{Path(sys.prefix).name}/bin/python"
+    commands.append(f"{interpreter} -m benchmarks.longctx " + " ".join(shlex.quote(a) for a in argv or sys.argv[1:]))
+    now = versions()
+    if previous.get("versions") and now not in previous["versions"]:
+        now = f"{previous['versions']}; {interpreter}: {now}"
+    elif previous.get("versions"):
+        now = previous["versions"]
+    note = previous.get("note")
+
+    def save() -> dict:
+        """Write every row so far: a pass stopped midway keeps its finished settings (--append resumes it)."""
+        add_intervals(perplexity, args.compare_to)
+        result = {"command": " && ".join(commands), "commands": commands, "machine": machine(),
+                  "versions": now, "date": time.strftime("%Y-%m-%d"), "retrieval": retrieval,
+                  "perplexity": perplexity}
+        if note:
+            result["note"] = note  # the reading written for the earlier rows stays until rewritten
+        write_json(args.out, result)
+        return result
+
     for setting in settings:
         setting.apply()
         for context, rows in windows.items():
@@ -413,24 +435,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{setting.name}, {context} tokens: " + ", ".join(
                 f"depth {r['depth']:g}: {r['correct']}/{r['items']}" for r in retrieval if r["setting"] == setting.name
                 and r["context"] == context) + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+        save()
     del settings
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    interpreter = "python"
-    if Path(sys.prefix).name != ".venv":  # e.g. the kvpress env: say which interpreter made these rows
-        interpreter = f"{Path(sys.prefix).name}/bin/python"
-    commands.append(f"{interpreter} -m benchmarks.longctx " + " ".join(shlex.quote(a) for a in argv or sys.argv[1:]))
-    now = versions()
-    if args.append and Path(args.out).exists() and previous.get("versions") and now not in previous["versions"]:
-        now = f"{previous['versions']}; {interpreter}: {now}"
-    elif args.append and Path(args.out).exists() and previous.get("versions"):
-        now = previous["versions"]
-    add_intervals(perplexity, args.compare_to)
-    result = {"command": " && ".join(commands), "commands": commands, "machine": machine(),
-              "versions": now, "date": time.strftime("%Y-%m-%d"), "retrieval": retrieval,
-              "perplexity": perplexity}
-    if args.append and Path(args.out).exists() and previous.get("note"):
-        result["note"] = previous["note"]  # the reading written for the earlier rows stays until rewritten
-    write_json(args.out, result)
+    result = save()
     if args.docs:
         write_section(*args.section.split("=", 1), render(result, Path(args.out).with_suffix(".png").name))
         if perplexity:

@@ -20,6 +20,8 @@ Steps, each resumable (rows already in the JSON are kept, not measured again):
         .venv-kvpress/bin/python -m benchmarks.longctx_frontier --context 4096 --kvpress
     python -m benchmarks.longctx_frontier --render                     # docs/benchmarks.md section + figure
 
+At 8k, where one search takes minutes per budget: `--budgets 1/4,1/8,1/16 --no-floors` on every step.
+
 The summary reads each line at each budget as its best point at or below that many bytes, and sets the
 allocator's pick against the best other line there with the paired interval of the two rows' ratio.
 """
@@ -74,11 +76,12 @@ def _shown(path: Path) -> str:
     return str(full.relative_to(ROOT)) if Path.cwd().resolve() == ROOT and full.is_relative_to(ROOT) else str(path)
 
 
-def search(context: int, windows: int) -> None:
-    """One allocator search per budget, and per (budget, kept-token floor) of FLOORS (skipping files that exist)."""
+def search(context: int, windows: int, budgets: tuple[float, ...] = BUDGETS, floors: bool = True) -> None:
+    """One allocator search per budget, and per (budget, kept-token floor) of FLOORS among `budgets` (skipping
+    files that exist)."""
     from plugin.cli import main as mkv
 
-    for budget, floor in [(b, 0.0) for b in BUDGETS] + list(FLOORS):
+    for budget, floor in [(b, 0.0) for b in budgets] + [f for f in FLOORS if floors and f[0] in budgets]:
         path = composition_file(budget, context, floor)
         if path.is_file():
             print(f"{NAMES[budget]} at {context}: {path} is there, not searched again", flush=True)
@@ -98,7 +101,8 @@ def _has_quanto() -> bool:
     return True
 
 
-def measure(context: int, kvpress: bool, out: Path, passkey: bool = False) -> None:
+def measure(context: int, kvpress: bool, out: Path, passkey: bool = False, budgets: tuple[float, ...] = BUDGETS,
+            floors: bool = True) -> None:
     """The rows of one context through benchmarks.longctx (--append: rows already measured are kept); with
     `passkey`, pass-key retrieval at PASSKEY_LENGTHS instead of perplexity, for the same settings (the allocator's
     compositions with their kept shares applied to each prompt)."""
@@ -110,10 +114,10 @@ def measure(context: int, kvpress: bool, out: Path, passkey: bool = False) -> No
         common = ["--contexts", ",".join(map(str, PASSKEY_LENGTHS)), "--per-depth", str(PASSKEY_PER_DEPTH),
                   "--ppl-contexts", "", "--rank-file-prompts", "--append", "--out", _shown(out)]
     if kvpress:
-        presses = ",".join(f"{press}:{budget!r}" for press in PRESSES for budget in BUDGETS)
+        presses = ",".join(f"{press}:{budget!r}" for press in PRESSES for budget in budgets)
         longctx.main(["--kvpress", presses, *common])
         return
-    missing = [NAMES[b] for b in BUDGETS if not composition_file(b, context).is_file()]
+    missing = [NAMES[b] for b in budgets if not composition_file(b, context).is_file()]
     if missing:
         raise SystemExit(f"no allocator file at {', '.join(missing)} of the bytes for {context} tokens: run "
                          f"`python -m benchmarks.longctx_frontier --context {context} --search` first")
@@ -124,13 +128,13 @@ def measure(context: int, kvpress: bool, out: Path, passkey: bool = False) -> No
     else:
         print("optimum-quanto is not installed: no QuantizedCache rows (pip install -r "
               "benchmarks/requirements-competitors.txt)", flush=True)
-    evict = [f"1@{EVICT_BITS}:{budget!r}" for budget in BUDGETS if budget < 0.3]  # 4 bits alone holds ~0.28
+    evict = [f"1@{EVICT_BITS}:{budget!r}" for budget in budgets if budget < 0.3]  # 4 bits alone holds ~0.28
     args += ["--evict", ",".join(evict)]
-    for budget in BUDGETS:
+    for budget in budgets:
         args += ["--rank-file", f"alloc-{NAMES[budget]}={_shown(composition_file(budget, context))}"]
     for budget, floor in FLOORS:
         path = composition_file(budget, context, floor)
-        if path.is_file():
+        if floors and budget in budgets and path.is_file():
             args += ["--rank-file", f"alloc-{NAMES[budget]}-kept-{floor:g}={_shown(path)}"]
     longctx.main(args + common)
 
@@ -232,15 +236,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passkey", action="store_true",
                         help=f"pass-key retrieval at {', '.join(map(str, PASSKEY_LENGTHS))} tokens for the same settings "
                              f"({PASSKEY_PER_DEPTH * 5} prompts per length), into --out's retrieval rows")
+    parser.add_argument("--budgets", default=",".join(NAMES.values()),
+                        help="the budgets to search and measure, of " + ", ".join(NAMES.values()) + " (default all)")
+    parser.add_argument("--no-floors", action="store_true", help="no kept-token-floor searches or rows")
     parser.add_argument("--render", action="store_true", help="only write the docs section and figure from --out")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     out = Path(args.out)
+    by_name = {name: budget for budget, name in NAMES.items()}
+    wrong = [b for b in args.budgets.split(",") if b.strip() not in by_name]
+    if wrong:
+        parser.error(f"--budgets: {', '.join(wrong)} is not one of {', '.join(NAMES.values())} (e.g. 1/4,1/8,1/16)")
+    budgets = tuple(sorted({by_name[b.strip()] for b in args.budgets.split(",")}, reverse=True))
     if args.search:
-        search(args.context, args.search_windows)
+        search(args.context, args.search_windows, budgets, not args.no_floors)
         return 0
     if not args.render:
-        measure(args.context, args.kvpress, out, args.passkey)
+        measure(args.context, args.kvpress, out, args.passkey, budgets, not args.no_floors)
     if not out.is_file():
         parser.error(f"{out} does not exist: measure first (python -m benchmarks.longctx_frontier --context 4096)")
     result = json.loads(out.read_text())

@@ -384,6 +384,45 @@ def test_longctx_rank_file_rows_hold_their_bytes_and_answer_prompts_only_when_as
     assert [(r["setting"], r["context"], r["items"]) for r in asked["retrieval"]] == [(row["setting"], 200, 1)]
 
 
+def test_longctx_keeps_finished_settings_when_a_pass_stops_and_resumes_them(tmp_path, monkeypatch) -> None:
+    """A pass-key-only pass (no perplexity lengths) writes each setting's rows as it finishes: stopped midway,
+    the file holds the finished ones, and --append measures only the rest."""
+    from conftest import make_tiny_llama
+    from helpers import save_tiny_base, to_pca
+
+    base = make_tiny_llama("gqa", attn_implementation="sdpa")
+    save_tiny_base(base, tmp_path / "base")
+    to_pca(base).save_pretrained(tmp_path / "pca")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tmp_path / "base" / name).exists():
+            (tmp_path / "pca" / name).write_bytes((tmp_path / "base" / name).read_bytes())
+    from plugin.evaluation import retrieval
+
+    longctx = importlib.import_module("benchmarks.longctx")
+    answered, real = [], retrieval.generate_answers
+
+    def stops_at_the_second(model, tokenizer, items, desc, **kwargs):
+        answered.append(desc)
+        if len(answered) == 2:
+            raise KeyboardInterrupt  # the pass stopped by hand
+        return real(model, tokenizer, items, desc=desc, **kwargs)
+
+    monkeypatch.setattr(retrieval, "generate_answers", stops_at_the_second)
+    out = tmp_path / "resumed.json"
+    args = ["--model", str(tmp_path / "pca"), "--label", "tiny", "--budgets", "1,0.5", "--contexts", "200",
+            "--depths", "1", "--per-depth", "1", "--ppl-contexts", "", "--append", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        longctx.main(args)
+    assert {r["setting"] for r in json.loads(out.read_text())["retrieval"]} == {"tiny 1"}
+    answered.clear()
+    monkeypatch.setattr(retrieval, "generate_answers", lambda *a, **k: (answered.append(k["desc"]), real(*a, **k))[1])
+    assert longctx.main(args) == 0
+    assert answered == ["tiny 0.5 @ 200"]
+    result = json.loads(out.read_text())
+    assert [r["setting"] for r in result["retrieval"]] == ["tiny 1", "tiny 0.5"] and result["perplexity"] == []
+    assert len(result["commands"]) == 2
+
+
 def test_frontier_summary_reads_each_line_at_or_below_each_budget() -> None:
     """benchmarks.longctx_frontier's summary: a line's point at a budget is its best row within those bytes, the
     allocator's is the row of the file searched for that budget, and the comparison pairs the two rows' blocks."""
@@ -593,3 +632,29 @@ def test_quantized_cache_bytes_count_its_full_precision_window() -> None:
     codes, groups, residual = 2 * 64, 2 * 8, 2 * 2 * 16 * 4
     expected = (codes + 2 * 2 * groups + 2 * residual) / (2 * (2 * 512 + residual))
     assert setting.bf16_fraction(cache, 80) == pytest.approx(expected)
+
+
+def test_frontier_budgets_option_limits_searches_and_rows(tmp_path, monkeypatch) -> None:
+    """--budgets 1/4,1/16 --no-floors: the searches and the measured rows are those budgets' only; an unknown
+    budget is refused with the list of known ones."""
+    import plugin.cli
+    from benchmarks import longctx
+
+    frontier = importlib.import_module("benchmarks.longctx_frontier")
+    searched, measured = [], []
+    monkeypatch.setattr(frontier, "DATA", tmp_path)
+    monkeypatch.setattr(plugin.cli, "main", lambda argv: searched.append(argv[argv.index("--bytes") + 1]) or 0)
+    assert frontier.main(["--context", "8192", "--search", "--budgets", "1/4,1/16", "--no-floors"]) == 0
+    assert searched == ["0.25", "0.0625"]
+    for budget in (0.25, 0.0625):
+        frontier.composition_file(budget, 8192).parent.mkdir(parents=True, exist_ok=True)
+        frontier.composition_file(budget, 8192).write_text("{}")
+    monkeypatch.setattr(longctx, "main", lambda argv: measured.append(argv) or 0)
+    frontier.measure(8192, False, tmp_path / "f.json", budgets=(0.25, 0.0625), floors=False)
+    (args,) = measured
+    assert [a.split("=")[0] for a in args if a.startswith("alloc-")] == ["alloc-1/4", "alloc-1/16"]
+    assert args[args.index("--evict") + 1] == "1@4:0.25,1@4:0.0625"
+    frontier.measure(8192, True, tmp_path / "f.json", budgets=(0.25,), floors=False)
+    assert measured[-1][measured[-1].index("--kvpress") + 1] == "snapkv:0.25,expected-attention:0.25,pyramidkv:0.25"
+    with pytest.raises(SystemExit):
+        frontier.main(["--budgets", "1/5"])

@@ -116,3 +116,52 @@ def test_passkey_summary_pairs_each_setting_with_the_full_cache_on_the_same_prom
     assert "vs_full" not in rows["1"] and rows["0.5"]["correct"] == 2 and rows["0.5"]["items"] == 4
     assert rows["0.5"]["vs_full"]["ratio"] == pytest.approx(-0.25) and rows["0.5"]["vs_full"]["against"] == "m 1"
     assert rows["0.25"]["vs_full"]["ratio"] == 0.0 and rows["0.25"]["vs_full"]["verdict"] == "tie"
+
+
+def test_last_tokens_after_uneven_eviction_see_no_later_token() -> None:
+    """A cache whose layers hold different numbers of tokens (PyramidKV-style) under transformers' own attention:
+    one shared mask sliced to a shorter layer would let each scored token see the ones after it. The scored
+    tokens read one at a time match a hand-made token-by-token pass; the one-forward pass would not."""
+    import contextlib
+
+    from transformers import DynamicCache
+
+    from plugin.evaluation.perplexity import _ragged
+
+    base = make_tiny_llama("gqa", attn_implementation="sdpa")
+    ids = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(3))
+    context, kept = 48, 12
+
+    def uneven() -> DynamicCache:
+        cache = DynamicCache()
+        with torch.no_grad():
+            base(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
+        layer = cache.layers[1]
+        layer.keys, layer.values = layer.keys[:, :, -kept:], layer.values[:, :, -kept:]
+        return cache
+
+    @contextlib.contextmanager
+    def crop_after(cache: DynamicCache):
+        yield
+        layer = cache.layers[1]
+        layer.keys, layer.values = layer.keys[:, :, -kept:], layer.values[:, :, -kept:]
+
+    cache = uneven()
+    assert _ragged(base, cache) and not _ragged(to_pca(base), cache)
+    steps = []
+    with torch.no_grad():
+        for t in range(context, ids.shape[1] - 1):
+            steps.append(base(input_ids=ids[:, t : t + 1], past_key_values=cache,
+                              position_ids=torch.tensor([[t]]), use_cache=True).logits[0, -1])
+    first = base(input_ids=ids[:, :context]).logits[0, -1]
+    reference = torch.nn.functional.cross_entropy(torch.stack([first, *steps]), ids[0, context:], reduction="none")
+    scored = ids.shape[1] - context
+    live = DynamicCache()
+    got = last_tokens_nll(base, ids, live, crop_after(live), scored=scored).float()
+    torch.testing.assert_close(got, reference.detach(), atol=1e-5, rtol=0)
+    one_forward = uneven()
+    with torch.no_grad():
+        leaky = base(input_ids=ids[:, context:-1], past_key_values=one_forward,
+                     position_ids=torch.arange(context, ids.shape[1] - 1)[None], use_cache=True).logits[0]
+    leaked = torch.nn.functional.cross_entropy(torch.cat([first[None], leaky]), ids[0, context:], reduction="none")
+    assert not torch.allclose(leaked, reference, atol=1e-3)  # what the shared mask did before

@@ -45,6 +45,10 @@ from .pre_rope import PreRopeKeys
 class PcaLlamaAttention(KVHookPoint, PreRopeKeys, LlamaAttention):
     """LlamaAttention with per-KV-head orthogonal K/V projections truncated to per-head ranks."""
 
+    # prepare_mask rebuilds the causal part for this layer's own cache length when eviction left layers uneven
+    # (read by plugin.evaluation.perplexity, which otherwise scores such caches one token at a time).
+    masks_own_cache_length = True
+
     def __init__(self, config: PcaLlamaConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         self.num_kv_heads = config.num_key_value_heads

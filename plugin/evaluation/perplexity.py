@@ -133,9 +133,24 @@ def last_tokens_nll(model: Any, ids: torch.Tensor, cache: Any = None, reading: A
         out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
     first, cache = out.logits[:, -1:], out.past_key_values
     positions = torch.arange(context, ids.shape[1], device=ids.device)[None]
-    rest = model(input_ids=ids[:, context:], past_key_values=cache, position_ids=positions, use_cache=True).logits
+    if _ragged(model, cache):
+        # transformers builds one causal mask from layer 0's length; a layer holding fewer tokens slices it to its
+        # own length and would let each scored token see the ones after it. One token at a time needs no mask.
+        rest = torch.cat([model(input_ids=ids[:, t : t + 1], past_key_values=cache, position_ids=positions[:, i : i + 1],
+                                use_cache=True).logits for i, t in enumerate(range(context, ids.shape[1]))], dim=1)
+    else:
+        rest = model(input_ids=ids[:, context:], past_key_values=cache, position_ids=positions, use_cache=True).logits
     logits = torch.cat([first, rest[:, :-1]], dim=1).float()[0]
     return torch.nn.functional.cross_entropy(logits, ids[0, context:], reduction="none").double().cpu()
+
+
+def _ragged(model: Any, cache: Any) -> bool:
+    """Whether `cache`'s layers hold different numbers of tokens (per-layer eviction, e.g. PyramidKV) under
+    attention layers that take transformers' shared mask as it is (the project's own rebuild it per layer)."""
+    layers = model.get_decoder().layers
+    if all(getattr(layer.self_attn, "masks_own_cache_length", False) for layer in layers):
+        return False
+    return len({cache.get_seq_length(i) for i in range(len(layers))}) > 1
 
 
 def long_context_nll(model: Any, windows: torch.Tensor, scored: int = SCORED, progress: bool = True,
