@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from plugin.evaluation.retrieval import ANSWER_TOKENS, accuracy_by_depth, generate_answers, passkey_items
+    from plugin.evaluation import retrieval as passkey
+    from plugin.evaluation.retrieval import ANSWER_TOKENS, accuracy_by_depth, passkey_items
     from plugin.storage.loading import load_model
     from plugin.storage.texts import load_texts, token_windows
 
@@ -425,13 +426,14 @@ def main(argv: list[str] | None = None) -> int:
                 except ValueError as err:  # too short to demote anything within the budget
                     print(f"{setting.name}, {context} tokens: skipped ({err})", flush=True)
                     continue
-            answers = generate_answers(setting.model, tokenizer, items, desc=f"{setting.name} @ {context}",
+            answers = passkey.generate_answers(setting.model, tokenizer, items, desc=f"{setting.name} @ {context}",
                                        cache_for=partial(setting.cache, budget=args.tiered_budget),
                                        context_for=setting.reading)
             for depth, (hits, total) in accuracy_by_depth(items, answers).items():
+                right = [int(passkey.is_correct(a, item.key)) for item, a in zip(items, answers) if item.depth == depth]
                 retrieval.append({"setting": setting.name, "method": setting.method, "budget": setting.budget,
                                   "context": context, "depth": depth, "correct": hits, "items": total,
-                                  "accuracy": hits / total})
+                                  "accuracy": hits / total, "right": right})  # per prompt: paired intervals
             print(f"{setting.name}, {context} tokens: " + ", ".join(
                 f"depth {r['depth']:g}: {r['correct']}/{r['items']}" for r in retrieval if r["setting"] == setting.name
                 and r["context"] == context) + f" ({time.perf_counter() - start:.0f} s)", flush=True)

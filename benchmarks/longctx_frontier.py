@@ -54,6 +54,7 @@ SECTION = ("longctx-frontier", "Long-context frontier: 1/2 to 1/16 of the bytes,
 # The line each row's method belongs to, in the order the summary lists them.
 LINES = {
     "allocator": ("composition",),
+    "allocator, kept-token floor": ("composition",),  # the rows of FLOORS' files (line_of tells them apart)
     "ranks alone": ("longctx",),
     "bits alone (ours)": ("quant-only",),
     "bits alone (QuantizedCache)": ("hf-quanto",),
@@ -141,7 +142,29 @@ def measure(context: int, kvpress: bool, out: Path, passkey: bool = False, budge
 
 # ------------------------------------------------------------------------------------------------ the summary
 def line_of(row: dict) -> str | None:
+    if row["method"] == "composition":
+        return "allocator, kept-token floor" if "-kept-" in row["setting"].split(" (")[0] else "allocator"
     return next((line for line, methods in LINES.items() if row["method"] in methods), None)
+
+
+def retrieval_of(result: dict, setting: str) -> dict[str, dict]:
+    """{prompt length: correct, items, and against the full cache on the same prompts the paired difference of
+    accuracies and the share of its right answers kept}, for the lengths where both were answered."""
+    from plugin.evaluation.intervals import paired_difference, paired_share
+
+    def answers(name: str, length: int) -> list[int]:
+        rows = sorted((r for r in result.get("retrieval", []) if r["setting"] == name and r["context"] == length
+                       and "right" in r), key=lambda r: r["depth"])
+        return [x for r in rows for x in r["right"]]
+
+    out = {}
+    for length in PASSKEY_LENGTHS:
+        mine, full = answers(setting, length), answers("full", length)
+        if mine and len(mine) == len(full):
+            out[str(length)] = {"correct": sum(mine), "items": len(mine),
+                                "vs_full": paired_difference(mine, full).as_dict(),
+                                "kept": paired_share(mine, full).as_dict() if sum(full) else None}
+    return out
 
 
 def best_at(rows: list[dict], budget: float) -> dict | None:
@@ -168,13 +191,16 @@ def summarize(result: dict) -> list[dict]:
             for line, members in by_line.items():
                 if line == "allocator":  # the allocator's point at a budget is the file searched for it
                     best = next((r for r in members if f"alloc-{NAMES[budget]} " in r["setting"] + " "), None)
+                elif line == "allocator, kept-token floor":
+                    best = next((r for r in members if f"alloc-{NAMES[budget]}-kept-" in r["setting"]), None)
                 else:
                     best = best_at(members, budget)
                 if best is not None:
                     entry["lines"][line] = {"setting": best["setting"], "perplexity": best["last512_perplexity"],
-                                            "bytes": best["bytes_fraction"], "vs_full": best.get("vs_full")}
+                                            "bytes": best["bytes_fraction"], "vs_full": best.get("vs_full"),
+                                            "retrieval": retrieval_of(result, best["setting"])}
             pick = entry["lines"].get("allocator")
-            others = {k: v for k, v in entry["lines"].items() if k != "allocator"}
+            others = {k: v for k, v in entry["lines"].items() if not k.startswith("allocator")}
             if pick and others:
                 rival_line, rival = min(others.items(), key=lambda kv: kv[1]["perplexity"])
                 a = next(r for r in rows if r["setting"] == pick["setting"])
@@ -189,6 +215,9 @@ def summarize(result: dict) -> list[dict]:
             if pick:  # the row names its composition: "... (ranks R x B bits x ...)"
                 found = re.search(r"\(ranks ([0-9.]+) x", pick["setting"])
                 entry["allocator_uses_ranks_below_full"] = bool(found) and float(found.group(1)) < 1.0
+            if pick and pick["retrieval"]:  # the retrieval target: at least 80% of the full cache's right answers
+                kept = [v["kept"] for v in pick["retrieval"].values() if v["kept"]]
+                entry["allocator_keeps_80_percent_of_retrieval"] = bool(kept) and all(k["ratio"] >= 0.8 for k in kept)
             summary.append(entry)
     return summary
 
@@ -222,8 +251,33 @@ def render(result: dict, summary: list[dict], figure: str) -> str:
             table.append([entry["name"], *cells])
         body += f"**{context} tokens** ({WINDOWS.get(context, '?')} held-out windows):\n\n"
         body += markdown_table(["bytes", *lines, "allocator vs best other"], table) + "\n\n"
+        body += retrieval_table(entries, lines)
     body += rows_section(result, figure)
     return body
+
+
+def retrieval_table(entries: list[dict], lines: list[str]) -> str:
+    """Pass-key answers of the same points (same cells as the perplexity table), where they were measured."""
+    if not any(point.get("retrieval") for e in entries for point in e["lines"].values()):
+        return ""
+    table = []
+    for entry in entries:
+        cells = []
+        for line in lines:
+            found = (entry["lines"].get(line) or {}).get("retrieval") or {}
+            if not found:
+                cells.append("-")
+                continue
+            lower = any(v["vs_full"]["verdict"] == "lower" for v in found.values())
+            cells.append(", ".join(f"{v['correct']}/{v['items']}" for v in found.values()) + (" ▼" if lower else ""))
+        kept = entry.get("allocator_keeps_80_percent_of_retrieval")
+        cells.append("-" if kept is None else "yes" if kept else "no")
+        table.append([entry["name"], *cells])
+    lengths = " and ".join(map(str, PASSKEY_LENGTHS))
+    return (f"Pass-key retrieval of the same points, right answers at {lengths}-token prompts (the full cache's on "
+            "the same prompts in the `full` rows below; ▼: fewer than the full cache's, paired interval over prompts "
+            "excluding 0; the allocator's files applied to each prompt's prefill as searched at this context):\n\n"
+            + markdown_table(["bytes", *lines, "allocator keeps >= 80% of full's right answers"], table) + "\n\n")
 
 
 def main(argv: list[str] | None = None) -> int:

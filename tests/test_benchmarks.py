@@ -431,7 +431,7 @@ def test_frontier_summary_reads_each_line_at_or_below_each_budget() -> None:
     frontier = importlib.import_module("benchmarks.longctx_frontier")
 
     def row(setting: str, method: str, nbytes: float, nll: float) -> dict:
-        return {"setting": setting, "method": method, "context": 4096, "bytes_fraction": nbytes,
+        return {"setting": setting, "method": method, "context": 4096, "bytes_fraction": nbytes, "windows": 1,
                 "last512_perplexity": math.exp(nll), "block_nll": [nll * 64 + i % 3 for i in range(8)]}
 
     rows = [row("full", "full", 1.0, 3.0), row("longctx 0.5", "longctx", 0.5, 3.4),
@@ -439,8 +439,20 @@ def test_frontier_summary_reads_each_line_at_or_below_each_budget() -> None:
             row("longctx alloc-1/4 (ranks 1 x 4 bits x 0.9 of the prompt (uniform))", "composition", 0.2499, 3.02),
             row("longctx alloc-1/8 (ranks 0.75 x 4 bits x 0.5 of the prompt (uniform))", "composition", 0.125, 3.05),
             row("longctx 1 x 4b + evict <= 0.125", "evict-ranks-bits", 0.125, 3.1),
-            row("snapkv 0.125", "kvpress-snapkv", 0.1251, 2.9)]  # a hair above 1/8: not a point at 1/8
-    summary = {e["name"]: e for e in frontier.summarize({"perplexity": rows})}
+            row("snapkv 0.125", "kvpress-snapkv", 0.1251, 2.9),  # a hair above 1/8: not a point at 1/8
+            row("longctx alloc-1/8-kept-0.5 (ranks 0.5 x 4 bits x 0.7 of the prompt (uniform))", "composition",
+                0.125, 3.3)]
+
+    def answers(setting: str, length: int, right: list[int]) -> list[dict]:  # two depths of five prompts
+        parts = [right[:5], right[5:]]
+        return [{"setting": setting, "context": length, "depth": d, "right": part, "correct": sum(part), "items": 5,
+                 "accuracy": sum(part) / 5} for d, part in zip((0.0, 1.0), parts)]
+
+    full, quarter_alloc = [1] * 8 + [0] * 2, [1] * 6 + [0] * 4  # keeps 6 of the full cache's 8 at 128 tokens
+    retrieval = (answers("full", 128, full) + answers("full", 256, full)
+                 + answers("longctx alloc-1/4 (ranks 1 x 4 bits x 0.9 of the prompt (uniform))", 128, quarter_alloc)
+                 + answers("longctx alloc-1/4 (ranks 1 x 4 bits x 0.9 of the prompt (uniform))", 256, full))
+    summary = {e["name"]: e for e in frontier.summarize({"perplexity": rows, "retrieval": retrieval})}
     quarter = summary["1/4"]
     assert quarter["lines"]["ranks alone"]["setting"] == "longctx 0.25"  # 0.5 holds too many bytes
     assert "bits alone (ours)" not in quarter["lines"]  # 0.281 of the bytes is more than 1/4
@@ -452,6 +464,19 @@ def test_frontier_summary_reads_each_line_at_or_below_each_budget() -> None:
     assert eighth["strictly_better"] and eighth["allocator_uses_ranks_below_full"] is True
     assert eighth["allocator_vs_full"] == pytest.approx(math.exp(0.05))
     assert "allocator" not in summary["1/16"]["lines"]
+    # the floor's row is its own line, never the allocator's point nor its rival
+    assert eighth["lines"]["allocator, kept-token floor"]["setting"].startswith("longctx alloc-1/8-kept-0.5 ")
+    assert eighth["lines"]["allocator"]["setting"].startswith("longctx alloc-1/8 ")
+    # retrieval beside each point: paired against the full cache on the same prompts
+    got = quarter["lines"]["allocator"]["retrieval"]
+    assert (got["128"]["correct"], got["128"]["items"], got["256"]["correct"]) == (6, 10, 8)
+    assert got["128"]["kept"]["ratio"] == pytest.approx(0.75) and got["128"]["vs_full"]["ratio"] == pytest.approx(-0.2)
+    assert quarter["allocator_keeps_80_percent_of_retrieval"] is False  # 6 of 8 at 128 tokens
+    assert quarter["lines"]["ranks alone"]["retrieval"] == {}  # not answered: nothing claimed
+    text = frontier.render({"perplexity": rows, "retrieval": retrieval, "command": "c", "commands": ["c"],
+                            "machine": "m", "versions": "v", "date": "d"},
+                           list(summary.values()), "f.png")
+    assert "| 1/4 |" in text and "6/10" in text
 
 
 def test_quant_kernels_measures_ours_with_exact_bytes_and_bounded_error(tmp_path) -> None:

@@ -11,7 +11,7 @@ from conftest import make_tiny_llama
 from helpers import save_tiny_base, to_pca
 
 from plugin.cli import main
-from plugin.evaluation.intervals import block_sums, paired_difference, paired_ratio
+from plugin.evaluation.intervals import block_sums, paired_difference, paired_ratio, paired_share
 from plugin.evaluation.perplexity import last_tokens_nll, long_context_nll
 
 
@@ -49,6 +49,17 @@ def test_a_paired_difference_of_answers_has_the_known_interval() -> None:
     assert many.ratio == pytest.approx(0.3) and many.low > 0 and many.verdict() == "higher"
     with pytest.raises(ValueError, match="same non-empty"):
         paired_difference([1], [1, 0])
+
+
+def test_a_paired_share_of_answers_has_the_known_interval() -> None:
+    """The same answers keep all of them (every resample: exactly 1); one of two right answers lost keeps half,
+    with resamples spanning none to all of them."""
+    same = paired_share([1, 0, 1, 1], [1, 0, 1, 1])
+    assert (same.ratio, same.low, same.high, same.verdict()) == (1.0, 1.0, 1.0, "tie")
+    half = paired_share([1, 0] * 50, [1, 1] * 50)
+    assert half.ratio == 0.5 and half.verdict() == "lower" and 0.35 < half.low < 0.5 < half.high < 0.65
+    with pytest.raises(ValueError, match="reference right"):
+        paired_share([1, 0], [0, 0])
 
 
 def test_block_sums_keep_a_short_last_block_and_refuse_bad_input() -> None:

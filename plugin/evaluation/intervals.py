@@ -95,3 +95,18 @@ def paired_difference(scores: torch.Tensor | list[float], reference: torch.Tenso
     tail = (1.0 - confidence) / 2
     low, high = torch.quantile(diff[picks].mean(-1), torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
     return Interval(float(diff.mean()), low, high, diff.numel(), null=0.0)
+
+
+def paired_share(scores: torch.Tensor | list[float], reference: torch.Tensor | list[float], samples: int = 4000,
+                 seed: int = 0, confidence: float = 0.95) -> Interval:
+    """sum(scores) / sum(reference) over the same items (e.g. the share of the full cache's right pass-key answers
+    a setting keeps), items resampled; resamples where the reference sums to 0 are left out."""
+    scores, reference = (torch.as_tensor(t, dtype=torch.float64) for t in (scores, reference))
+    if scores.shape != reference.shape or scores.dim() != 1 or float(reference.sum()) == 0:
+        raise ValueError("a paired share needs the same list of items for both settings, the reference right on one")
+    picks = torch.randint(0, scores.numel(), (samples, scores.numel()), generator=torch.Generator().manual_seed(seed))
+    base = reference[picks].sum(-1)
+    shares = scores[picks].sum(-1)[base > 0] / base[base > 0]
+    tail = (1.0 - confidence) / 2
+    low, high = torch.quantile(shares, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return Interval(float(scores.sum() / reference.sum()), low, high, scores.numel(), null=1.0)
