@@ -52,3 +52,15 @@ def save_tiny_base(model: torch.nn.Module, out_dir: str | os.PathLike, text_file
     if text_file is not None:
         gen = torch.Generator().manual_seed(0)
         Path(text_file).write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 127, (words,), generator=gen)))
+
+
+def save_tiny_pca(base: torch.nn.Module, base_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  key_space: str = "post-rope") -> PcaLlamaForCausalLM:
+    """`to_pca(base)` saved beside the base's tokenizer (the base saved too), so a benchmark loads it by path."""
+    save_tiny_base(base, base_dir)
+    pca = to_pca(base, key_space=key_space)
+    pca.save_pretrained(out_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(base_dir) / name).exists():
+            (Path(out_dir) / name).write_bytes((Path(base_dir) / name).read_bytes())
+    return pca

@@ -265,20 +265,15 @@ def test_longctx_on_a_tiny_model(tmp_path) -> None:
     """benchmarks/longctx.py end to end: retrieval rows per (setting, context, depth); last-512 perplexity at
     full rank equal to the base model's; quant-only and tiered rows at their measured bytes."""
     import math
-    import shutil
 
     from conftest import make_tiny_llama
-    from helpers import save_tiny_base, to_pca
+    from helpers import save_tiny_pca
     from transformers import AutoTokenizer, DynamicCache
 
     from plugin.storage.texts import load_texts, token_windows
 
     base = make_tiny_llama("gqa")
-    save_tiny_base(base, tmp_path / "base")
-    to_pca(base).save_pretrained(tmp_path / "pca")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tmp_path / "base" / name).exists():
-            shutil.copy(tmp_path / "base" / name, tmp_path / "pca" / name)
+    save_tiny_pca(base, tmp_path / "base", tmp_path / "pca")
     longctx = importlib.import_module("benchmarks.longctx")
     out = tmp_path / "longctx.json"
     head_dim = base.config.head_dim
@@ -316,14 +311,10 @@ def test_longctx_evict_rows_compose_eviction_ranks_and_bits_at_measured_bytes(tm
     """--evict R@BITS:B: the project's prefill eviction on the first --model's cache at rank budget R and BITS,
     evicting down to B of the bytes once the scored tokens are held; a length where they alone exceed it is skipped."""
     from conftest import make_tiny_llama
-    from helpers import save_tiny_base, to_pca
+    from helpers import save_tiny_pca
 
     base = make_tiny_llama("gqa", attn_implementation="sdpa")
-    save_tiny_base(base, tmp_path / "base")
-    to_pca(base).save_pretrained(tmp_path / "pca")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tmp_path / "base" / name).exists():
-            (tmp_path / "pca" / name).write_bytes((tmp_path / "base" / name).read_bytes())
+    save_tiny_pca(base, tmp_path / "base", tmp_path / "pca")
     longctx = importlib.import_module("benchmarks.longctx")
     out = tmp_path / "evict.json"
     assert longctx.main(["--model", str(tmp_path / "pca"), "--label", "tiny", "--budgets", "1",
@@ -350,18 +341,13 @@ def test_longctx_rank_file_rows_hold_their_bytes_and_answer_prompts_only_when_as
     """--rank-file: a composition file of the allocator is measured at its own context only, within the bytes it
     states; its pass-key prompts are answered only with --rank-file-prompts."""
     from conftest import make_tiny_llama
-    from helpers import save_tiny_base, to_pca
+    from helpers import save_tiny_pca
 
     from plugin.budgets.composition import compose
     from plugin.budgets.ranks import write_rank_file
 
     base = make_tiny_llama("gqa", attn_implementation="sdpa")
-    save_tiny_base(base, tmp_path / "base")
-    pca = to_pca(base, key_space="pre-rope")
-    pca.save_pretrained(tmp_path / "pca")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tmp_path / "base" / name).exists():
-            (tmp_path / "pca" / name).write_bytes((tmp_path / "base" / name).read_bytes())
+    pca = save_tiny_pca(base, tmp_path / "base", tmp_path / "pca", key_space="pre-rope")
     import torch
 
     windows = torch.randint(0, 128, (1, 1200), generator=torch.Generator().manual_seed(0))
@@ -388,14 +374,10 @@ def test_longctx_keeps_finished_settings_when_a_pass_stops_and_resumes_them(tmp_
     """A pass-key-only pass (no perplexity lengths) writes each setting's rows as it finishes: stopped midway,
     the file holds the finished ones, and --append measures only the rest."""
     from conftest import make_tiny_llama
-    from helpers import save_tiny_base, to_pca
+    from helpers import save_tiny_pca
 
     base = make_tiny_llama("gqa", attn_implementation="sdpa")
-    save_tiny_base(base, tmp_path / "base")
-    to_pca(base).save_pretrained(tmp_path / "pca")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tmp_path / "base" / name).exists():
-            (tmp_path / "pca" / name).write_bytes((tmp_path / "base" / name).read_bytes())
+    save_tiny_pca(base, tmp_path / "base", tmp_path / "pca")
     from plugin.evaluation import retrieval
 
     longctx = importlib.import_module("benchmarks.longctx")
