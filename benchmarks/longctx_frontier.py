@@ -47,14 +47,14 @@ EVICT_BITS = 4
 PRESSES = ("snapkv", "expected-attention", "pyramidkv")
 PASSKEY_LENGTHS = (128, 256)  # the base model answers 34/100 at 128 and 20/100 at 256 (docs/data/longctx_passkey.json)
 PASSKEY_PER_DEPTH = 20  # x 5 depths: 100 prompts per length
-FLOORS = ((1 / 4, 0.75), (1 / 8, 0.5))  # the allocator protecting retrieval: (budget, kept share of the prompt)
+# The allocator protecting retrieval: (budget, the share of the prompt every layer keeps); 1 = no eviction at all.
+FLOORS = ((1 / 4, 0.75), (1 / 4, 1.0), (1 / 8, 0.5))
 OUT = DATA / "longctx_frontier.json"
 SECTION = ("longctx-frontier", "Long-context frontier: 1/2 to 1/16 of the bytes, every way to shrink the cache")
 
 # The line each row's method belongs to, in the order the summary lists them.
 LINES = {
     "allocator": ("composition",),
-    "allocator, kept-token floor": ("composition",),  # the rows of FLOORS' files (line_of tells them apart)
     "ranks alone": ("longctx",),
     "bits alone (ours)": ("quant-only",),
     "bits alone (QuantizedCache)": ("hf-quanto",),
@@ -141,10 +141,21 @@ def measure(context: int, kvpress: bool, out: Path, passkey: bool = False, budge
 
 
 # ------------------------------------------------------------------------------------------------ the summary
+FLOOR_LINE = "allocator, every layer keeps >= {floor} of the prompt"  # one line per floor of FLOORS
+
+
 def line_of(row: dict) -> str | None:
     if row["method"] == "composition":
-        return "allocator, kept-token floor" if "-kept-" in row["setting"].split(" (")[0] else "allocator"
+        floor = re.search(r"-kept-([0-9.]+)", row["setting"].split(" (")[0])
+        return FLOOR_LINE.format(floor=floor.group(1)) if floor else "allocator"
     return next((line for line, methods in LINES.items() if row["method"] in methods), None)
+
+
+def ordered(lines: set[str]) -> list[str]:
+    """The allocator, its floor lines by floor, then the other lines in LINES' order."""
+    floors = sorted((line for line in lines if line not in LINES), key=lambda line: float(line.split(">= ")[1].split()[0]))
+    return [line for line in LINES if line == "allocator" and line in lines] + floors + [
+        line for line in LINES if line != "allocator" and line in lines]
 
 
 def retrieval_of(result: dict, setting: str) -> dict[str, dict]:
@@ -191,7 +202,7 @@ def summarize(result: dict) -> list[dict]:
             for line, members in by_line.items():
                 if line == "allocator":  # the allocator's point at a budget is the file searched for it
                     best = next((r for r in members if f"alloc-{NAMES[budget]} " in r["setting"] + " "), None)
-                elif line == "allocator, kept-token floor":
+                elif line not in LINES:  # a floor's file searched for this budget
                     best = next((r for r in members if f"alloc-{NAMES[budget]}-kept-" in r["setting"]), None)
                 else:
                     best = best_at(members, budget)
@@ -232,7 +243,7 @@ def render(result: dict, summary: list[dict], figure: str) -> str:
             "line at that budget: ▼ lower, ▲ higher (interval excluding 1), no mark a tie.\n\n")
     for context in sorted({e["context"] for e in summary}):
         entries = [e for e in summary if e["context"] == context]
-        lines = [line for line in LINES if any(line in e["lines"] for e in entries)]
+        lines = ordered({line for e in entries for line in e["lines"]})
         table = []
         for entry in entries:
             cells = []
