@@ -148,7 +148,7 @@ class Setting:
             window, recent = self.tiered
             old = tiered_old_rank(budget * self.model.config.head_dim, recent, total, window)
             return TieredPcaCache(window, old, old)
-        return self.model.model.new_cache()
+        return self.model.model.new_cache(reserve=total)  # the length is known: no spare capacity held
 
     def bf16_fraction(self, cache: Any, tokens: int) -> float:
         """Cache bytes as a fraction of a bfloat16 full cache of `tokens` tokens.

@@ -669,3 +669,26 @@ def test_frontier_budgets_option_limits_searches_and_rows(tmp_path, monkeypatch)
     assert measured[-1][measured[-1].index("--kvpress") + 1] == "snapkv:0.25,expected-attention:0.25,pyramidkv:0.25"
     with pytest.raises(SystemExit):
         frontier.main(["--budgets", "1/5"])
+
+
+def test_longctx_projected_rows_hold_their_rank_budget_at_any_length() -> None:
+    """A projected row's cache is sized for its window: appending the scored tokens (under 1/8 of the prompt, where
+    a growing cache would keep spare capacity) leaves it holding exactly its rank budget's bytes."""
+    import torch
+    from conftest import make_tiny_llama
+    from helpers import to_pca
+
+    from benchmarks.longctx import SCORED, Setting
+    from plugin.evaluation.perplexity import last_tokens_nll
+
+    pca = to_pca(make_tiny_llama("gqa", attn_implementation="sdpa", max_position_embeddings=8192))
+    setting = Setting("tiny 0.5", "longctx", pca, 0.5)
+    setting.apply()
+    window = torch.randint(0, 128, (1, 9 * SCORED + 64), generator=torch.Generator().manual_seed(0))
+    cache = setting.cache(window.shape[1], 0.25)
+    last_tokens_nll(pca, window, cache, setting.reading(window.shape[1] - SCORED, SCORED))
+    assert cache.get_seq_length() == window.shape[1]
+    assert setting.bf16_fraction(cache, window.shape[1]) == 0.5
+    grown = pca.model.new_cache()  # what the row held before: capacity grown by 1/8 of the prompt
+    last_tokens_nll(pca, window, grown)
+    assert setting.bf16_fraction(grown, window.shape[1]) > 0.5
