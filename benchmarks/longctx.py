@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from plugin.evaluation import retrieval as passkey
-    from plugin.evaluation.retrieval import ANSWER_TOKENS, accuracy_by_depth, passkey_items
+    from plugin.evaluation.retrieval import ANSWER_TOKENS, passkey_items
     from plugin.storage.loading import load_model
     from plugin.storage.texts import load_texts, token_windows
 
@@ -429,11 +429,12 @@ def main(argv: list[str] | None = None) -> int:
             answers = passkey.generate_answers(setting.model, tokenizer, items, desc=f"{setting.name} @ {context}",
                                        cache_for=partial(setting.cache, budget=args.tiered_budget),
                                        context_for=setting.reading)
-            for depth, (hits, total) in accuracy_by_depth(items, answers).items():
-                right = [int(passkey.is_correct(a, item.key)) for item, a in zip(items, answers) if item.depth == depth]
+            rights = [int(passkey.is_correct(a, item.key)) for item, a in zip(items, answers, strict=True)]
+            for depth in dict.fromkeys(item.depth for item in items):  # in the items' depth order
+                right = [r for item, r in zip(items, rights) if item.depth == depth]  # per prompt: paired intervals
                 retrieval.append({"setting": setting.name, "method": setting.method, "budget": setting.budget,
-                                  "context": context, "depth": depth, "correct": hits, "items": total,
-                                  "accuracy": hits / total, "right": right})  # per prompt: paired intervals
+                                  "context": context, "depth": depth, "correct": sum(right), "items": len(right),
+                                  "accuracy": sum(right) / len(right), "right": right})
             print(f"{setting.name}, {context} tokens: " + ", ".join(
                 f"depth {r['depth']:g}: {r['correct']}/{r['items']}" for r in retrieval if r["setting"] == setting.name
                 and r["context"] == context) + f" ({time.perf_counter() - start:.0f} s)", flush=True)

@@ -77,12 +77,17 @@ def _shown(path: Path) -> str:
     return str(full.relative_to(ROOT)) if Path.cwd().resolve() == ROOT and full.is_relative_to(ROOT) else str(path)
 
 
+def chosen_floors(budgets: tuple[float, ...], floors: bool) -> list[tuple[float, float]]:
+    """The (budget, floor) pairs of FLOORS among `budgets` (none without `floors`)."""
+    return [pair for pair in FLOORS if floors and pair[0] in budgets]
+
+
 def search(context: int, windows: int, budgets: tuple[float, ...] = BUDGETS, floors: bool = True) -> None:
     """One allocator search per budget, and per (budget, kept-token floor) of FLOORS among `budgets` (skipping
     files that exist)."""
     from plugin.cli import main as mkv
 
-    for budget, floor in [(b, 0.0) for b in budgets] + [f for f in FLOORS if floors and f[0] in budgets]:
+    for budget, floor in [(b, 0.0) for b in budgets] + chosen_floors(budgets, floors):
         path = composition_file(budget, context, floor)
         if path.is_file():
             print(f"{NAMES[budget]} at {context}: {path} is there, not searched again", flush=True)
@@ -133,9 +138,9 @@ def measure(context: int, kvpress: bool, out: Path, passkey: bool = False, budge
     args += ["--evict", ",".join(evict)]
     for budget in budgets:
         args += ["--rank-file", f"alloc-{NAMES[budget]}={_shown(composition_file(budget, context))}"]
-    for budget, floor in FLOORS:
+    for budget, floor in chosen_floors(budgets, floors):
         path = composition_file(budget, context, floor)
-        if floors and budget in budgets and path.is_file():
+        if path.is_file():
             args += ["--rank-file", f"alloc-{NAMES[budget]}-kept-{floor:g}={_shown(path)}"]
     longctx.main(args + common)
 
