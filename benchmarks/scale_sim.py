@@ -199,7 +199,10 @@ def run_train(args: argparse.Namespace) -> dict:
             try:
                 for child in root.children(recursive=True):
                     command = " ".join(child.cmdline())
-                    if "launcher.py" in command and "torchrun" not in command:  # the training processes
+                    # the training processes: torchrun's own children (a process forked from one, e.g. a data
+                    # worker, shares its command line and was counted as a third process)
+                    if ("launcher.py" in command and "torchrun" not in command
+                            and "torchrun" in " ".join(child.parent().cmdline())):
                         peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_info().rss)
             except psutil.Error:
                 pass
