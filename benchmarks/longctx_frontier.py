@@ -77,6 +77,29 @@ def _shown(path: Path) -> str:
     return str(full.relative_to(ROOT)) if Path.cwd().resolve() == ROOT and full.is_relative_to(ROOT) else str(path)
 
 
+def projections_fingerprint() -> str:
+    """The first 12 hex digits of the shipped projections' sha256: which weights a frontier file was measured with."""
+    import hashlib
+
+    from plugin.storage.loading import resolve_spec
+
+    weights = Path(resolve_spec(MODEL)) / "projections.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+
+
+def mixed_projections(out: Path) -> str | None:
+    """Why measuring into `out` would mix two sets of projections in one file, or None when it would not."""
+    if not out.is_file():
+        return None
+    recorded = (json.loads(out.read_text()).get("projections") or {}).get("sha256")
+    current = projections_fingerprint()
+    if recorded is None or recorded == current:
+        return None
+    return (f"{out} was measured with the {MODEL} projections {recorded}, and the installed ones are {current}: "
+            "measure into a new --out (and search into a fresh docs/data/composition/, whose files were searched "
+            "with the old projections), so that one file holds one set of projections")
+
+
 def chosen_floors(budgets: tuple[float, ...], floors: bool) -> list[tuple[float, float]]:
     """The (budget, floor) pairs of FLOORS among `budgets` (none without `floors`)."""
     return [pair for pair in FLOORS if floors and pair[0] in budgets]
@@ -246,6 +269,9 @@ def render(result: dict, summary: list[dict], figure: str) -> str:
             "included); the cell is its perplexity of the last 512 tokens over the full cache's, with the paired "
             "95% interval. `allocator vs best other` is the paired ratio of the allocator's pick to the best other "
             "line at that budget: ▼ lower, ▲ higher (interval excluding 1), no mark a tie.\n\n")
+    if projections := result.get("projections"):
+        body = (f"Projections: `{projections['name']}`, sha256 {projections['sha256']}"
+                + (f" ({projections['note']})" if projections.get("note") else "") + ".\n\n" + body)
     for context in sorted({e["context"] for e in summary}):
         entries = [e for e in summary if e["context"] == context]
         lines = ordered({line for e in entries for line in e["lines"]})
@@ -318,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     if wrong:
         parser.error(f"--budgets: {', '.join(wrong)} is not one of {', '.join(NAMES.values())} (e.g. 1/4,1/8,1/16)")
     budgets = tuple(sorted({by_name[b.strip()] for b in args.budgets.split(",")}, reverse=True))
+    if not args.render and not args.kvpress and (why := mixed_projections(out)):
+        parser.error(why)
     if args.search:
         search(args.context, args.search_windows, budgets, not args.no_floors)
         return 0
@@ -326,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     if not out.is_file():
         parser.error(f"{out} does not exist: measure first (python -m benchmarks.longctx_frontier --context 4096)")
     result = json.loads(out.read_text())
+    if not args.render and not args.kvpress:
+        result.setdefault("projections", {"name": MODEL, "sha256": projections_fingerprint()})
     summary = summarize(result)
     result["summary"] = summary
     write_json(out, result)

@@ -7,8 +7,8 @@
 #
 # Environment (all optional):
 #   MKV_MODEL              PcaLlama checkpoint dir. Unset: the embedded SmolLM2-135M with the
-#                          projections shipped in the package (embedded-matryoshka), written once
-#                          into the cache.
+#                          long-context projections shipped in the package (embedded-matryoshka-longctx),
+#                          written once into the cache.
 #   MKV_BASE_MODEL         uncompressed reference row; unset: the embedded SmolLM2-135M; "none" drops it.
 #   MKV_BUDGETS            comma list, fractions or percentages (default 100,50,25).
 #   MKV_RANK_FILE          comma list of per-head rank files (mkv search-budget); one row each.
@@ -40,7 +40,7 @@ def _numbers(name, default, kind):
     return [kind(x) for x in raw.replace(';', ',').split(',') if x.strip()]
 
 
-_model = os.environ.get('MKV_MODEL', '').strip() or _suite.shipped_checkpoint('embedded-matryoshka')
+_model = os.environ.get('MKV_MODEL', '').strip() or _suite.shipped_checkpoint('embedded-matryoshka-longctx')
 _base = os.environ.get('MKV_BASE_MODEL', '').strip()
 if not _base:
     _base = str(__import__('plugin.storage.assets', fromlist=['assets']).embedded_model_dir())

@@ -671,6 +671,25 @@ def test_frontier_budgets_option_limits_searches_and_rows(tmp_path, monkeypatch)
         frontier.main(["--budgets", "1/5"])
 
 
+def test_frontier_refuses_to_mix_two_sets_of_projections_in_one_file(tmp_path, monkeypatch) -> None:
+    """A frontier file records the projections' fingerprint on its first measurement; once the shipped projections
+    change, measuring or searching into it is refused with the fix, while kvpress rows and --render still run."""
+    frontier = importlib.import_module("benchmarks.longctx_frontier")
+    out = tmp_path / "f.json"
+    assert frontier.mixed_projections(out) is None  # nothing measured yet
+    out.write_text(json.dumps({"perplexity": [], "retrieval": []}))
+    assert frontier.mixed_projections(out) is None  # measured before fingerprints were recorded
+    out.write_text(json.dumps({"projections": {"name": frontier.MODEL, "sha256": frontier.projections_fingerprint()}}))
+    assert frontier.mixed_projections(out) is None
+    out.write_text(json.dumps({"projections": {"name": frontier.MODEL, "sha256": "000000000000"}}))
+    assert "measure into a new --out" in frontier.mixed_projections(out)
+    monkeypatch.setattr(frontier, "measure", lambda *a, **k: pytest.fail("measured into a mixed file"))
+    with pytest.raises(SystemExit):
+        frontier.main(["--context", "4096", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        frontier.main(["--context", "4096", "--search", "--out", str(out)])
+
+
 def test_longctx_projected_rows_hold_their_rank_budget_at_any_length() -> None:
     """A projected row's cache is sized for its window: appending the scored tokens (under 1/8 of the prompt, where
     a growing cache would keep spare capacity) leaves it holding exactly its rank budget's bytes."""

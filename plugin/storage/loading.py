@@ -13,7 +13,6 @@ import torch
 from .atomic import is_checkpoint, save_checkpoint
 
 EMBEDDED = "embedded"
-# Projections artifacts shipped in the package, by name: the recipe's result for the embedded model.
 # Projections shipped with the package, by the names `mkv eval --model` takes: the 512-token recipe
 # (post-RoPE keys) and the long-context recipe (pre-RoPE keys, 2,048-token windows; docs/longctx.md).
 SHIPPED = {name: Path(__file__).resolve().parents[1] / "trained" / name  # plugin/trained
