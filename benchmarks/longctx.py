@@ -147,7 +147,7 @@ class Setting:
 
             window, recent = self.tiered
             old = tiered_old_rank(budget * self.model.config.head_dim, recent, total, window)
-            return TieredPcaCache(window, old, old)
+            return TieredPcaCache(window, old, old, reserve=total)  # sized for the window: no spare room
         return self.model.model.new_cache(reserve=total)  # the length is known: no spare capacity held
 
     def bf16_fraction(self, cache: Any, tokens: int) -> float:

@@ -711,3 +711,29 @@ def test_longctx_projected_rows_hold_their_rank_budget_at_any_length() -> None:
     grown = pca.model.new_cache()  # what the row held before: capacity grown by 1/8 of the prompt
     last_tokens_nll(pca, window, grown)
     assert setting.bf16_fraction(grown, window.shape[1]) > 0.5
+
+
+def test_longctx_tiered_rows_hold_at_most_their_budget_at_any_length() -> None:
+    """A tiered row's old segment is sized for the window: the scored tokens demoted into it after a prompt over
+    8x longer (a short append, which grows a buffer by 1/8 of what it holds) leave the cache within its budget."""
+    import torch
+    from conftest import make_tiny_llama
+    from helpers import to_pca
+
+    from benchmarks.longctx import SCORED, Setting
+    from plugin.cache import TieredPcaCache
+    from plugin.evaluation.perplexity import last_tokens_nll
+
+    pca = to_pca(make_tiny_llama("gqa", attn_implementation="sdpa", max_position_embeddings=16384))
+    head_dim = pca.config.head_dim
+    setting = Setting("tiered", "tiered", pca, 1.0, tiered=(SCORED, head_dim))
+    setting.apply()
+    window = torch.randint(0, 128, (1, 12 * SCORED), generator=torch.Generator().manual_seed(0))
+    total = window.shape[1]
+    cache = setting.cache(total, 0.5)
+    last_tokens_nll(pca, window, cache, setting.reading(total - SCORED, SCORED))
+    assert cache.get_seq_length() == total
+    assert setting.bf16_fraction(cache, total) <= 0.5
+    grown = TieredPcaCache(SCORED, *cache.old_ranks)  # unsized: the old segment keeps 1/8 spare room
+    last_tokens_nll(pca, window, grown, setting.reading(total - SCORED, SCORED))
+    assert setting.bf16_fraction(grown, total) > 0.5

@@ -35,15 +35,20 @@ def demoted(signature: GroupSignature, old_key_rank: int, old_value_rank: int) -
 
 
 class TieredPcaCacheLayer(TensorMapLayer):
-    def __init__(self, window: int, old_key_rank: int, old_value_rank: int, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, window: int, old_key_rank: int, old_value_rank: int, chunk: int = DEFAULT_CHUNK,
+                 reserve: int | None = None) -> None:
         super().__init__()
         if window < 1:
             raise ValueError(f"the recent window must be >= 1 token; got {window}")
         if old_key_rank < 1 or old_value_rank < 1:
             raise ValueError(f"old ranks must be >= 1; got ({old_key_rank}, {old_value_rank})")
+        if reserve is not None and reserve < 0:
+            raise ValueError(f"reserve must be >= 0 tokens; got {reserve}")
         self.window, self.old_ranks = window, (old_key_rank, old_value_rank)
         self.recent = PcaCacheLayer(chunk)
-        self.old = PcaCacheLayer(chunk)
+        # Sized for the whole sequence when its length is known: a short append to a long old segment would
+        # otherwise grow it by 1/8 of what it holds (spare bytes held beyond the budget).
+        self.old = PcaCacheLayer(chunk, reserve=max(0, reserve - window) if reserve else None)
 
     def update(
         self,
@@ -113,14 +118,15 @@ class TieredPcaCacheLayer(TensorMapLayer):
 
 class TieredPcaCache(CompressedCache):
     """Projected cache whose tokens older than `window` are kept at ranks ``(old_key_rank, old_value_rank)``
-    (capped at each head's own ranks); see the module docstring."""
+    (capped at each head's own ranks); see the module docstring.  `reserve`: the tokens the whole sequence will
+    hold, when known (as `new_cache(reserve=...)`), so that no buffer keeps spare room at that length."""
 
     nested_bases = True  # demotion slices: a full-rank head must be held in U too
 
     def __init__(self, window: int, old_key_rank: int, old_value_rank: int | None = None,
-                 chunk: int = DEFAULT_CHUNK) -> None:
+                 chunk: int = DEFAULT_CHUNK, reserve: int | None = None) -> None:
         old_value_rank = old_key_rank if old_value_rank is None else old_value_rank
         self.window, self.old_ranks, self.chunk = window, (old_key_rank, old_value_rank), chunk
-        make = partial(TieredPcaCacheLayer, window, old_key_rank, old_value_rank, chunk)
+        make = partial(TieredPcaCacheLayer, window, old_key_rank, old_value_rank, chunk, reserve)
         make()  # checks the arguments now, not at the first update
         super().__init__(layer_class_to_replicate=make)
