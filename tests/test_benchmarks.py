@@ -655,7 +655,8 @@ def test_frontier_budgets_option_limits_searches_and_rows(tmp_path, monkeypatch)
     searched, measured = [], []
     monkeypatch.setattr(frontier, "DATA", tmp_path)
     monkeypatch.setattr(plugin.cli, "main", lambda argv: searched.append(argv[argv.index("--bytes") + 1]) or 0)
-    assert frontier.main(["--context", "8192", "--search", "--budgets", "1/4,1/16", "--no-floors"]) == 0
+    assert frontier.main(["--context", "8192", "--search", "--budgets", "1/4,1/16", "--no-floors",
+                          "--out", str(tmp_path / "f.json")]) == 0
     assert searched == ["0.25", "0.0625"]
     for budget in (0.25, 0.0625):
         frontier.composition_file(budget, 8192).parent.mkdir(parents=True, exist_ok=True)
