@@ -78,13 +78,10 @@ def _shown(path: Path) -> str:
 
 
 def projections_fingerprint() -> str:
-    """The first 12 hex digits of the shipped projections' sha256: which weights a frontier file was measured with."""
-    import hashlib
+    """The installed projections' digest (config and weights): which ones a frontier file was measured with."""
+    from plugin.storage.loading import projections_digest, resolve_spec
 
-    from plugin.storage.loading import resolve_spec
-
-    weights = Path(resolve_spec(MODEL)) / "projections.safetensors"
-    return hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    return projections_digest(resolve_spec(MODEL))
 
 
 def mixed_projections(out: Path) -> str | None:
@@ -270,7 +267,7 @@ def render(result: dict, summary: list[dict], figure: str) -> str:
             "95% interval. `allocator vs best other` is the paired ratio of the allocator's pick to the best other "
             "line at that budget: ▼ lower, ▲ higher (interval excluding 1), no mark a tie.\n\n")
     if projections := result.get("projections"):
-        body = (f"Projections: `{projections['name']}`, sha256 {projections['sha256']}"
+        body = (f"Projections: `{projections['name']}`, digest {projections['sha256']}"
                 + (f" ({projections['note']})" if projections.get("note") else "") + ".\n\n" + body)
     for context in sorted({e["context"] for e in summary}):
         entries = [e for e in summary if e["context"] == context]

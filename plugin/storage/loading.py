@@ -82,7 +82,7 @@ def checkpoint_dir(spec: str) -> Path:
     name that carries a fingerprint of the projections, so changed projections get a new directory. A
     checkpoint directory is returned as it is.
     """
-    from .artifact_format import CONFIG_FILE, WEIGHTS_FILE, read_projections_config
+    from .artifact_format import read_projections_config
     from .assets import _build_lock, cache_root, embedded_model_dir
 
     if spec in (None, EMBEDDED):
@@ -94,18 +94,26 @@ def checkpoint_dir(spec: str) -> Path:
         model_config(spec)  # the clear error for a path that is neither
         return path
     read_projections_config(path)  # a broken artifact is reported before the lock is taken
-    digest = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        file = path / name
-        digest.update(file.read_bytes() if file.is_file() else b"")
     root = cache_root() / "checkpoints"
-    out = root / f"{spec if spec in SHIPPED else path.name}-{digest.hexdigest()[:12]}"
+    out = root / f"{spec if spec in SHIPPED else path.name}-{projections_digest(path)}"
     with _build_lock(root):  # servers started together build it once
         if not is_checkpoint(out):
             model, tokenizer = load_model(spec)
             save_checkpoint(model, tokenizer, out, extra={"mkv_source.json": {"projections": str(path)}},
                             overwrite=True)
     return out
+
+
+def projections_digest(path: str | Path) -> str:
+    """The first 12 hex digits of the sha256 of a projections artifact's config and weights: which projections
+    a derived checkpoint or a measurement came from."""
+    from .artifact_format import CONFIG_FILE, WEIGHTS_FILE
+
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        file = Path(path) / name
+        digest.update(file.read_bytes() if file.is_file() else b"")
+    return digest.hexdigest()[:12]
 
 
 def model_config(spec: str | None) -> dict[str, Any]:
