@@ -5,7 +5,9 @@ the last 512 tokens of each window, the tokens before them read into the setting
 block-bootstrap 95% interval against the full cache), with the shipped long-context projections:
 
 * the allocator: `mkv search-budget --bytes F --context L` at each budget F (its files go to
-  docs/data/composition/longctx-F-Lk.json; a file already there is reused, not searched again);
+  docs/data/composition/longctx-F-Lk.json; a file already there is reused, not searched again); with
+  --per-head, the per-head rank tables of one greedy descent join its candidates (docs/data/composition/heads-R.json,
+  made by the first such search that finds them missing; its files go to docs/data/composition/per-head/);
 * ranks alone (the projections at uniform ranks on their grid);
 * bits alone: ours (quant-only, KIVI-style, identity bases) and transformers' QuantizedCache (optimum-quanto);
 * ours bits x eviction at full rank (4 bits, the project's SnapEviction down to each budget);
@@ -21,6 +23,8 @@ Steps, each resumable (rows already in the JSON are kept, not measured again):
     python -m benchmarks.longctx_frontier --render                     # docs/benchmarks.md section + figure
 
 At 8k, where one search takes minutes per budget: `--budgets 1/4,1/8,1/16 --no-floors` on every step.
+`--narrow` measures only the full cache, the allocator and 4 bits x eviction at full rank (the line the
+allocator's full-rank picks are), e.g. into a file of its own to test a change to the allocator.
 
 The summary reads each line at each budget as its best point at or below that many bytes, and sets the
 allocator's pick against the best other line there with the paired interval of the two rows' ratio.
@@ -64,11 +68,34 @@ LINES = {
     "kvpress PyramidKV": ("kvpress-pyramidkv",),
 }
 SLACK = 1e-6  # bytes read from a cache sit a hair off the budget's float
+# Per-head rank tables joining every search: one greedy descent (KL on short calibration windows, fast mode) read
+# off at these budgets; a uniform cut of every head costs more than the tokens it frees at 1/8 and 1/16.
+HEAD_BUDGETS = (0.875, 0.75)
+DESCENT = ("--seq-len", "256", "--samples", "2", "--mode", "fast")
 
 
-def composition_file(budget: float, context: int, min_kept: float = 0.0) -> Path:
+def composition_file(budget: float, context: int, min_kept: float = 0.0, per_head: bool = False) -> Path:
     floor = f"-kept-{min_kept:g}" if min_kept else ""
-    return DATA / "composition" / f"longctx-{budget:.4g}-{context // 1024}k{floor}.json"
+    return DATA / "composition" / ("per-head" if per_head else "") / f"longctx-{budget:.4g}-{context // 1024}k{floor}.json"
+
+
+def head_file(budget: float) -> Path:
+    return DATA / "composition" / f"heads-{budget:g}.json"
+
+
+def descend() -> list[Path]:
+    """The per-head rank tables at HEAD_BUDGETS, from one greedy descent when any is missing."""
+    from plugin.cli import main as mkv
+
+    files = [head_file(budget) for budget in HEAD_BUDGETS]
+    if not all(path.is_file() for path in files):
+        files[0].parent.mkdir(parents=True, exist_ok=True)
+        template = _shown(files[0].parent / "heads-{budget}.json")
+        code = mkv(["search-budget", "--model", MODEL, "--budget", ",".join(f"{b:g}" for b in HEAD_BUDGETS),
+                    *DESCENT, "--out", template])
+        if code != 0:
+            raise SystemExit(f"the per-head descent failed ({code})")
+    return files
 
 
 def _shown(path: Path) -> str:
@@ -102,19 +129,21 @@ def chosen_floors(budgets: tuple[float, ...], floors: bool) -> list[tuple[float,
     return [pair for pair in FLOORS if floors and pair[0] in budgets]
 
 
-def search(context: int, windows: int, budgets: tuple[float, ...] = BUDGETS, floors: bool = True) -> None:
+def search(context: int, windows: int, budgets: tuple[float, ...] = BUDGETS, floors: bool = True,
+           per_head: bool = False) -> None:
     """One allocator search per budget, and per (budget, kept-token floor) of FLOORS among `budgets` (skipping
     files that exist)."""
     from plugin.cli import main as mkv
 
+    heads = ["--head-ranks", ",".join(_shown(path) for path in descend())] if per_head else []
     for budget, floor in [(b, 0.0) for b in budgets] + chosen_floors(budgets, floors):
-        path = composition_file(budget, context, floor)
+        path = composition_file(budget, context, floor, per_head)
         if path.is_file():
             print(f"{NAMES[budget]} at {context}: {path} is there, not searched again", flush=True)
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         code = mkv(["search-budget", "--model", MODEL, "--bytes", repr(budget), "--context", str(context),
-                    "--windows", str(windows), "--min-kept", str(floor), "--out", _shown(path)])
+                    "--windows", str(windows), "--min-kept", str(floor), *heads, "--out", _shown(path)])
         if code != 0:
             raise SystemExit(f"the search at {NAMES[budget]} of the bytes and {context} tokens failed ({code})")
 
@@ -128,7 +157,7 @@ def _has_quanto() -> bool:
 
 
 def measure(context: int, kvpress: bool, out: Path, passkey: bool = False, budgets: tuple[float, ...] = BUDGETS,
-            floors: bool = True) -> None:
+            floors: bool = True, narrow: bool = False, per_head: bool = False) -> None:
     """The rows of one context through benchmarks.longctx (--append: rows already measured are kept); with
     `passkey`, pass-key retrieval at PASSKEY_LENGTHS instead of perplexity, for the same settings (the allocator's
     compositions with their kept shares applied to each prompt)."""
@@ -143,23 +172,25 @@ def measure(context: int, kvpress: bool, out: Path, passkey: bool = False, budge
         presses = ",".join(f"{press}:{budget!r}" for press in PRESSES for budget in budgets)
         longctx.main(["--kvpress", presses, *common])
         return
-    missing = [NAMES[b] for b in budgets if not composition_file(b, context).is_file()]
+    missing = [NAMES[b] for b in budgets if not composition_file(b, context, per_head=per_head).is_file()]
     if missing:
         raise SystemExit(f"no allocator file at {', '.join(missing)} of the bytes for {context} tokens: run "
                          f"`python -m benchmarks.longctx_frontier --context {context} --search` first")
-    args = ["--model", MODEL, "--label", "longctx", "--full", "--budgets", ",".join(f"{r:g}" for r in RANKS),
-            "--quant-bits", ",".join(QUANT_BITS)]
-    if _has_quanto():
+    args = ["--model", MODEL, "--label", "longctx", "--full", "--budgets", "" if narrow else ",".join(
+        f"{r:g}" for r in RANKS)]
+    if not narrow:
+        args += ["--quant-bits", ",".join(QUANT_BITS)]
+    if _has_quanto() and not narrow:
         args += ["--hf-quant", ",".join(HF_QUANT)]
-    else:
+    elif not narrow:
         print("optimum-quanto is not installed: no QuantizedCache rows (pip install -r "
               "benchmarks/requirements-competitors.txt)", flush=True)
     evict = [f"1@{EVICT_BITS}:{budget!r}" for budget in budgets if budget < 0.3]  # 4 bits alone holds ~0.28
     args += ["--evict", ",".join(evict)]
     for budget in budgets:
-        args += ["--rank-file", f"alloc-{NAMES[budget]}={_shown(composition_file(budget, context))}"]
+        args += ["--rank-file", f"alloc-{NAMES[budget]}={_shown(composition_file(budget, context, per_head=per_head))}"]
     for budget, floor in chosen_floors(budgets, floors):
-        path = composition_file(budget, context, floor)
+        path = composition_file(budget, context, floor, per_head)
         if path.is_file():
             args += ["--rank-file", f"alloc-{NAMES[budget]}-kept-{floor:g}={_shown(path)}"]
     longctx.main(args + common)
@@ -249,7 +280,7 @@ def summarize(result: dict) -> list[dict]:
             if pick and full:
                 entry["allocator_vs_full"] = pick["perplexity"] / full["last512_perplexity"]
             if pick:  # the row names its composition: "... (ranks R x B bits x ...)"
-                found = re.search(r"\(ranks ([0-9.]+) x", pick["setting"])
+                found = re.search(r"\(ranks ([0-9.]+)(?: per head)? x", pick["setting"])
                 entry["allocator_uses_ranks_below_full"] = bool(found) and float(found.group(1)) < 1.0
             if pick and pick["retrieval"]:  # the retrieval target: at least 80% of the full cache's right answers
                 kept = [v["kept"] for v in pick["retrieval"].values() if v["kept"]]
@@ -332,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default=",".join(NAMES.values()),
                         help="the budgets to search and measure, of " + ", ".join(NAMES.values()) + " (default all)")
     parser.add_argument("--no-floors", action="store_true", help="no kept-token-floor searches or rows")
+    parser.add_argument("--per-head", action="store_true",
+                        help="searches with the per-head rank tables of one greedy descent among their candidates, "
+                             "into docs/data/composition/per-head/ (and rows of those files)")
+    parser.add_argument("--narrow", action="store_true",
+                        help="measure only the full cache, the allocator and 4 bits x eviction at full rank")
     parser.add_argument("--render", action="store_true", help="only write the docs section and figure from --out")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
@@ -344,10 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render and not args.kvpress and (why := mixed_projections(out)):
         parser.error(why)
     if args.search:
-        search(args.context, args.search_windows, budgets, not args.no_floors)
+        search(args.context, args.search_windows, budgets, not args.no_floors, args.per_head)
         return 0
     if not args.render:
-        measure(args.context, args.kvpress, out, args.passkey, budgets, not args.no_floors)
+        measure(args.context, args.kvpress, out, args.passkey, budgets, not args.no_floors, args.narrow, args.per_head)
     if not out.is_file():
         parser.error(f"{out} does not exist: measure first (python -m benchmarks.longctx_frontier --context 4096)")
     result = json.loads(out.read_text())

@@ -419,7 +419,8 @@ def test_frontier_summary_reads_each_line_at_or_below_each_budget() -> None:
     rows = [row("full", "full", 1.0, 3.0), row("longctx 0.5", "longctx", 0.5, 3.4),
             row("longctx 0.25", "longctx", 0.25, 3.9), row("quant-only 4b", "quant-only", 0.281, 3.01),
             row("longctx alloc-1/4 (ranks 1 x 4 bits x 0.9 of the prompt (uniform))", "composition", 0.2499, 3.02),
-            row("longctx alloc-1/8 (ranks 0.75 x 4 bits x 0.5 of the prompt (uniform))", "composition", 0.125, 3.05),
+            row("longctx alloc-1/8 (ranks 0.75 per head x 4 bits x 0.5 of the prompt (uniform))", "composition",
+                0.125, 3.05),
             row("longctx 1 x 4b + evict <= 0.125", "evict-ranks-bits", 0.125, 3.1),
             row("snapkv 0.125", "kvpress-snapkv", 0.1251, 2.9),  # a hair above 1/8: not a point at 1/8
             row("longctx alloc-1/8-kept-0.5 (ranks 0.5 x 4 bits x 0.7 of the prompt (uniform))", "composition",
@@ -652,12 +653,40 @@ def test_frontier_budgets_option_limits_searches_and_rows(tmp_path, monkeypatch)
     from benchmarks import longctx
 
     frontier = importlib.import_module("benchmarks.longctx_frontier")
-    searched, measured = [], []
+    searched, measured, calls = [], [], []
+
+    def mkv(argv: list[str]) -> int:
+        calls.append(argv)
+        if "--budget" in argv:  # the per-head descent writes one table per budget
+            for budget in frontier.HEAD_BUDGETS:
+                frontier.head_file(budget).write_text("{}")
+        else:
+            searched.append(argv[argv.index("--bytes") + 1])
+        return 0
+
     monkeypatch.setattr(frontier, "DATA", tmp_path)
-    monkeypatch.setattr(plugin.cli, "main", lambda argv: searched.append(argv[argv.index("--bytes") + 1]) or 0)
+    monkeypatch.setattr(plugin.cli, "main", mkv)
     assert frontier.main(["--context", "8192", "--search", "--budgets", "1/4,1/16", "--no-floors",
                           "--out", str(tmp_path / "f.json")]) == 0
-    assert searched == ["0.25", "0.0625"]
+    assert searched == ["0.25", "0.0625"] and not any("--head-ranks" in argv or "--budget" in argv for argv in calls)
+    assert all(argv[argv.index("--out") + 1] == str(frontier.composition_file(float(argv[argv.index("--bytes") + 1]),
+                                                                               8192)) for argv in calls)
+    calls.clear()
+    # --per-head: one greedy descent first, its tables in every search, the files in their own folder
+    assert frontier.main(["--context", "8192", "--search", "--budgets", "1/4,1/16", "--no-floors", "--per-head",
+                          "--out", str(tmp_path / "f.json")]) == 0
+    descents = [argv for argv in calls if "--budget" in argv]
+    assert len(descents) == 1 and descents[0][descents[0].index("--budget") + 1] == "0.875,0.75"
+    heads = ",".join(str(frontier.head_file(b)) for b in frontier.HEAD_BUDGETS)
+    searches = [argv for argv in calls if "--bytes" in argv]
+    assert len(searches) == 2 and all(argv[argv.index("--head-ranks") + 1] == heads for argv in searches)
+    assert all("per-head" in argv[argv.index("--out") + 1] for argv in searches)
+    calls.clear()
+    for budget in (0.25, 0.0625):
+        frontier.composition_file(budget, 8192, per_head=True).parent.mkdir(parents=True, exist_ok=True)
+        frontier.composition_file(budget, 8192, per_head=True).write_text("{}")
+    frontier.search(8192, 2, (0.25, 0.0625), floors=False, per_head=True)
+    assert calls == []  # the tables and the files are there: nothing searched again
     for budget in (0.25, 0.0625):
         frontier.composition_file(budget, 8192).parent.mkdir(parents=True, exist_ok=True)
         frontier.composition_file(budget, 8192).write_text("{}")
@@ -666,6 +695,12 @@ def test_frontier_budgets_option_limits_searches_and_rows(tmp_path, monkeypatch)
     (args,) = measured
     assert [a.split("=")[0] for a in args if a.startswith("alloc-")] == ["alloc-1/4", "alloc-1/16"]
     assert args[args.index("--evict") + 1] == "1@4:0.25,1@4:0.0625"
+    frontier.measure(8192, False, tmp_path / "f.json", budgets=(0.25, 0.0625), floors=False, narrow=True,
+                     per_head=True)
+    narrow = measured[-1]
+    assert all("per-head" in a for a in narrow if a.startswith("alloc-"))
+    assert narrow[narrow.index("--budgets") + 1] == "" and "--quant-bits" not in narrow and "--hf-quant" not in narrow
+    assert narrow[narrow.index("--evict") + 1] == "1@4:0.25,1@4:0.0625" and "--full" in narrow
     frontier.measure(8192, True, tmp_path / "f.json", budgets=(0.25,), floors=False)
     assert measured[-1][measured[-1].index("--kvpress") + 1] == "snapkv:0.25,expected-attention:0.25,pyramidkv:0.25"
     with pytest.raises(SystemExit):

@@ -211,3 +211,104 @@ def test_composition_labels_say_what_they_hold() -> None:
     assert Composition(0.5, 4, 2, (0.5, 0.25), "pyramid").label() == (
         "ranks 0.5 x 4/2 bits x 0.625 of the prompt (pyramid)")
     assert Composition(1.0, 16, 16, (0.0, 0.0), "uniform").label() == "ranks 1 x 16 bits x all tokens"
+
+
+def _uneven_table(model) -> dict:
+    """Per-head ranks of mean 0.75 on the tiny model (head_dim 16, step 2): layer 0 cut deep, layer 1 barely."""
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim) == (2, 2, 16)
+    return {"key": [[8, 10], [14, 16]], "value": [[10, 12], [16, 10]]}
+
+
+@pytest.mark.parametrize("key_space", KEY_SPACES)
+def test_per_head_tables_fill_the_budget_and_the_cache_holds_what_they_say(key_space: str) -> None:
+    """A per-head rank table joins at the kept share that fills the budget, at every bit width; the bytes read from
+    a real cache (each layer at its own rate) stay within the budget, and unquantized they equal the buffers."""
+    model = _model(key_space)
+    table = _uneven_table(model)
+    window = _ids(96)[0]
+    for budget in (0.5, 0.25, 0.125):
+        tabled = [o for o in candidates(model, budget, 96, 16, group=16, head_tables=[table]) if o.head_ranks]
+        assert {(o.key_bits, o.value_bits) for o in tabled} >= {(4, 4), (8, 8)}
+        assert all(o.rank_budget == pytest.approx(0.75) for o in tabled)
+        for option in tabled:
+            _, used = window_nll(model, option, window, 16, group=16)
+            assert used <= budget + 1e-9, (option.label(), used)
+            assert used >= 0.9 * budget or not any(option.layer_ratios), (option.label(), used)  # fills it
+            assert model.get_kv_ranks() == table
+            if (option.key_bits, option.value_bits) == (16, 16):
+                cache = model.model.new_cache()
+                with option.press()(model) if option.press() else torch.no_grad():
+                    model(input_ids=window[None, :80], past_key_values=cache, use_cache=True)
+                live = cache.live_nbytes() - cache._position_bytes()
+                assert held_bytes(model, cache) - cache._position_bytes() == pytest.approx(live / 2)  # fp32 -> bf16
+    assert not [o for o in candidates(model, 0.25, 96, 16, group=16) if o.head_ranks]  # none without tables
+
+
+def test_held_bytes_count_each_layer_at_its_own_ranks() -> None:
+    """Layers of different ranks holding different token counts (a pyramid): each at its own rate."""
+    model = _model()
+    model.set_kv_ranks(_uneven_table(model))
+    cache = model.model.new_cache()
+    with SnapEviction(0.5, window=8, layer_ratios=(0.25, 0.75))(model):
+        model(input_ids=_ids(80), past_key_values=cache, use_cache=True)
+    lengths = [layer.get_seq_length() for layer in cache.layers]
+    assert lengths == [60, 20]
+    expected = (60 * (8 + 10 + 10 + 12) + 20 * (14 + 16 + 16 + 10)) * 2  # bf16 bytes
+    assert held_bytes(model, cache) - cache._position_bytes() == pytest.approx(expected)
+    model.set_kv_bits(4, 4, group=16)
+    cache = model.model.new_cache()
+    with SnapEviction(0.5, window=8, layer_ratios=(0.25, 0.75))(model):
+        model(input_ids=_ids(80), past_key_values=cache, use_cache=True)
+    rate = [sum(r * 4 / 8 + 4 * r / 16 for r in k) + sum(r * 4 / 8 + 4 for r in v)
+            for k, v in zip(_uneven_table(model)["key"], _uneven_table(model)["value"])]
+    assert held_bytes(model, cache) - cache._position_bytes() == pytest.approx(60 * rate[0] + 20 * rate[1])
+
+
+def test_the_allocator_can_pick_a_per_head_table_and_writes_it(tmp_path: Path) -> None:
+    """With a table among the candidates, the search scores it and, when it wins, the file carries its ranks."""
+    model = _model()
+    table = _uneven_table(model)
+    windows = torch.cat([_ids(96, seed) for seed in range(2)])
+    result = compose(model, 0.25, windows, scored=16, group=16, finalists=40, progress=False, log=lambda _: None,
+                     head_tables=[table], profiles=("uniform",))
+    rows = [r for r in result.candidates if "per head" in r["composition"]]
+    assert rows and all(r["bytes_fraction"] <= 0.25 + 1e-9 for r in rows)
+    # each per-head row is the perplexity of its own cache: scored again by hand, the same number
+    options = {o.label(): o for o in candidates(model, 0.25, 96, 16, group=16, head_tables=[table],
+                                                profiles=("uniform",)) if o.head_ranks}
+    for row in rows:
+        nll = torch.cat([window_nll(model, options[row["composition"]], w, 16, 16)[0] for w in windows])
+        assert row["perplexity"] == pytest.approx(float(torch.exp(nll.mean())), rel=1e-4)
+    best_row = min(result.candidates, key=lambda r: (r["windows"] != 2, r["perplexity"]))
+    assert best_row["composition"] == result.best.label()
+    if result.best.head_ranks is not None:
+        assert result.ranks == table
+    labelled = Composition(0.75, 4, 4, (0.5, 0.5), "uniform", ((tuple(table["key"][0]), tuple(table["key"][1])),
+                                                               (tuple(table["value"][0]), tuple(table["value"][1]))))
+    assert labelled.label() == "ranks 0.75 per head x 4 bits x 0.5 of the prompt (uniform)"
+    labelled.apply(model, 16)
+    assert model.get_kv_ranks() == table
+
+
+def test_head_ranks_of_another_model_or_without_context_are_refused(capsys) -> None:
+    model = _model()
+    with pytest.raises(ValueError, match="layers"):
+        candidates(model, 0.25, 96, 16, group=16, head_tables=[{"key": [[8, 8]], "value": [[8, 8]]}])
+    assert main(["search-budget", "--model", "embedded", "--bytes", "0.25", "--head-ranks", "x.json"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("mkv: error:") and "--head-ranks" in last and "--context" in last
+
+
+def test_per_head_tables_are_tried_at_the_bit_widths_of_the_best_uniform_compositions() -> None:
+    """The tables cost one window each at the widths that won the first round, not at every width."""
+    model = _model()
+    table = _uneven_table(model)
+    windows = _ids(96)
+    result = compose(model, 0.25, windows, scored=16, group=16, finalists=1, progress=False, log=lambda _: None,
+                     head_tables=[table], profiles=("uniform",))
+    uniform = [r for r in result.candidates if "per head" not in r["composition"]]
+    tabled = [r for r in result.candidates if "per head" in r["composition"]]
+    best_uniform = min(uniform, key=lambda r: r["perplexity"])
+    assert tabled and {(r["key_bits"], r["value_bits"]) for r in tabled} == {
+        (best_uniform["key_bits"], best_uniform["value_bits"])}

@@ -4,7 +4,10 @@ Three axes shrink a cache: the share of a prompt's tokens each layer keeps at pr
 dims of every head (ranks) and the bit widths of their codes.  For a byte budget F, a fraction of a bfloat16 full
 cache holding L tokens, the allocator lists the compositions that fit: for every bit width and kept-token share,
 the largest rank on the grid that fits what is left, the kept tokens spread evenly over the layers or as a pyramid
-(more in the lower layers, as PyramidKV keeps).  It scores each by the perplexity of the last ``scored`` tokens of
+(more in the lower layers, as PyramidKV keeps).  Per-head rank tables (the greedy descent of
+plugin.budgets.greedy_search, `mkv search-budget --budget`) join as candidates of their own, each at the kept share
+that fills the budget and at the bit widths of the best few uniform compositions: a uniform cut of every head costs more than the tokens it frees, a cut where the descent
+found it cheapest may not.  It scores each by the perplexity of the last ``scored`` tokens of
 calibration windows of L tokens read through its cache (the long-context protocol of plugin.evaluation): every
 evenly spread composition on one window, then the pyramid spread of the best few, then the best few of all on every
 window; the best of those wins.  Its cost (one window per composition) is measured and printed before the search.
@@ -28,10 +31,11 @@ from tqdm.auto import tqdm
 from ..cache.base import full_cache_bytes_per_token
 from ..cache.eviction import SnapEviction, prefill_ratio
 from ..cache.quant_codec import FULL_PRECISION
-from .rank_bits import DEFAULT_CHOICES, bytes_fraction, rank_budget_for
+from .rank_bits import BF16_BYTES, DEFAULT_CHOICES, bytes_fraction, rank_budget_for
 from .ranks import RankTable
 
 KEEP_SHARES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125)
+HeadRanks = tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]  # (key rows, value rows), hashable
 PROFILES = ("uniform", "pyramid")
 POSITION_BYTES = 4  # int32 position of each kept key, per KV head and layer (pre-RoPE caches that evicted)
 
@@ -45,19 +49,25 @@ class Composition:
     value_bits: int
     layer_ratios: tuple[float, ...]  # evicted share of a prompt of context - scored tokens, per layer
     profile: str
+    head_ranks: HeadRanks | None = None  # a per-head table (its mean is rank_budget); None: uniform ranks
 
     def label(self) -> str:
         bits = f"{self.key_bits}" if self.key_bits == self.value_bits else f"{self.key_bits}/{self.value_bits}"
         kept = 1.0 - sum(self.layer_ratios) / len(self.layer_ratios)
         tokens = "all tokens" if not any(self.layer_ratios) else f"{kept:.3g} of the prompt ({self.profile})"
-        return f"ranks {self.rank_budget:g} x {bits} bits x {tokens}"
+        per_head = " per head" if self.head_ranks is not None else ""
+        return f"ranks {self.rank_budget:g}{per_head} x {bits} bits x {tokens}"
 
     def press(self) -> SnapEviction | None:
         return SnapEviction(max(self.layer_ratios), layer_ratios=self.layer_ratios) if any(self.layer_ratios) else None
 
     def apply(self, model: Any, group: int) -> None:
         """Set the model's ranks and bits (not its eviction: `press()` is entered around a prefill)."""
-        model.set_kv_budget(self.rank_budget)
+        if self.head_ranks is not None:
+            model.set_kv_ranks({"key": [list(row) for row in self.head_ranks[0]],
+                                "value": [list(row) for row in self.head_ranks[1]]})
+        else:
+            model.set_kv_budget(self.rank_budget)
         if (self.key_bits, self.value_bits) == (FULL_PRECISION, FULL_PRECISION):
             model.clear_kv_bits()
         else:
@@ -94,12 +104,29 @@ def stores_positions(model: Any) -> bool:
     return getattr(model.config, "kv_key_space", "post-rope") == "pre-rope"
 
 
+def layer_rates(model: Any) -> list[float]:
+    """Bytes per token of each layer's cache at the model's ranks and bits, unquantized states counted at bfloat16."""
+    ranks = model.config.resolved_kv_ranks()
+    spec = model.model.kv_quant
+    quantized = spec is not None and not spec.is_identity()
+    rates = []
+    for layer, (row_k, row_v) in enumerate(zip(ranks["key"], ranks["value"])):
+        if quantized:
+            rates.append(spec.layer_bytes_per_token(layer, row_k, row_v, BF16_BYTES))
+        else:
+            rates.append(float(sum(row_k) + sum(row_v)) * BF16_BYTES)
+    return rates
+
+
 def held_bytes(model: Any, cache: Any) -> float:
-    """Bytes `cache` holds, counted at bfloat16 for unquantized states: per layer its tokens times its rate, plus
-    the stored key positions."""
-    rate = model.kv_cache_bytes_per_token(torch.bfloat16) / len(cache.layers)  # uniform ranks and bits per layer
-    held = sum(rate * layer.get_seq_length() for layer in cache.layers)
+    """Bytes `cache` holds, counted at bfloat16 for unquantized states: per layer its tokens times its own rate (per-head
+    ranks differ by layer), plus the stored key positions."""
+    held = sum(rate * layer.get_seq_length() for rate, layer in zip(layer_rates(model), cache.layers))
     return held + (cache._position_bytes() if hasattr(cache, "_position_bytes") else 0)
+
+
+def head_ranks_of(table: RankTable) -> HeadRanks:
+    return (tuple(tuple(row) for row in table["key"]), tuple(tuple(row) for row in table["value"]))
 
 
 def keeps_floor(layer_ratios: Sequence[float], min_kept: float) -> bool:
@@ -110,10 +137,13 @@ def keeps_floor(layer_ratios: Sequence[float], min_kept: float) -> bool:
 def candidates(model: Any, byte_budget: float, context: int, scored: int,
                choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES, shares: Sequence[float] = KEEP_SHARES,
                profiles: Sequence[str] = PROFILES, group: int = 64, spread: float = 0.5,
-               min_rank_budget: float = 0.25, min_kept: float = 0.0) -> list[Composition]:
+               min_rank_budget: float = 0.25, min_kept: float = 0.0,
+               head_tables: Sequence[RankTable] = (), tables_only: bool = False) -> list[Composition]:
     """Every composition whose formula bytes at `context` fit `byte_budget`: per bit width, each kept share with
-    the largest grid rank that fits, and the kept share at which full rank fits exactly.  `min_kept` is a floor on
-    the share of the prompt every layer keeps (a needle evicted at prefill cannot be retrieved later)."""
+    the largest grid rank that fits, and the kept share at which full rank fits exactly; per bit width and
+    per-head table of `head_tables`, the kept share at which that table fits (`tables_only`: those alone).
+    `min_kept` is a floor on the share of the prompt every layer keeps (a needle evicted at prefill cannot be
+    retrieved later)."""
     if not 0.0 < byte_budget <= 1.0:
         raise ValueError(f"the byte budget must lie in (0, 1] (a fraction of the bf16 full cache); got {byte_budget}")
     if not 0.0 <= min_kept <= 1.0:
@@ -127,7 +157,8 @@ def candidates(model: Any, byte_budget: float, context: int, scored: int,
     for kb, vb in choices:
         full_rank = bytes_fraction({"key": [[d]], "value": [[d]]}, kb, vb, d, group)  # per token, of bf16 full
         fit = byte_budget / (full_rank + position_share)  # the kept share at which full rank fits exactly
-        options = {min(1.0, share) for share in shares if share <= 1.0} | ({fit} if fit < 1.0 else set())
+        options = set() if tables_only else (
+            {min(1.0, share) for share in shares if share <= 1.0} | ({fit} if fit < 1.0 else set()))
         for share in sorted(options, reverse=True):
             evicts = share < 1.0
             room = byte_budget / share - (position_share if evicts else 0.0)
@@ -152,6 +183,41 @@ def candidates(model: Any, byte_budget: float, context: int, scored: int,
                            for layer in range(layers)) / (layers * context)
                 if held <= byte_budget + 1e-9:
                     out.append(Composition(rank, kb, vb, press.layer_ratios, profile))
+        for table in head_tables:
+            out += _table_candidates(table, kb, vb, byte_budget, context, scored, profiles, group, spread, min_kept,
+                                     position_share, d, layers)
+    return out
+
+
+def _table_candidates(table: RankTable, kb: int, vb: int, byte_budget: float, context: int, scored: int,
+                      profiles: Sequence[str], group: int, spread: float, min_kept: float, position_share: float,
+                      d: int, layers: int) -> list[Composition]:
+    """A per-head rank table at bits (kb, vb): every token when it fits, else the kept share that fills the budget."""
+    if len(table["key"]) != layers:
+        raise ValueError(f"a per-head rank table has {len(table['key'])} layers, the model {layers}; search the "
+                         "table on this model (`mkv search-budget --model ... --budget ...`)")
+    per_layer = [bytes_fraction({"key": [row_k], "value": [row_v]}, kb, vb, d, group)
+                 for row_k, row_v in zip(table["key"], table["value"])]
+    mean = sum(per_layer) / layers
+    budget = sum(r for kind in ("key", "value") for row in table[kind] for r in row) / (2 * d * sum(
+        len(row) for row in table["key"]))
+    heads = head_ranks_of(table)
+    if mean <= byte_budget + 1e-9:
+        return [Composition(budget, kb, vb, (0.0,) * layers, "uniform", heads)]
+    share = byte_budget / (mean + position_share)
+    if share * context <= scored:
+        return []
+    ratio = prefill_ratio(share, context - scored, scored)
+    out = []
+    for profile in profiles:
+        press = (SnapEviction.pyramid(ratio, layers, spread) if profile == "pyramid"
+                 else SnapEviction(ratio, layer_ratios=(ratio,) * layers))
+        if not keeps_floor(press.layer_ratios, min_kept):
+            continue
+        held = sum((press.kept(context - scored, layer) + scored) * (per_layer[layer] + position_share)
+                   for layer in range(layers)) / (layers * context)
+        if held <= byte_budget + 1e-9:
+            out.append(Composition(budget, kb, vb, press.layer_ratios, profile, heads))
     return out
 
 
@@ -177,8 +243,10 @@ def window_nll(model: Any, composition: Composition | None, window: torch.Tensor
 def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int = 512,
             choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES, group: int = 64, finalists: int = 3,
             profiles: Sequence[str] = PROFILES, spread: float = 0.5, progress: bool = True,
-            log: Callable[[str], None] = print, min_kept: float = 0.0) -> CompositionResult:
+            log: Callable[[str], None] = print, min_kept: float = 0.0,
+            head_tables: Sequence[RankTable] = ()) -> CompositionResult:
     """The best composition within `byte_budget` at the windows' length (`windows` [n, L], calibration text).
+    `head_tables`: per-head rank tables to try besides uniform ranks (see `candidates`).
 
     Every composition with eviction spread evenly is scored on the first window; the pyramid spread of the best
     `finalists` of them joins; the best `finalists` of all are scored on every window, and the best of those wins.
@@ -206,10 +274,12 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         per_option = time.perf_counter() - started
         rest = len(windows) - 1
         pyramids = finalists if "pyramid" in profiles else 0
-        estimate = per_full * rest + per_option * (len(options) - 1 + pyramids + finalists * rest)
+        tabled = finalists * len(head_tables)  # at most: the tables at the bit widths of the best `finalists`
+        estimate = per_full * rest + per_option * (len(options) - 1 + tabled + pyramids + finalists * rest)
         log(f"{len(options)} compositions fit {byte_budget:g} of the bf16 cache at {context} tokens (+{pyramids} "
-            f"pyramid spreads); about {estimate / 60:.1f} min more ({per_option:.0f} s a window: all on 1 window, the "
-            f"best {finalists} on {len(windows)})")
+            f"pyramid spreads" + (f", + up to {tabled} per-head rank tables" if tabled else "") + f"); about "
+            f"{estimate / 60:.1f} min more ({per_option:.0f} s a window: all on 1 window, the best {finalists} on "
+            f"{len(windows)})")
         full += [window_nll(model, None, w, scored, group)[0] for w in windows[1:]]
 
         def score_first(batch: list[Composition], desc: str) -> None:
@@ -223,6 +293,12 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         score_first([o for o in options if o != probe], f"compositions at {byte_budget:g}")
         if first[probe][1] > byte_budget + 1e-9:
             del first[probe]
+        if head_tables:  # each table at the bit widths of the best uniform compositions (not at every width)
+            bits = list(dict.fromkeys((o.key_bits, o.value_bits)
+                                      for o in sorted(first, key=lambda o: float(first[o][0].mean()))[:finalists]))
+            score_first(candidates(model, byte_budget, context, scored, bits, profiles=("uniform",), group=group,
+                                   spread=spread, min_kept=min_kept, head_tables=head_tables, tables_only=True),
+                        "per-head rank tables")
         if pyramids:
             evicting = [o for o in sorted(first, key=lambda o: float(first[o][0].mean())) if any(o.layer_ratios)]
             spreads = [_pyramid_of(o, layers, spread) for o in evicting[:pyramids]]
@@ -255,4 +331,5 @@ def _pyramid_of(option: Composition, layers: int, spread: float) -> Composition:
     """The same composition with its evicted tokens spread as a pyramid (same mean share)."""
     ratio = sum(option.layer_ratios) / len(option.layer_ratios)
     press = SnapEviction.pyramid(ratio, layers, spread)
-    return Composition(option.rank_budget, option.key_bits, option.value_bits, press.layer_ratios, "pyramid")
+    return Composition(option.rank_budget, option.key_bits, option.value_bits, press.layer_ratios, "pyramid",
+                       option.head_ranks)

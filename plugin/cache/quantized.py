@@ -72,11 +72,16 @@ class QuantSpec:
         Per head: codes r * bits / 8, plus float16 scale and zero: per channel per block for keys
         (4 r / group), per token for values (4); unquantized heads hold r * element_size.
         """
+        return sum(self.layer_bytes_per_token(layer, layer_k, layer_v, element_size)
+                   for layer, (layer_k, layer_v) in enumerate(zip(key_ranks, value_ranks)))
+
+    def layer_bytes_per_token(self, layer: int, key_ranks: Sequence[int], value_ranks: Sequence[int],
+                              element_size: int) -> float:
+        """`bytes_per_token` of one layer, its heads at these ranks."""
         total = 0.0
-        for layer_k, layer_v, bits_k, bits_v in zip(key_ranks, value_ranks, self.key_bits, self.value_bits):
-            for rk, rv, bk, bv in zip(layer_k, layer_v, bits_k, bits_v):
-                total += rk * element_size if bk == FULL_PRECISION else rk * bk / 8 + 4 * rk / self.group
-                total += rv * element_size if bv == FULL_PRECISION else rv * bv / 8 + 4
+        for rk, rv, bk, bv in zip(key_ranks, value_ranks, self.key_bits[layer], self.value_bits[layer]):
+            total += rk * element_size if bk == FULL_PRECISION else rk * bk / 8 + 4 * rk / self.group
+            total += rv * element_size if bv == FULL_PRECISION else rv * bv / 8 + 4
         return total
 
     @classmethod

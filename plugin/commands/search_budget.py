@@ -15,7 +15,8 @@ through the quantized cache; the file carries the winner's bits and loads wherev
 --bytes F --context L: tokens x ranks x bits for a cache of L tokens (plugin.budgets.composition): the share
 of the prompt each layer keeps at prefill (evenly or as a pyramid), uniform ranks and bit widths, every
 composition that fits scored by the perplexity of the last --score-last tokens of calibration windows of L
-tokens; the file also carries the eviction and the bytes measured at L.
+tokens; the file also carries the eviction and the bytes measured at L.  --head-ranks adds per-head rank tables
+(a --budget search's files) as candidates, each at the kept share that fills the budget.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ examples:
   mkv search-budget --model embedded-matryoshka-longctx --bytes 0.125 --context 8192 --out comp-8k.json
       tokens x ranks x bits for 1/8 of a bf16 cache holding 8,192 tokens (the estimate prints first)
   mkv eval --model embedded-matryoshka-longctx --budgets 1 --rank-file comp-8k.json --context 8192
+  mkv search-budget --model embedded-matryoshka-longctx --budget 0.875,0.75 --seq-len 256 --samples 2 \
+      --mode fast --out 'heads-{budget}.json'
+  mkv search-budget --model embedded-matryoshka-longctx --bytes 0.125 --context 8192 \
+      --head-ranks heads-0.875.json,heads-0.75.json --out comp-8k.json
+      the same with per-head ranks (cut where the descent found it cheapest) among the candidates
 """
 
 
@@ -58,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-kept", type=float, default=0.0,
                         help="--context: keep at least this share of the prompt in every layer (e.g. 0.5), protecting "
                              "retrieval: a token evicted at prefill cannot be found later (default 0: no floor)")
+    parser.add_argument("--head-ranks", default="",
+                        help="--context: per-head rank files (a `--budget` search's output; comma-separated) to try "
+                             "besides uniform ranks, each at the kept share that fills the byte budget")
     target.add_argument("--budget",
                         help="target budget in (0, 1], e.g. 0.375; a comma list (0.5,0.375) reads every "
                              "target off one descent and writes one rank file each")
@@ -91,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     from ..storage.loading import load_model
     from ..storage.texts import load_texts, token_windows
 
+    if args.head_ranks and (args.bytes is None or args.context is None):
+        raise ValueError("--head-ranks joins a tokens x ranks x bits search: give it with --bytes F --context L")
     if args.bytes is not None:
         return run_bytes(args)
     budgets = parse_budgets(str(args.budget), "--budget")
@@ -203,6 +214,11 @@ def run_composition(args: argparse.Namespace, choices: list[tuple[int, int]], ou
     texts = load_texts(args.data, split="calibration")
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
     from ..budgets.composition import compose
+    from ..budgets.ranks import read_rank_file
+
+    cfg = model.config
+    head_tables = [read_rank_file(path.strip(), cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+                   for path in args.head_ranks.split(",") if path.strip()]
     from ..model.modeling import PcaLlamaForCausalLM
 
     if not isinstance(model, PcaLlamaForCausalLM):
@@ -215,8 +231,7 @@ def run_composition(args: argparse.Namespace, choices: list[tuple[int, int]], ou
         raise ValueError(f"--data holds {len(windows)} windows of {args.context} tokens, not {args.windows}; give "
                          "more text or fewer --windows")
     result = compose(model, args.bytes, windows, scored=args.score_last, choices=choices, group=args.group,
-                     finalists=args.finalists, min_kept=args.min_kept)
-    cfg = model.config
+                     finalists=args.finalists, min_kept=args.min_kept, head_tables=head_tables)
     write_rank_file(out, result.ranks, cfg.head_dim, **result.file_fields(cfg.num_hidden_layers,
                                                                            cfg.num_key_value_heads),
                     model=args.model, data=args.data or "sotu:calibration", samples=len(windows), seq_len=args.context)
