@@ -6,8 +6,10 @@ cache holding L tokens, the allocator lists the compositions that fit: for every
 the largest rank on the grid that fits what is left, the kept tokens spread evenly over the layers or as a pyramid
 (more in the lower layers, as PyramidKV keeps).  Per-head rank tables (the greedy descent of
 plugin.budgets.greedy_search, `mkv search-budget --budget`) join as candidates of their own, each at the kept share
-that fills the budget and at the bit widths of the best few uniform compositions: a uniform cut of every head costs more than the tokens it frees, a cut where the descent
-found it cheapest may not.  It scores each by the perplexity of the last ``scored`` tokens of
+that fills the budget and at the bit widths of the best few uniform compositions: a uniform cut of every head may
+cost more than the tokens it frees where a cut at the heads the descent found cheapest does not (measured on the
+long-context projections, docs/longctx.md: they win on the calibration windows and lose on held-out ones at 4k, so
+they are an option, not the default).  It scores each by the perplexity of the last ``scored`` tokens of
 calibration windows of L tokens read through its cache (the long-context protocol of plugin.evaluation): every
 evenly spread composition on one window, then the pyramid spread of the best few, then the best few of all on every
 window; the best of those wins.  Its cost (one window per composition) is measured and printed before the search.
@@ -126,6 +128,7 @@ def held_bytes(model: Any, cache: Any) -> float:
 
 
 def head_ranks_of(table: RankTable) -> HeadRanks:
+    """A rank table as nested tuples, so that a Composition holding it can key a dict."""
     return (tuple(tuple(row) for row in table["key"]), tuple(tuple(row) for row in table["value"]))
 
 
