@@ -176,15 +176,15 @@ def measure(context: int, kvpress: bool, out: Path, passkey: bool = False, budge
     if missing:
         raise SystemExit(f"no allocator file at {', '.join(missing)} of the bytes for {context} tokens: run "
                          f"`python -m benchmarks.longctx_frontier --context {context} --search` first")
-    args = ["--model", MODEL, "--label", "longctx", "--full", "--budgets", "" if narrow else ",".join(
-        f"{r:g}" for r in RANKS)]
-    if not narrow:
+    args = ["--model", MODEL, "--label", "longctx", "--full", "--budgets", ""]
+    if not narrow:  # ranks alone, bits alone and QuantizedCache too
+        args[-1] = ",".join(f"{r:g}" for r in RANKS)
         args += ["--quant-bits", ",".join(QUANT_BITS)]
-    if _has_quanto() and not narrow:
-        args += ["--hf-quant", ",".join(HF_QUANT)]
-    elif not narrow:
-        print("optimum-quanto is not installed: no QuantizedCache rows (pip install -r "
-              "benchmarks/requirements-competitors.txt)", flush=True)
+        if _has_quanto():
+            args += ["--hf-quant", ",".join(HF_QUANT)]
+        else:
+            print("optimum-quanto is not installed: no QuantizedCache rows (pip install -r "
+                  "benchmarks/requirements-competitors.txt)", flush=True)
     evict = [f"1@{EVICT_BITS}:{budget!r}" for budget in budgets if budget < 0.3]  # 4 bits alone holds ~0.28
     args += ["--evict", ",".join(evict)]
     for budget in budgets:

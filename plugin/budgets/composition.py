@@ -34,7 +34,7 @@ from ..cache.base import full_cache_bytes_per_token
 from ..cache.eviction import SnapEviction, prefill_ratio
 from ..cache.quant_codec import FULL_PRECISION
 from .rank_bits import BF16_BYTES, DEFAULT_CHOICES, bytes_fraction, rank_budget_for
-from .ranks import RankTable
+from .ranks import RankTable, table_budget
 
 KEEP_SHARES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125)
 HeadRanks = tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]  # (key rows, value rows), hashable
@@ -176,16 +176,8 @@ def candidates(model: Any, byte_budget: float, context: int, scored: int,
                 continue  # the scored tokens alone would fill the budget
             ratio = prefill_ratio(share, context - scored, scored)
             per_token = bytes_fraction({"key": [[round(rank * d)]], "value": [[round(rank * d)]]}, kb, vb, d, group)
-            for profile in profiles:
-                press = (SnapEviction.pyramid(ratio, layers, spread) if profile == "pyramid"
-                         else SnapEviction(ratio, layer_ratios=(ratio,) * layers))
-                if not keeps_floor(press.layer_ratios, min_kept):
-                    continue
-                # the tokens each layer really keeps (whole tokens, at least one) with the scored ones after them
-                held = sum((press.kept(context - scored, layer) + scored) * (per_token + position_share)
-                           for layer in range(layers)) / (layers * context)
-                if held <= byte_budget + 1e-9:
-                    out.append(Composition(rank, kb, vb, press.layer_ratios, profile))
+            out += [Composition(rank, kb, vb, layer_ratios, profile) for layer_ratios, profile in _spreads(
+                ratio, [per_token] * layers, position_share, byte_budget, context, scored, profiles, spread, min_kept)]
         for table in head_tables:
             out += _table_candidates(table, kb, vb, byte_budget, context, scored, profiles, group, spread, min_kept,
                                      position_share, d, layers)
@@ -202,8 +194,7 @@ def _table_candidates(table: RankTable, kb: int, vb: int, byte_budget: float, co
     per_layer = [bytes_fraction({"key": [row_k], "value": [row_v]}, kb, vb, d, group)
                  for row_k, row_v in zip(table["key"], table["value"])]
     mean = sum(per_layer) / layers
-    budget = sum(r for kind in ("key", "value") for row in table[kind] for r in row) / (2 * d * sum(
-        len(row) for row in table["key"]))
+    budget = table_budget(table, d)
     heads = head_ranks_of(table)
     if mean <= byte_budget + 1e-9:
         return [Composition(budget, kb, vb, (0.0,) * layers, "uniform", heads)]
@@ -211,16 +202,26 @@ def _table_candidates(table: RankTable, kb: int, vb: int, byte_budget: float, co
     if share * context <= scored:
         return []
     ratio = prefill_ratio(share, context - scored, scored)
+    return [Composition(budget, kb, vb, layer_ratios, profile, heads) for layer_ratios, profile in _spreads(
+        ratio, per_layer, position_share, byte_budget, context, scored, profiles, spread, min_kept)]
+
+
+def _spreads(ratio: float, rates: Sequence[float], position_share: float, byte_budget: float, context: int,
+             scored: int, profiles: Sequence[str], spread: float, min_kept: float) -> list[tuple[tuple[float, ...], str]]:
+    """(layer ratios, profile) of each spread of `ratio` over the layers that keeps the floor and whose formula bytes
+    fit: per layer the tokens it really keeps (whole tokens, at least one) and the scored ones after them, at that
+    layer's rate (`rates`, a fraction of bf16 per token)."""
+    layers = len(rates)
     out = []
     for profile in profiles:
         press = (SnapEviction.pyramid(ratio, layers, spread) if profile == "pyramid"
                  else SnapEviction(ratio, layer_ratios=(ratio,) * layers))
         if not keeps_floor(press.layer_ratios, min_kept):
             continue
-        held = sum((press.kept(context - scored, layer) + scored) * (per_layer[layer] + position_share)
+        held = sum((press.kept(context - scored, layer) + scored) * (rates[layer] + position_share)
                    for layer in range(layers)) / (layers * context)
         if held <= byte_budget + 1e-9:
-            out.append(Composition(budget, kb, vb, press.layer_ratios, profile, heads))
+            out.append((press.layer_ratios, profile))
     return out
 
 

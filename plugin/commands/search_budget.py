@@ -215,10 +215,6 @@ def run_composition(args: argparse.Namespace, choices: list[tuple[int, int]], ou
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
     from ..budgets.composition import compose
     from ..budgets.ranks import read_rank_file
-
-    cfg = model.config
-    head_tables = [read_rank_file(path.strip(), cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-                   for path in args.head_ranks.split(",") if path.strip()]
     from ..model.modeling import PcaLlamaForCausalLM
 
     if not isinstance(model, PcaLlamaForCausalLM):
@@ -226,6 +222,9 @@ def run_composition(args: argparse.Namespace, choices: list[tuple[int, int]], ou
             f"{args.model!r} is not a PcaLlama checkpoint; --context searches trained projections "
             "(e.g. embedded-matryoshka-longctx, or `mkv calibrate` output)")
     check_context([args.context], model, "--context")
+    cfg = model.config
+    head_tables = [read_rank_file(path.strip(), cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+                   for path in args.head_ranks.split(",") if path.strip()]
     windows = token_windows(tokenizer, texts, args.context, args.windows * args.context)[: args.windows]
     if len(windows) < args.windows:
         raise ValueError(f"--data holds {len(windows)} windows of {args.context} tokens, not {args.windows}; give "
