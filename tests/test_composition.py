@@ -12,9 +12,13 @@ from helpers import save_tiny_base, to_pca
 
 from plugin import SnapEviction
 from plugin.budgets.composition import (
+    POSITION_BYTES,
     Composition,
+    _pyramid_of,
     candidates,
+    composition_rates,
     compose,
+    formula_bytes,
     held_bytes,
     window_nll,
 )
@@ -312,3 +316,23 @@ def test_per_head_tables_are_tried_at_the_bit_widths_of_the_best_uniform_composi
     best_uniform = min(uniform, key=lambda r: r["perplexity"])
     assert tabled and {(r["key_bits"], r["value_bits"]) for r in tabled} == {
         (best_uniform["key_bits"], best_uniform["value_bits"])}
+
+
+def test_pyramids_over_per_head_ranks_are_checked_by_the_formula_before_scoring() -> None:
+    """A pyramid keeps the mean kept share; where the lower layers hold more dims per token it holds more bytes than
+    the budget. The formula says so (and the real cache agrees), so the search never spends a window on it."""
+    model = _model()
+    uneven = _uneven_table(model)
+    table = {"key": uneven["key"][::-1], "value": uneven["value"][::-1]}  # layer 0 the wide one
+    option = next(o for o in candidates(model, 0.25, 96, 16, group=16, head_tables=[table], tables_only=True,
+                                        profiles=("uniform",)) if any(o.layer_ratios))
+    pyramid = _pyramid_of(option, 2, 0.5)
+    position = POSITION_BYTES / (4 * model.config.head_dim)  # pre-RoPE keys store their positions
+    assert formula_bytes(pyramid.press(), composition_rates(pyramid, 16, 2, 16), position, 96, 16) > 0.25
+    assert window_nll(model, pyramid, _ids(96)[0], 16, 16)[1] > 0.25  # the real cache holds as much
+    lines: list[str] = []
+    result = compose(model, 0.25, _ids(96), scored=16, group=16, finalists=40, progress=False, log=lines.append,
+                     head_tables=[table])
+    assert not [line for line in lines if "left out" in line], lines
+    assert all(row["bytes_fraction"] <= 0.25 + 1e-9 for row in result.candidates)
+    assert pyramid.label() not in {row["composition"] for row in result.candidates}

@@ -208,21 +208,38 @@ def _table_candidates(table: RankTable, kb: int, vb: int, byte_budget: float, co
 
 def _spreads(ratio: float, rates: Sequence[float], position_share: float, byte_budget: float, context: int,
              scored: int, profiles: Sequence[str], spread: float, min_kept: float) -> list[tuple[tuple[float, ...], str]]:
-    """(layer ratios, profile) of each spread of `ratio` over the layers that keeps the floor and whose formula bytes
-    fit: per layer the tokens it really keeps (whole tokens, at least one) and the scored ones after them, at that
-    layer's rate (`rates`, a fraction of bf16 per token)."""
+    """(layer ratios, profile) of each spread of `ratio` over the layers that keeps the floor and whose
+    `formula_bytes` fit."""
     layers = len(rates)
     out = []
     for profile in profiles:
         press = (SnapEviction.pyramid(ratio, layers, spread) if profile == "pyramid"
                  else SnapEviction(ratio, layer_ratios=(ratio,) * layers))
-        if not keeps_floor(press.layer_ratios, min_kept):
-            continue
-        held = sum((press.kept(context - scored, layer) + scored) * (rates[layer] + position_share)
-                   for layer in range(layers)) / (layers * context)
-        if held <= byte_budget + 1e-9:
+        if keeps_floor(press.layer_ratios, min_kept) and formula_bytes(
+                press, rates, position_share, context, scored) <= byte_budget + 1e-9:
             out.append((press.layer_ratios, profile))
     return out
+
+
+def formula_bytes(press: SnapEviction, rates: Sequence[float], position_share: float, context: int,
+                  scored: int) -> float:
+    """Bytes a cache holds at `context` under `press`, as a fraction of bf16 full: per layer the tokens it really
+    keeps (whole tokens, at least one) and the scored ones after them, at that layer's rate (`rates`, a fraction of
+    bf16 per token)."""
+    layers = len(rates)
+    return sum((press.kept(context - scored, layer) + scored) * (rates[layer] + position_share)
+               for layer in range(layers)) / (layers * context)
+
+
+def composition_rates(option: Composition, d: int, layers: int, group: int) -> list[float]:
+    """Each layer's bytes per token of `option`'s ranks and bits, a fraction of bf16 full."""
+    if option.head_ranks is not None:
+        rows = zip(option.head_ranks[0], option.head_ranks[1])
+    else:
+        rank = round(option.rank_budget * d)
+        rows = iter([((rank,), (rank,))] * layers)
+    return [bytes_fraction({"key": [list(row_k)], "value": [list(row_v)]}, option.key_bits, option.value_bits, d,
+                           group) for row_k, row_v in rows]
 
 
 @torch.no_grad()
@@ -306,7 +323,12 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         if pyramids:
             evicting = [o for o in sorted(first, key=lambda o: float(first[o][0].mean())) if any(o.layer_ratios)]
             spreads = [_pyramid_of(o, layers, spread) for o in evicting[:pyramids]]
-            score_first([o for o in spreads if keeps_floor(o.layer_ratios, min_kept)], "pyramid spreads")
+            # a pyramid keeps the mean kept share; over per-head ranks, whose layers differ in rate, its bytes
+            # can exceed the budget: checked by the formula here, not by a window's scoring
+            position = POSITION_BYTES / (4 * model.config.head_dim) if stores_positions(model) else 0.0
+            score_first([o for o in spreads if keeps_floor(o.layer_ratios, min_kept) and formula_bytes(
+                o.press(), composition_rates(o, model.config.head_dim, layers, group), position, context,
+                scored) <= byte_budget + 1e-9], "pyramid spreads")
         ranked = sorted(first, key=lambda o: float(first[o][0].mean()))
         scores: dict[Composition, torch.Tensor] = {}
         for option in tqdm(ranked[:finalists], desc="finalists", disable=not progress or rest == 0):
