@@ -16,7 +16,8 @@ Settings (every one on the same prompts and windows, in one process):
 * token eviction (with --kvpress PRESS:B, run from the benchmark-only env of benchmarks/kvpress_env.sh):
   an NVIDIA kvpress press on --base, acting on the prefill of the tokens read first (the context before the
   scored 512, or the pass-key prompt), at the compression ratio that leaves B of the full cache's bytes once
-  the scored (or answer) tokens are held too; presses: knorm, snapkv, expected-attention, pyramidkv.
+  the scored (or answer) tokens are held too; presses: knorm, snapkv, expected-attention, pyramidkv, adakv
+  (kvpress masks AdaKV's evicted keys and frees nothing: its bytes count the unmasked entries).
 
 Bytes are a fraction of a bfloat16 full cache: for projected and tiered caches the measured `nbytes()` over
 the full-rank cache's on the same tokens (the ratio does not depend on the dtype); for quantized caches the
@@ -172,6 +173,9 @@ class Setting:
             return (codes + 2 * 2 * groups + 2 * residual) / (2 * (elements + residual))
         if not hasattr(self.model, "set_kv_budget"):  # a DynamicCache: its tensors, after any eviction
             held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
+            # a masked key and its value are counted as evicted: what a per-head cache would free (kvpress frees
+            # none of it; docs/longctx.md says so beside the rows)
+            held -= 2 * cfg.head_dim * masked_entries(self.model)
             return held / (full * tokens)
         return cache.nbytes() / (full * tokens * self.model.dtype.itemsize)
 
@@ -195,16 +199,28 @@ def hf_quant_counts(cache: Any) -> tuple[int, int, int, int]:
     return codes, groups, elements, residual
 
 
-PRESSES = ("knorm", "snapkv", "expected-attention", "pyramidkv")
+PRESSES = ("knorm", "snapkv", "expected-attention", "pyramidkv", "adakv")
 
 
 def make_press(name: str, ratio: float) -> Any:
     """A kvpress press by short name (kvpress's own defaults otherwise: what a user gets)."""
     import kvpress
 
+    if name == "adakv":  # AdaKV: SnapKV's scores, the layer's kept tokens shared among its heads by score
+        return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio))
     classes = {"knorm": "KnormPress", "snapkv": "SnapKVPress", "expected-attention": "ExpectedAttentionPress",
                "pyramidkv": "PyramidKVPress"}  # PyramidKV: SnapKV's scores, per-layer budgets shrinking with depth
     return getattr(kvpress, classes[name])(compression_ratio=ratio)
+
+
+def masked_entries(model: Any) -> int:
+    """Key entries (token x KV head, summed over layers) that kvpress masks instead of evicting: its per-head presses
+    (AdaKV) keep every token in the cache and hide the evicted ones from attention."""
+    total = 0
+    for layer in getattr(getattr(model, "model", None), "layers", ()):
+        masked = getattr(layer.self_attn, "masked_key_indices", None)
+        total += int(masked[0].numel()) if masked is not None else 0
+    return total
 
 
 def tiered_old_rank(budget_rank: float, recent_rank: int, total: int, window: int) -> int:
@@ -390,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                   "perplexity": perplexity}
         if note:
             result["note"] = note  # the reading written for the earlier rows stays until rewritten
+        if previous.get("projections"):
+            result["projections"] = previous["projections"]  # which projections the rows were measured with
         write_json(args.out, result)
         return result
 

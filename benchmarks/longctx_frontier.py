@@ -11,8 +11,9 @@ block-bootstrap 95% interval against the full cache), with the shipped long-cont
 * ranks alone (the projections at uniform ranks on their grid);
 * bits alone: ours (quant-only, KIVI-style, identity bases) and transformers' QuantizedCache (optimum-quanto);
 * ours bits x eviction at full rank (4 bits, the project's SnapEviction down to each budget);
-* kvpress presses on the base model (SnapKV, expected attention, PyramidKV's per-layer budgets), from the
-  benchmark-only env of benchmarks/kvpress_env.sh.
+* kvpress presses on the base model (SnapKV, expected attention, PyramidKV's per-layer budgets, AdaKV's per-head
+  budgets over SnapKV's scores: kvpress masks the keys it evicts and frees nothing, so its bytes are those a
+  per-head cache would hold), from the benchmark-only env of benchmarks/kvpress_env.sh.
 
 Steps, each resumable (rows already in the JSON are kept, not measured again):
 
@@ -48,7 +49,7 @@ RANKS = (0.5, 0.375, 0.25, 0.125)  # the projections' rank grid (steps of head_d
 QUANT_BITS = ("8", "4", "2")
 HF_QUANT = ("quanto:4", "quanto:2")
 EVICT_BITS = 4
-PRESSES = ("snapkv", "expected-attention", "pyramidkv")
+PRESSES = ("snapkv", "expected-attention", "pyramidkv", "adakv")
 PASSKEY_LENGTHS = (128, 256)  # the base model answers 34/100 at 128 and 20/100 at 256 (docs/data/longctx_passkey.json)
 PASSKEY_PER_DEPTH = 20  # x 5 depths: 100 prompts per length
 # The allocator protecting retrieval: (budget, the share of the prompt every layer keeps); 1 = no eviction at all.
@@ -66,6 +67,7 @@ LINES = {
     "kvpress SnapKV": ("kvpress-snapkv",),
     "kvpress expected attention": ("kvpress-expected-attention",),
     "kvpress PyramidKV": ("kvpress-pyramidkv",),
+    "kvpress AdaKV": ("kvpress-adakv",),
 }
 SLACK = 1e-6  # bytes read from a cache sit a hair off the budget's float
 # Per-head rank tables joining every search: one greedy descent (KL on short calibration windows, fast mode) read

@@ -543,6 +543,69 @@ def test_longctx_kvpress_rows_evict_in_the_prefill_at_measured_bytes(tmp_path, m
         longctx.main(["--kvpress", "pyramid:0.5", "--out", str(out)])
 
 
+class _MaskFirstPress:
+    """Stands in for kvpress's AdaKVPress: keeps every token in the cache and marks the first tokens of KV head 0
+    as masked at the prefill (kvpress's `masked_key_indices`), as its per-head presses do."""
+
+    def __init__(self, press) -> None:
+        self.compression_ratio = press.compression_ratio
+
+    def __call__(self, model):
+        import contextlib
+
+        import torch
+
+        @contextlib.contextmanager
+        def hooked():
+            def hook(module, args, kwargs, output):
+                q_len = kwargs["hidden_states"].shape[1]
+                if kwargs["past_key_values"].layers[module.layer_idx].keys.shape[-2] == q_len:
+                    # the whole layer's evicted share, all of it from head 0 (one head may keep less than another)
+                    count = round(q_len * self.compression_ratio * module.config.num_key_value_heads)
+                    count = min(count, q_len)
+                    module.masked_key_indices = (torch.zeros(count, dtype=torch.long),
+                                                 torch.zeros(count, dtype=torch.long), torch.arange(count))
+
+            handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        return hooked()
+
+
+def test_longctx_masking_press_bytes_count_the_unmasked_entries(tmp_path, monkeypatch) -> None:
+    """A press that masks instead of evicting (kvpress's AdaKV) is charged for the keys and values it leaves
+    visible, not for the full tensors it keeps; an appended file keeps the projections it was measured with."""
+    import types
+
+    from conftest import make_tiny_llama
+    from helpers import save_tiny_base
+
+    fake = types.ModuleType("kvpress")
+    fake.SnapKVPress, fake.AdaKVPress = _KeepFirstPress, _MaskFirstPress
+    monkeypatch.setitem(sys.modules, "kvpress", fake)
+    model = make_tiny_llama("gqa", attn_implementation="sdpa")
+    save_tiny_base(model, tmp_path / "base")
+    longctx = importlib.import_module("benchmarks.longctx")
+    out = tmp_path / "press.json"
+    out.write_text(json.dumps({"command": "x", "retrieval": [], "perplexity": [],
+                               "projections": {"name": "p", "sha256": "abc"}}))
+    assert longctx.main(["--kvpress", "adakv:0.5", "--base", str(tmp_path / "base"), "--contexts", "",
+                         "--ppl-contexts", "1200", "--ppl-windows", "1", "--append", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    row = result["perplexity"][0]
+    heads = model.config.num_key_value_heads
+    prefill = 1200 - 512
+    masked = min(prefill, round(prefill * longctx.prefill_ratio(0.5, prefill, 512) * heads))
+    assert row["method"] == "kvpress-adakv"
+    assert row["bytes_fraction"] == pytest.approx(1 - masked / (heads * 1200))
+    assert row["bytes_fraction"] < 0.99  # a real share is masked, and not charged
+    assert result["projections"] == {"name": "p", "sha256": "abc"}
+
+
 def test_decode_memory_refuses_an_unsupported_bit_width_before_any_work(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.decode_memory", "--quant-bits", "3", "--work-dir",
                            str(tmp_path)], capture_output=True, text=True, timeout=120, check=False)
@@ -702,7 +765,7 @@ def test_frontier_budgets_option_limits_searches_and_rows(tmp_path, monkeypatch)
     assert narrow[narrow.index("--budgets") + 1] == "" and "--quant-bits" not in narrow and "--hf-quant" not in narrow
     assert narrow[narrow.index("--evict") + 1] == "1@4:0.25,1@4:0.0625" and "--full" in narrow
     frontier.measure(8192, True, tmp_path / "f.json", budgets=(0.25,), floors=False)
-    assert measured[-1][measured[-1].index("--kvpress") + 1] == "snapkv:0.25,expected-attention:0.25,pyramidkv:0.25"
+    assert measured[-1][measured[-1].index("--kvpress") + 1] == "snapkv:0.25,expected-attention:0.25,pyramidkv:0.25,adakv:0.25"
     with pytest.raises(SystemExit):
         frontier.main(["--budgets", "1/5"])
 
