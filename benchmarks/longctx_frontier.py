@@ -158,6 +158,29 @@ def _has_quanto() -> bool:
     return True
 
 
+def allocator_files(context: int, budgets: tuple[float, ...], floors: bool, per_head: bool) -> list[Path]:
+    """The allocator's files that `measure` reads at `context` (those that exist)."""
+    paths = [composition_file(b, context, per_head=per_head) for b in budgets]
+    paths += [composition_file(b, context, floor, per_head) for b, floor in chosen_floors(budgets, floors)]
+    return [path for path in paths if path.is_file()]
+
+
+def full_rank(path: Path) -> bool:
+    """A rank file that keeps every dim of every head: its rows read the same through any projections (full rank is
+    the model's own basis, exactly)."""
+    data = json.loads(path.read_text())
+    return all(rank == data["head_dim"] for kind in ("key", "value") for row in data[kind] for rank in row)
+
+
+def independent_rows_note(context: int, paths: list[Path]) -> str:
+    """What the projections' note says of narrow rows measured with other projections than the file's."""
+    if not paths:
+        return ""
+    return (f"the allocator's files at {context} tokens measured after it ({', '.join(_shown(p) for p in paths)}) "
+            f"were searched with the projections {projections_fingerprint()}; they keep full rank, so their rows, "
+            "like the full cache's, 4 bits x eviction's and kvpress's, read the same under either set")
+
+
 def measure(context: int, kvpress: bool, out: Path, passkey: bool = False, budgets: tuple[float, ...] = BUDGETS,
             floors: bool = True, narrow: bool = False, per_head: bool = False) -> None:
     """The rows of one context through benchmarks.longctx (--append: rows already measured are kept); with
@@ -379,8 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     if wrong:
         parser.error(f"--budgets: {', '.join(wrong)} is not one of {', '.join(NAMES.values())} (e.g. 1/4,1/8,1/16)")
     budgets = tuple(sorted({by_name[b.strip()] for b in args.budgets.split(",")}, reverse=True))
+    independent = ""
     if not args.render and not args.kvpress and (why := mixed_projections(out)):
-        parser.error(why)
+        files = allocator_files(args.context, budgets, not args.no_floors, args.per_head)
+        if args.search or not args.narrow or not all(full_rank(path) for path in files):
+            parser.error(why + "; or measure with --narrow the rows that do not depend on the projections (the full "
+                         "cache, 4 bits x eviction, allocator files that keep full rank)")
+        independent = independent_rows_note(args.context, files)
     if args.search:
         search(args.context, args.search_windows, budgets, not args.no_floors, args.per_head)
         return 0
@@ -391,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     result = json.loads(out.read_text())
     if not args.render and not args.kvpress:
         result.setdefault("projections", {"name": MODEL, "sha256": projections_fingerprint()})
+    if independent and independent not in result["projections"].get("note", ""):
+        note = result["projections"].get("note")
+        result["projections"]["note"] = f"{note}; {independent}" if note else independent
     summary = summarize(result)
     result["summary"] = summary
     write_json(out, result)

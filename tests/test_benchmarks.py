@@ -787,6 +787,24 @@ def test_frontier_refuses_to_mix_two_sets_of_projections_in_one_file(tmp_path, m
         frontier.main(["--context", "4096", "--out", str(out)])
     with pytest.raises(SystemExit):
         frontier.main(["--context", "4096", "--search", "--out", str(out)])
+    # --narrow with allocator files that keep full rank: rows no projections change, measured, and the note says so
+    monkeypatch.setattr(frontier, "DATA", tmp_path)
+    path = frontier.composition_file(0.25, 4096)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"head_dim": 4, "key": [[4, 3]], "value": [[4, 4]]}))
+    assert not frontier.full_rank(path)
+    with pytest.raises(SystemExit):
+        frontier.main(["--context", "4096", "--narrow", "--budgets", "1/4", "--no-floors", "--out", str(out)])
+    path.write_text(json.dumps({"head_dim": 4, "key": [[4, 4]], "value": [[4, 4]]}))
+    narrow = []
+    monkeypatch.setattr(frontier, "measure", lambda *a, **k: narrow.append(a[6]))
+    monkeypatch.setattr(frontier, "summarize", lambda result: [])
+    assert frontier.main(["--context", "4096", "--narrow", "--budgets", "1/4", "--no-floors", "--out", str(out)]) == 0
+    assert narrow == [True]
+    note = json.loads(out.read_text())["projections"]
+    assert note["sha256"] == "000000000000" and str(path.name) in note["note"] and "keep full rank" in note["note"]
+    with pytest.raises(SystemExit):  # the ranks-alone and bits lines depend on the projections
+        frontier.main(["--context", "4096", "--budgets", "1/4", "--no-floors", "--out", str(out)])
 
 
 def test_longctx_projected_rows_hold_their_rank_budget_at_any_length() -> None:
