@@ -112,6 +112,55 @@ def test_decoding_after_eviction_attends_to_the_kept_tokens_only(key_space: str)
     assert not torch.allclose(step, model(input_ids=ids).logits[:, 20], atol=1e-3)  # eviction changed something
 
 
+class _Recorded(SnapEviction):
+    """SnapEviction that remembers, per layer, the indices each KV head kept (`[heads, kept]`)."""
+
+    def on_kv(self, attention, step) -> None:
+        super().on_kv(attention, step)
+        if step.kept is not None:
+            self.__dict__.setdefault("kept_by_layer", {})[step.layer_idx] = torch.cat([k[0] for k in step.kept])
+
+
+@pytest.mark.parametrize("key_space", KEY_SPACES)
+def test_heads_that_keep_different_tokens_decode_as_a_forward_masked_per_head(key_space: str) -> None:
+    """A short window: each KV head keeps the tokens its own queries attend to most, not the same ones. The next
+    token's logits equal a full forward whose last query is masked, per layer and per KV head, off what that head
+    evicted."""
+    model, ids = _model(0.75, attn="eager", key_space=key_space), _ids(21, seed=3)
+    press = _Recorded(0.5, window=4, kernel=1)
+    cache = model.model.new_cache()
+    with press(model):
+        model(input_ids=ids[:, :20], past_key_values=cache, use_cache=True)
+    step = model(input_ids=ids[:, 20:], past_key_values=cache, position_ids=torch.tensor([[20]]),
+                 use_cache=True).logits[:, -1]
+    kept = press.kept_by_layer
+    assert all(k.shape == (2, 10) for k in kept.values())
+    assert any(not torch.equal(k[0], k[1]) for k in kept.values())  # the heads did keep different tokens
+
+    def masked(layer: int):
+        mask = torch.ones(1, 2, 21, 21, dtype=torch.bool).tril()  # one row of masks per KV head
+        mask[0, :, 20, :20] = False
+        for head in range(2):
+            mask[0, head, 20, kept[layer][head]] = True
+
+        def hook(module, args, kwargs):
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+        return hook
+
+    handles = [attn.register_forward_pre_hook(masked(i), with_kwargs=True)
+               for i, attn in enumerate(model.attention_layers())]
+    try:
+        reference = model(input_ids=ids).logits[:, 20]
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.allclose(step, reference, atol=1e-5)
+    shared = torch.ones(21, 21, dtype=torch.bool).tril()
+    shared[20, : 20 - 10] = False  # every head on the newest half instead: another answer
+    assert not torch.allclose(step, model(input_ids=ids, attention_mask=shared[None, None]).logits[:, 20], atol=1e-4)
+
+
 @pytest.mark.parametrize("key_space", KEY_SPACES)
 def test_generate_decodes_at_true_positions_after_eviction(key_space: str) -> None:
     model, ids = _model(0.75, key_space=key_space), _ids(40, batch=2)
