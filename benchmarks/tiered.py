@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.longctx import tiered_old_rank
+from benchmarks.longctx_settings import tiered_old_rank
 from benchmarks.report import DATA
 from plugin.evaluation.perplexity import last_tokens_nll
 

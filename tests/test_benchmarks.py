@@ -297,7 +297,9 @@ def test_longctx_on_a_tiny_model(tmp_path) -> None:
     assert half["against"] == "full" and half["low"] <= half["ratio"] <= half["high"]
     assert ppl["tiny 1"]["bytes_fraction"] == 1.0 and ppl["tiny 0.5"]["bytes_fraction"] == 0.5
     assert ppl["tiny 0.5"]["last512_perplexity"] != ppl["tiny 1"]["last512_perplexity"]
-    old = longctx.tiered_old_rank(0.25 * head_dim, head_dim // 2, 600, 64)
+    from benchmarks.longctx_settings import tiered_old_rank
+
+    old = tiered_old_rank(0.25 * head_dim, head_dim // 2, 600, 64)
     tiered = ppl[f"tiered 64@{head_dim // 2} <= 0.25"]["bytes_fraction"]
     assert tiered == pytest.approx((64 * (head_dim // 2) + (600 - 64) * old) / (600 * head_dim)) and tiered <= 0.25
     # 4-bit codes + float16 scale and zero per group: keys per channel over 64 tokens, values per token over head_dim
@@ -599,7 +601,9 @@ def test_longctx_masking_press_bytes_count_the_unmasked_entries(tmp_path, monkey
     row = result["perplexity"][0]
     heads = model.config.num_key_value_heads
     prefill = 1200 - 512
-    masked = min(prefill, round(prefill * longctx.prefill_ratio(0.5, prefill, 512) * heads))
+    from plugin.cache.eviction import prefill_ratio
+
+    masked = min(prefill, round(prefill * prefill_ratio(0.5, prefill, 512) * heads))
     assert row["method"] == "kvpress-adakv"
     assert row["bytes_fraction"] == pytest.approx(1 - masked / (heads * 1200))
     assert row["bytes_fraction"] < 0.99  # a real share is masked, and not charged
@@ -697,13 +701,13 @@ def test_quantized_cache_bytes_count_its_full_precision_window() -> None:
 
     import torch
 
-    longctx = importlib.import_module("benchmarks.longctx")
+    settings = importlib.import_module("benchmarks.longctx_settings")
     quantized = (torch.zeros(64, dtype=torch.uint8), {"scale": torch.zeros(8), "shape": (1, 2, 64, 4)})  # 512 at 1 byte
     layer = types.SimpleNamespace(_quantized_keys=quantized, _quantized_values=quantized,
                                   keys=torch.zeros(1, 2, 16, 4), values=torch.zeros(1, 2, 16, 4))
     cache = types.SimpleNamespace(layers=[layer])
     model = types.SimpleNamespace(config=types.SimpleNamespace(num_hidden_layers=1, num_key_value_heads=2, head_dim=4))
-    setting = longctx.Setting("quanto 4b", "hf-quanto", model, hf_quant=("quanto", 4))
+    setting = settings.Setting("quanto 4b", "hf-quanto", model, hf_quant=("quanto", 4))
     codes, groups, residual = 2 * 64, 2 * 8, 2 * 2 * 16 * 4
     expected = (codes + 2 * 2 * groups + 2 * residual) / (2 * (2 * 512 + residual))
     assert setting.bf16_fraction(cache, 80) == pytest.approx(expected)
@@ -814,8 +818,8 @@ def test_longctx_projected_rows_hold_their_rank_budget_at_any_length() -> None:
     from conftest import make_tiny_llama
     from helpers import to_pca
 
-    from benchmarks.longctx import SCORED, Setting
-    from plugin.evaluation.perplexity import last_tokens_nll
+    from benchmarks.longctx_settings import Setting
+    from plugin.evaluation.perplexity import SCORED, last_tokens_nll
 
     pca = to_pca(make_tiny_llama("gqa", attn_implementation="sdpa", max_position_embeddings=8192))
     setting = Setting("tiny 0.5", "longctx", pca, 0.5)
@@ -837,9 +841,9 @@ def test_longctx_tiered_rows_hold_at_most_their_budget_at_any_length() -> None:
     from conftest import make_tiny_llama
     from helpers import to_pca
 
-    from benchmarks.longctx import SCORED, Setting
+    from benchmarks.longctx_settings import Setting
     from plugin.cache import TieredPcaCache
-    from plugin.evaluation.perplexity import last_tokens_nll
+    from plugin.evaluation.perplexity import SCORED, last_tokens_nll
 
     pca = to_pca(make_tiny_llama("gqa", attn_implementation="sdpa", max_position_embeddings=16384))
     head_dim = pca.config.head_dim
