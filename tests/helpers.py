@@ -64,3 +64,22 @@ def save_tiny_pca(base: torch.nn.Module, base_dir: str | os.PathLike, out_dir: s
         if (Path(base_dir) / name).exists():
             (Path(out_dir) / name).write_bytes((Path(base_dir) / name).read_bytes())
     return pca
+
+
+def forward_with_layer_masks(model: PcaLlamaForCausalLM, ids: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """Logits of a full forward (no cache) in which attention layer i attends under `masks[i]` (bool, 4-D: one per
+    KV head or broadcast), handed to the layer in place of the mask transformers built; the hooks always go."""
+
+    def hook_for(mask: torch.Tensor):
+        def hook(module, args, kwargs):
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+        return hook
+
+    handles = [attn.register_forward_pre_hook(hook_for(mask), with_kwargs=True)
+               for attn, mask in zip(model.attention_layers(), masks)]
+    try:
+        return model(input_ids=ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -486,12 +486,15 @@ def test_quant_kernels_measures_ours_with_exact_bytes_and_bounded_error(tmp_path
     assert "| torch (this project) | 40 | 4 |" in text
 
 
-class _KeepFirstPress:
-    """Stands in for a kvpress press (the real ones live in a separate env): at the prefill forward of each
-    attention layer it keeps the first (1 - ratio) of the cached tokens, as a press prunes the cache."""
+class _PrefillPress:
+    """Stands in for a kvpress press (the real ones live in a separate env): `act` runs at the prefill forward of
+    each attention layer, when the cache holds only that forward's tokens; the hooks always go."""
 
     def __init__(self, compression_ratio: float) -> None:
         self.compression_ratio = compression_ratio
+
+    def act(self, module, layer, q_len: int) -> None:
+        raise NotImplementedError
 
     def __call__(self, model):
         import contextlib
@@ -501,10 +504,8 @@ class _KeepFirstPress:
             def hook(module, args, kwargs, output):
                 layer = kwargs["past_key_values"].layers[module.layer_idx]
                 q_len = kwargs["hidden_states"].shape[1]
-                if layer.keys.shape[-2] == q_len:  # the prefill: the cache holds only this forward's tokens
-                    keep = round(q_len * (1 - self.compression_ratio))
-                    layer.keys, layer.values = layer.keys[:, :, :keep], layer.values[:, :, :keep]
-                    _KeepFirstPress.prefills += 1
+                if layer.keys.shape[-2] == q_len:
+                    self.act(module, layer, q_len)
                 return output
 
             handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
@@ -515,6 +516,15 @@ class _KeepFirstPress:
                     handle.remove()
 
         return hooked()
+
+
+class _KeepFirstPress(_PrefillPress):
+    """Keeps the first (1 - ratio) of the cached tokens, as a press prunes the cache."""
+
+    def act(self, module, layer, q_len: int) -> None:
+        keep = round(q_len * (1 - self.compression_ratio))
+        layer.keys, layer.values = layer.keys[:, :, :keep], layer.values[:, :, :keep]
+        _KeepFirstPress.prefills += 1
 
 
 def test_longctx_kvpress_rows_evict_in_the_prefill_at_measured_bytes(tmp_path, monkeypatch) -> None:
@@ -545,37 +555,20 @@ def test_longctx_kvpress_rows_evict_in_the_prefill_at_measured_bytes(tmp_path, m
         longctx.main(["--kvpress", "pyramid:0.5", "--out", str(out)])
 
 
-class _MaskFirstPress:
-    """Stands in for kvpress's AdaKVPress: keeps every token in the cache and marks the first tokens of KV head 0
-    as masked at the prefill (kvpress's `masked_key_indices`), as its per-head presses do."""
+class _MaskFirstPress(_PrefillPress):
+    """Stands in for kvpress's AdaKVPress (built around a scorer press): keeps every token in the cache and marks
+    the first tokens of KV head 0 as masked (kvpress's `masked_key_indices`), as its per-head presses do."""
 
     def __init__(self, press) -> None:
-        self.compression_ratio = press.compression_ratio
+        super().__init__(press.compression_ratio)
 
-    def __call__(self, model):
-        import contextlib
-
+    def act(self, module, layer, q_len: int) -> None:
         import torch
 
-        @contextlib.contextmanager
-        def hooked():
-            def hook(module, args, kwargs, output):
-                q_len = kwargs["hidden_states"].shape[1]
-                if kwargs["past_key_values"].layers[module.layer_idx].keys.shape[-2] == q_len:
-                    # the whole layer's evicted share, all of it from head 0 (one head may keep less than another)
-                    count = round(q_len * self.compression_ratio * module.config.num_key_value_heads)
-                    count = min(count, q_len)
-                    module.masked_key_indices = (torch.zeros(count, dtype=torch.long),
-                                                 torch.zeros(count, dtype=torch.long), torch.arange(count))
-
-            handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
-            try:
-                yield
-            finally:
-                for handle in handles:
-                    handle.remove()
-
-        return hooked()
+        # the whole layer's evicted share, all of it from head 0 (one head may keep less than another)
+        count = min(q_len, round(q_len * self.compression_ratio * module.config.num_key_value_heads))
+        module.masked_key_indices = (torch.zeros(count, dtype=torch.long), torch.zeros(count, dtype=torch.long),
+                                     torch.arange(count))
 
 
 def test_longctx_masking_press_bytes_count_the_unmasked_entries(tmp_path, monkeypatch) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_llama
-from helpers import save_tiny_base, to_pca
+from helpers import forward_with_layer_masks, save_tiny_base, to_pca
 
 from plugin import SnapEviction
 from plugin.budgets.composition import (
@@ -68,22 +68,12 @@ def test_per_layer_eviction_next_token_equals_a_forward_masked_per_layer(key_spa
                  use_cache=True).logits[:, -1]
     assert [layer.get_seq_length() - 1 for layer in cache.layers] == [press.kept(20, 0), press.kept(20, 1)] == [10, 15]
 
-    def masked(layer: int):
+    def masked(layer: int) -> torch.Tensor:
         mask = torch.ones(21, 21, dtype=torch.bool).tril()
         mask[20, : 20 - press.kept(20, layer)] = False
+        return mask[None, None]
 
-        def hook(module, args, kwargs):
-            kwargs["attention_mask"] = mask[None, None]
-            return args, kwargs
-        return hook
-
-    handles = [attn.register_forward_pre_hook(masked(i), with_kwargs=True)
-               for i, attn in enumerate(model.attention_layers())]
-    try:
-        reference = model(input_ids=ids).logits[:, 20]
-    finally:
-        for handle in handles:
-            handle.remove()
+    reference = forward_with_layer_masks(model, ids, [masked(i) for i in range(2)])[:, 20]
     assert torch.allclose(step, reference, atol=1e-5)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_llama
-from helpers import to_pca
+from helpers import forward_with_layer_masks, to_pca
 
 from plugin import SnapEviction
 from plugin.cache import PcaCache
@@ -137,24 +137,14 @@ def test_heads_that_keep_different_tokens_decode_as_a_forward_masked_per_head(ke
     assert all(k.shape == (2, 10) for k in kept.values())
     assert any(not torch.equal(k[0], k[1]) for k in kept.values())  # the heads did keep different tokens
 
-    def masked(layer: int):
+    def masked(layer: int) -> torch.Tensor:
         mask = torch.ones(1, 2, 21, 21, dtype=torch.bool).tril()  # one row of masks per KV head
         mask[0, :, 20, :20] = False
         for head in range(2):
             mask[0, head, 20, kept[layer][head]] = True
+        return mask
 
-        def hook(module, args, kwargs):
-            kwargs["attention_mask"] = mask
-            return args, kwargs
-        return hook
-
-    handles = [attn.register_forward_pre_hook(masked(i), with_kwargs=True)
-               for i, attn in enumerate(model.attention_layers())]
-    try:
-        reference = model(input_ids=ids).logits[:, 20]
-    finally:
-        for handle in handles:
-            handle.remove()
+    reference = forward_with_layer_masks(model, ids, [masked(i) for i in range(2)])[:, 20]
     assert torch.allclose(step, reference, atol=1e-5)
     shared = torch.ones(21, 21, dtype=torch.bool).tril()
     shared[20, : 20 - 10] = False  # every head on the newest half instead: another answer
