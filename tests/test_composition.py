@@ -20,6 +20,7 @@ from plugin.budgets.composition import (
     composition_rates,
     formula_bytes,
     held_bytes,
+    positions_share,
     window_nll,
 )
 from plugin.cache.eviction import prefill_ratio
@@ -316,9 +317,14 @@ def test_pyramids_over_per_head_ranks_are_checked_by_the_formula_before_scoring(
     table = {"key": uneven["key"][::-1], "value": uneven["value"][::-1]}  # layer 0 the wide one
     option = next(o for o in candidates(model, 0.25, 96, 16, group=16, head_tables=[table], tables_only=True,
                                         profiles=("uniform",)) if any(o.layer_ratios))
-    pyramid = _pyramid_of(option, 2, 0.5)
+    mean = sum(option.layer_ratios) / 2
+    pyramid = Composition(option.rank_budget, option.key_bits, option.value_bits,
+                          SnapEviction.pyramid(mean, 2, 0.5).layer_ratios, "pyramid", option.head_ranks)
     position = POSITION_BYTES / (4 * model.config.head_dim)  # pre-RoPE keys store their positions
+    assert positions_share(model) == position
     assert formula_bytes(pyramid.press(), composition_rates(pyramid, 16, 2, 16), position, 96, 16) > 0.25
+    assert _pyramid_of(option, model, 0.25, 96, 16, 16, 0.5, 0.0) is None  # refused before any window
+    assert _pyramid_of(option, model, 0.5, 96, 16, 16, 0.5, 0.0).layer_ratios == pyramid.layer_ratios
     assert window_nll(model, pyramid, _ids(96)[0], 16, 16)[1] > 0.25  # the real cache holds as much
     lines: list[str] = []
     result = compose(model, 0.25, _ids(96), scored=16, group=16, finalists=40, progress=False, log=lines.append,

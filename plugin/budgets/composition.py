@@ -106,6 +106,12 @@ def stores_positions(model: Any) -> bool:
     return getattr(model.config, "kv_key_space", "post-rope") == "pre-rope"
 
 
+def positions_share(model: Any) -> float:
+    """Bytes of the position an evicted cache stores per kept token, as a fraction of a bf16 full token (0 when the
+    model's keys need none)."""
+    return POSITION_BYTES / (4 * model.config.head_dim) if stores_positions(model) else 0.0
+
+
 def layer_rates(model: Any) -> list[float]:
     """Bytes per token of each layer's cache at the model's ranks and bits, unquantized states counted at bfloat16."""
     ranks = model.config.resolved_kv_ranks()
@@ -155,7 +161,7 @@ def candidates(model: Any, byte_budget: float, context: int, scored: int,
         raise ValueError(f"--context {context} must exceed the {scored} scored tokens")
     cfg = model.config
     d, layers, step = cfg.head_dim, cfg.num_hidden_layers, cfg.kv_rank_step
-    position_share = POSITION_BYTES / (4 * d) if stores_positions(model) else 0.0  # per kept token, of bf16 full
+    position_share = positions_share(model)
     out: list[Composition] = []
     for kb, vb in choices:
         full_rank = bytes_fraction({"key": [[d]], "value": [[d]]}, kb, vb, d, group)  # per token, of bf16 full
@@ -191,8 +197,7 @@ def _table_candidates(table: RankTable, kb: int, vb: int, byte_budget: float, co
     if len(table["key"]) != layers:
         raise ValueError(f"a per-head rank table has {len(table['key'])} layers, the model {layers}; search the "
                          "table on this model (`mkv search-budget --model ... --budget ...`)")
-    per_layer = [bytes_fraction({"key": [row_k], "value": [row_v]}, kb, vb, d, group)
-                 for row_k, row_v in zip(table["key"], table["value"])]
+    per_layer = _rows_rates(table["key"], table["value"], kb, vb, d, group)
     mean = sum(per_layer) / layers
     budget = table_budget(table, d)
     heads = head_ranks_of(table)
@@ -234,12 +239,16 @@ def formula_bytes(press: SnapEviction, rates: Sequence[float], position_share: f
 def composition_rates(option: Composition, d: int, layers: int, group: int) -> list[float]:
     """Each layer's bytes per token of `option`'s ranks and bits, a fraction of bf16 full."""
     if option.head_ranks is not None:
-        rows = zip(option.head_ranks[0], option.head_ranks[1])
-    else:
-        rank = round(option.rank_budget * d)
-        rows = iter([((rank,), (rank,))] * layers)
-    return [bytes_fraction({"key": [list(row_k)], "value": [list(row_v)]}, option.key_bits, option.value_bits, d,
-                           group) for row_k, row_v in rows]
+        return _rows_rates(*option.head_ranks, option.key_bits, option.value_bits, d, group)
+    rank = round(option.rank_budget * d)
+    return _rows_rates([[rank]] * layers, [[rank]] * layers, option.key_bits, option.value_bits, d, group)
+
+
+def _rows_rates(key_rows: Sequence[Sequence[int]], value_rows: Sequence[Sequence[int]], kb: int, vb: int, d: int,
+                group: int) -> list[float]:
+    """Bytes per token of each layer whose heads hold these ranks at bits (kb, vb), a fraction of bf16 full."""
+    return [bytes_fraction({"key": [list(row_k)], "value": [list(row_v)]}, kb, vb, d, group)
+            for row_k, row_v in zip(key_rows, value_rows)]
 
 
 @torch.no_grad()
@@ -272,7 +281,7 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
     Every composition with eviction spread evenly is scored on the first window; the pyramid spread of the best
     `finalists` of them joins; the best `finalists` of all are scored on every window, and the best of those wins.
     """
-    context, layers = windows.shape[-1], model.config.num_hidden_layers
+    context = windows.shape[-1]
     options = candidates(model, byte_budget, context, scored, choices, profiles=("uniform",), group=group,
                          spread=spread, min_kept=min_kept)
     if not options:
@@ -322,13 +331,9 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
                         "per-head rank tables")
         if pyramids:
             evicting = [o for o in sorted(first, key=lambda o: float(first[o][0].mean())) if any(o.layer_ratios)]
-            spreads = [_pyramid_of(o, layers, spread) for o in evicting[:pyramids]]
-            # a pyramid keeps the mean kept share; over per-head ranks, whose layers differ in rate, its bytes
-            # can exceed the budget: checked by the formula here, not by a window's scoring
-            position = POSITION_BYTES / (4 * model.config.head_dim) if stores_positions(model) else 0.0
-            score_first([o for o in spreads if keeps_floor(o.layer_ratios, min_kept) and formula_bytes(
-                o.press(), composition_rates(o, model.config.head_dim, layers, group), position, context,
-                scored) <= byte_budget + 1e-9], "pyramid spreads")
+            spreads = [_pyramid_of(o, model, byte_budget, context, scored, group, spread, min_kept)
+                       for o in evicting[:pyramids]]
+            score_first([o for o in spreads if o is not None], "pyramid spreads")
         ranked = sorted(first, key=lambda o: float(first[o][0].mean()))
         scores: dict[Composition, torch.Tensor] = {}
         for option in tqdm(ranked[:finalists], desc="finalists", disable=not progress or rest == 0):
@@ -353,9 +358,16 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         model.train(was_training)
 
 
-def _pyramid_of(option: Composition, layers: int, spread: float) -> Composition:
-    """The same composition with its evicted tokens spread as a pyramid (same mean share)."""
-    ratio = sum(option.layer_ratios) / len(option.layer_ratios)
-    press = SnapEviction.pyramid(ratio, layers, spread)
-    return Composition(option.rank_budget, option.key_bits, option.value_bits, press.layer_ratios, "pyramid",
+def _pyramid_of(option: Composition, model: Any, byte_budget: float, context: int, scored: int, group: int,
+                spread: float, min_kept: float) -> Composition | None:
+    """The same composition with its evicted tokens spread as a pyramid (same mean share), or None where that
+    spread breaks the floor or its formula bytes exceed the budget (over per-head ranks, whose layers differ in rate,
+    the same mean share can hold more)."""
+    layers = len(option.layer_ratios)
+    ratio = sum(option.layer_ratios) / layers
+    rates = composition_rates(option, model.config.head_dim, layers, group)
+    fits = _spreads(ratio, rates, positions_share(model), byte_budget, context, scored, ("pyramid",), spread, min_kept)
+    if not fits:
+        return None
+    return Composition(option.rank_budget, option.key_bits, option.value_bits, fits[0][0], "pyramid",
                        option.head_ranks)
