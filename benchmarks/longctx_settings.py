@@ -42,8 +42,10 @@ class Setting:
     def eviction_share(self, context: int, after: int) -> float | None:
         """The share of `context` prefill tokens this setting evicts (None: it does not evict); ValueError where
         the `after` tokens kept whole alone exceed its bytes."""
-        if self.evict_to is not None:
-            return prefill_ratio(self.evict_to / self.rate(), context, after)
+        if self.evict_to is not None:  # the bytes its cache holds, uncoded tokens and positions counted
+            from plugin.budgets.composition import least_eviction
+
+            return least_eviction(self.model, self.evict_to, context + after, after) or None
         if self.press is not None:
             return prefill_ratio(self.budget, context, after)
         return None
@@ -58,19 +60,6 @@ class Setting:
 
             return SnapEviction(share)(self.model)
         return make_press(self.press, share)(self.model)
-
-    def rate(self) -> float:
-        """Bytes per token of this setting's ranks and bits, as a fraction of a bfloat16 full cache's (an evicting
-        pre-RoPE cache also stores each kept key's position, int32 per KV head and layer)."""
-        import torch
-
-        from plugin.budgets.composition import POSITION_BYTES, stores_positions
-
-        cfg = self.model.config
-        positions = (POSITION_BYTES * cfg.num_hidden_layers * cfg.num_key_value_heads
-                     if self.evict_to is not None and stores_positions(self.model) else 0)
-        full = self.model.full_cache_bytes_per_token(torch.bfloat16)
-        return (self.model.kv_cache_bytes_per_token(torch.bfloat16) + positions) / full
 
     def cache(self, total: int, budget: float) -> Any:
         """A fresh cache for a sequence of `total` tokens (tiered: its old rank for that length)."""
@@ -106,8 +95,10 @@ class Setting:
             from plugin.budgets.composition import held_bytes
 
             return held_bytes(self.model, cache) / (self.model.full_cache_bytes_per_token(torch.bfloat16) * tokens)
-        if self.bits is not None or self.evict_to is not None:  # the rate times the share of the tokens still held
-            return self.rate() * cache.get_seq_length() / tokens
+        if self.bits is not None or self.evict_to is not None:  # coded tokens at their rate, uncoded at bf16
+            from plugin.budgets.composition import held_bytes
+
+            return held_bytes(self.model, cache) / (self.model.full_cache_bytes_per_token(torch.bfloat16) * tokens)
         if self.hf_quant is not None:  # codes, float16 scales and zeros, and the bf16 residual window it keeps
             codes, groups, elements, residual = hf_quant_counts(cache)
             return (codes + 2 * 2 * groups + 2 * residual) / (2 * (elements + residual))

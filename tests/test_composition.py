@@ -14,6 +14,7 @@ from plugin import SnapEviction
 from plugin.budgets.composition import (
     POSITION_BYTES,
     Composition,
+    _Frame,
     _pyramid_of,
     candidates,
     compose,
@@ -21,6 +22,7 @@ from plugin.budgets.composition import (
     formula_bytes,
     held_bytes,
     positions_share,
+    tail_tokens,
     window_nll,
 )
 from plugin.cache.eviction import prefill_ratio
@@ -146,6 +148,12 @@ def test_the_allocator_picks_the_best_it_scored_and_leaves_the_model_as_it_was()
     assert result.bytes_fraction <= 0.25 + 1e-9
     finals = [r for r in result.candidates if r["windows"] == 2]
     assert len(finals) == 2 and result.perplexity == pytest.approx(min(r["perplexity"] for r in finals), rel=1e-4)
+    windowed = [r for r in result.candidates if r["window"]]
+    assert windowed and all(r["window"] == 16 and r["key_bits"] < 16 for r in windowed)  # default: the scored tokens
+    assert all(r["bytes_fraction"] <= 0.25 + 1e-9 for r in result.candidates)
+    plain = compose(model, 0.25, windows, scored=16, group=16, finalists=2, progress=False, log=lambda _: None,
+                    recent_window=0)
+    assert not [r for r in plain.candidates if r["window"]]
     assert model.kv_budget() == 1.0 and model.get_kv_bits() is None and model.get_kv_eviction() is None
 
 
@@ -171,6 +179,7 @@ def test_a_composition_file_round_trips_through_every_loader(tmp_path: Path) -> 
             assert bits is None or bits.is_identity()
         else:
             assert [list(r) for r in bits.key_bits] == data["key_bits"]
+            assert bits.residual == data["quant_residual"]
         press = model.get_kv_eviction()
         if any(data["eviction"]["layer_ratios"]):
             assert list(press.layer_ratios) == pytest.approx(data["eviction"]["layer_ratios"])
@@ -179,6 +188,28 @@ def test_a_composition_file_round_trips_through_every_loader(tmp_path: Path) -> 
     assert main(["eval", "--model", str(out), "--budgets", "1", "--rank-file", str(comp), "--context", "96",
                  "--score-last", "16", "--windows", "1", "--data", str(text),
                  "--out", str(tmp_path / "ev")]) == 0
+
+
+def test_a_window_of_newest_tokens_round_trips_through_the_rank_file(tmp_path: Path) -> None:
+    """A pick holding its newest tokens at bf16 writes the window; loading the file sets the quantized cache's
+    full-precision window, and a fresh cache then holds that many tokens uncoded."""
+    from plugin.budgets.composition import CompositionResult
+    from plugin.budgets.ranks import write_rank_file
+
+    model = _model()
+    best = Composition(0.75, 4, 4, (0.25, 0.25), "uniform", window=24)
+    best.apply(model, 16)
+    result = CompositionResult(best, model.get_kv_ranks(), 0.3, 2.0, 1.9, 96, 16, 16)
+    path = tmp_path / "comp.json"
+    write_rank_file(path, result.ranks, 16, **result.file_fields(2, 2))
+    assert json.loads(path.read_text())["quant_residual"] == 24
+    fresh = _model()
+    fresh.load_rank_file(path)
+    assert fresh.get_kv_bits().residual == 24 and fresh.get_kv_bits().group == 16
+    cache = fresh.model.new_cache()
+    with torch.no_grad():
+        fresh(input_ids=_ids(96), past_key_values=cache, use_cache=True)
+    assert [layer.uncoded_tokens() for layer in cache.layers] == [tail_tokens(72, 24, 16)] * 2  # 0.25 of 96 evicted
 
 
 def _loaded(path: Path, comp: Path):
@@ -206,6 +237,8 @@ def test_composition_labels_say_what_they_hold() -> None:
     assert Composition(0.5, 4, 2, (0.5, 0.25), "pyramid").label() == (
         "ranks 0.5 x 4/2 bits x 0.625 of the prompt (pyramid)")
     assert Composition(1.0, 16, 16, (0.0, 0.0), "uniform").label() == "ranks 1 x 16 bits x all tokens"
+    assert Composition(1.0, 4, 4, (0.0, 0.0), "uniform", window=512).label() == (
+        "ranks 1 x 4 bits x all tokens + the newest 512 at bf16")
 
 
 def _uneven_table(model) -> dict:
@@ -257,7 +290,45 @@ def test_held_bytes_count_each_layer_at_its_own_ranks() -> None:
         model(input_ids=_ids(80), past_key_values=cache, use_cache=True)
     rate = [sum(r * 4 / 8 + 4 * r / 16 for r in k) + sum(r * 4 / 8 + 4 for r in v)
             for k, v in zip(_uneven_table(model)["key"], _uneven_table(model)["value"])]
-    assert held_bytes(model, cache) - cache._position_bytes() == pytest.approx(60 * rate[0] + 20 * rate[1])
+    bf16 = [(8 + 10 + 10 + 12) * 2, (14 + 16 + 16 + 10) * 2]
+    # whole blocks of 16 are codes; the 12 and 4 tokens of a block not yet full are held uncoded, paid at bf16
+    assert [layer.uncoded_tokens() for layer in cache.layers] == [12, 4]
+    assert held_bytes(model, cache) - cache._position_bytes() == pytest.approx(
+        48 * rate[0] + 12 * bf16[0] + 16 * rate[1] + 4 * bf16[1])
+    assert held_bytes(model, cache) - cache._position_bytes() == pytest.approx(_buffers_at_bf16(cache))
+
+
+def _buffers_at_bf16(cache) -> float:
+    """The bytes a quantized cache's buffers hold (codes, float16 scales and zeros), its fp32 uncoded tokens
+    counted at bf16, stored positions left out."""
+    streams = [stream for layer in cache.layers for stream in layer.streams()]
+    return sum(stream.nbytes() - 2 * (stream.tail.numel() if stream.tail is not None else 0) for stream in streams)
+
+
+@pytest.mark.parametrize("window", [0, 8, 40])
+def test_a_window_of_newest_tokens_is_paid_at_bf16_and_the_formula_says_so(window: int) -> None:
+    """With the newest `window` tokens held unquantized, the bytes read from the cache after a real prefill and
+    read equal the buffers (at bf16) and the formula, evicting or not."""
+    model = _model()
+    context, scored, group = 96, 16, 16
+    for ratios in ((0.0, 0.0), (0.25, 0.75)):
+        model.set_kv_budget(0.75)
+        model.set_kv_bits(4, 2, group=group, residual=window)
+        option = Composition(0.75, 4, 2, ratios, "uniform", window=window)
+        _, used = window_nll(model, option, _ids(context)[0], scored, group)
+        cache = model.model.new_cache()
+        with option.press()(model) if option.press() else torch.no_grad():
+            model(input_ids=_ids(context)[:, :context - scored], past_key_values=cache, use_cache=True)
+        model(input_ids=_ids(context)[:, context - scored:], past_key_values=cache, use_cache=True)
+        held = [layer.get_seq_length() for layer in cache.layers]
+        assert [layer.uncoded_tokens() for layer in cache.layers] == [tail_tokens(n, window, group) for n in held]
+        assert held_bytes(model, cache) - cache._position_bytes() == pytest.approx(_buffers_at_bf16(cache))
+        full = model.full_cache_bytes_per_token(torch.bfloat16) * context
+        assert used == pytest.approx(held_bytes(model, cache) / full)
+        rates = composition_rates(option, 16, 2, group)
+        full_rates = composition_rates(option, 16, 2, group, (16, 16))
+        assert formula_bytes(option.press(), rates, positions_share(model), context, scored, full_rates, window,
+                             group) == pytest.approx(used)
 
 
 def test_the_allocator_can_pick_a_per_head_table_and_writes_it(tmp_path: Path) -> None:
@@ -270,8 +341,9 @@ def test_the_allocator_can_pick_a_per_head_table_and_writes_it(tmp_path: Path) -
     rows = [r for r in result.candidates if "per head" in r["composition"]]
     assert rows and all(r["bytes_fraction"] <= 0.25 + 1e-9 for r in rows)
     # each per-head row is the perplexity of its own cache: scored again by hand, the same number
-    options = {o.label(): o for o in candidates(model, 0.25, 96, 16, group=16, head_tables=[table],
-                                                profiles=("uniform",)) if o.head_ranks}
+    options = {o.label(): o for window in (0, 16)  # the best few are also tried with the newest 16 at bf16
+               for o in candidates(model, 0.25, 96, 16, group=16, head_tables=[table], profiles=("uniform",),
+                                   window=window) if o.head_ranks}
     for row in rows:
         nll = torch.cat([window_nll(model, options[row["composition"]], w, 16, 16)[0] for w in windows])
         assert row["perplexity"] == pytest.approx(float(torch.exp(nll.mean())), rel=1e-4)
@@ -323,8 +395,8 @@ def test_pyramids_over_per_head_ranks_are_checked_by_the_formula_before_scoring(
     position = POSITION_BYTES / (4 * model.config.head_dim)  # pre-RoPE keys store their positions
     assert positions_share(model) == position
     assert formula_bytes(pyramid.press(), composition_rates(pyramid, 16, 2, 16), position, 96, 16) > 0.25
-    assert _pyramid_of(option, model, 0.25, 96, 16, 16, 0.5, 0.0) is None  # refused before any window
-    assert _pyramid_of(option, model, 0.5, 96, 16, 16, 0.5, 0.0).layer_ratios == pyramid.layer_ratios
+    assert _pyramid_of(option, model, _Frame(0.25, 96, 16, 16, position)) is None  # refused before any window
+    assert _pyramid_of(option, model, _Frame(0.5, 96, 16, 16, position)).layer_ratios == pyramid.layer_ratios
     assert window_nll(model, pyramid, _ids(96)[0], 16, 16)[1] > 0.25  # the real cache holds as much
     lines: list[str] = []
     result = compose(model, 0.25, _ids(96), scored=16, group=16, finalists=40, progress=False, log=lines.append,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..cache.base import full_cache_bytes_per_token
 from ..cache.eviction import SnapEviction, prefill_ratio
 from ..cache.quant_codec import FULL_PRECISION
-from .rank_bits import BF16_BYTES, DEFAULT_CHOICES, bytes_fraction, rank_budget_for
+from .rank_bits import BF16_BYTES, DEFAULT_CHOICES, bytes_fraction
 from .ranks import RankTable, table_budget
 
 KEEP_SHARES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125)
@@ -52,13 +52,15 @@ class Composition:
     layer_ratios: tuple[float, ...]  # evicted share of a prompt of context - scored tokens, per layer
     profile: str
     head_ranks: HeadRanks | None = None  # a per-head table (its mean is rank_budget); None: uniform ranks
+    window: int = 0  # newest tokens held unquantized (the quantized cache's residual), counted at bfloat16
 
     def label(self) -> str:
         bits = f"{self.key_bits}" if self.key_bits == self.value_bits else f"{self.key_bits}/{self.value_bits}"
         kept = 1.0 - sum(self.layer_ratios) / len(self.layer_ratios)
         tokens = "all tokens" if not any(self.layer_ratios) else f"{kept:.3g} of the prompt ({self.profile})"
         per_head = " per head" if self.head_ranks is not None else ""
-        return f"ranks {self.rank_budget:g}{per_head} x {bits} bits x {tokens}"
+        recent = f" + the newest {self.window} at bf16" if self.window else ""
+        return f"ranks {self.rank_budget:g}{per_head} x {bits} bits x {tokens}{recent}"
 
     def press(self) -> SnapEviction | None:
         return SnapEviction(max(self.layer_ratios), layer_ratios=self.layer_ratios) if any(self.layer_ratios) else None
@@ -73,7 +75,10 @@ class Composition:
         if (self.key_bits, self.value_bits) == (FULL_PRECISION, FULL_PRECISION):
             model.clear_kv_bits()
         else:
-            model.set_kv_bits(self.key_bits, self.value_bits, group=group)
+            model.set_kv_bits(self.key_bits, self.value_bits, group=group, residual=self.window)
+
+    def quantized(self) -> bool:
+        return (self.key_bits, self.value_bits) != (FULL_PRECISION, FULL_PRECISION)
 
 
 @dataclass
@@ -94,6 +99,7 @@ class CompositionResult:
         return {
             "key_bits": [[best.key_bits] * heads for _ in range(layers)],
             "value_bits": [[best.value_bits] * heads for _ in range(layers)], "quant_group": self.group,
+            "quant_residual": best.window,
             "eviction": {"layer_ratios": list(best.layer_ratios), "profile": best.profile},  # unrounded: kept counts exact
             "context": self.context, "scored": self.scored, "bytes_fraction": round(self.bytes_fraction, 6),
             "composition": best.label(), "perplexity": round(self.perplexity, 4),
@@ -127,10 +133,40 @@ def layer_rates(model: Any) -> list[float]:
 
 
 def held_bytes(model: Any, cache: Any) -> float:
-    """Bytes `cache` holds, counted at bfloat16 for unquantized states: per layer its tokens times its own rate (per-head
-    ranks differ by layer), plus the stored key positions."""
-    held = sum(rate * layer.get_seq_length() for rate, layer in zip(layer_rates(model), cache.layers))
+    """Bytes `cache` holds, counted at bfloat16 for unquantized states: per layer its coded tokens at its own rate
+    (per-head ranks differ by layer) and the tokens its quantized streams still hold uncoded (the newest ones, a
+    block not yet full) at bfloat16, plus the stored key positions."""
+    ranks = model.config.resolved_kv_ranks()
+    held = 0.0
+    for rate, layer, row_k, row_v in zip(layer_rates(model), cache.layers, ranks["key"], ranks["value"]):
+        uncoded = layer.uncoded_tokens() if hasattr(layer, "uncoded_tokens") else 0
+        held += rate * (layer.get_seq_length() - uncoded) + (sum(row_k) + sum(row_v)) * BF16_BYTES * uncoded
     return held + (cache._position_bytes() if hasattr(cache, "_position_bytes") else 0)
+
+
+def least_eviction(model: Any, byte_budget: float, context: int, scored: int) -> float:
+    """The least share of a prompt of `context - scored` tokens to evict, evenly over the layers, so that the cache
+    at the model's current ranks and bits holds at most `byte_budget` of a bf16 full cache of `context` tokens once
+    `scored` more are read (uncoded tokens and stored positions counted); ValueError where none does."""
+    spec = model.model.kv_quant
+    group, window = (spec.group, spec.residual) if spec is not None else (64, 0)
+    cfg = model.config
+    full = 2 * cfg.num_key_value_heads * cfg.head_dim * BF16_BYTES  # one layer's bf16 bytes per full token
+    ranks = cfg.resolved_kv_ranks()
+    rates = [rate / full for rate in layer_rates(model)]
+    full_rates = [(sum(row_k) + sum(row_v)) * BF16_BYTES / full for row_k, row_v in zip(ranks["key"], ranks["value"])]
+    frame = _Frame(byte_budget, context, scored, group, positions_share(model))
+    ratio = frame.least_ratio(rates, full_rates, window)
+    if ratio is None:
+        raise ValueError(f"{scored} tokens kept whole already make more than {byte_budget:g} of a {context}-token "
+                         "cache; give more bytes or read a longer context")
+    return ratio
+
+
+def tail_tokens(held: int, window: int, group: int) -> int:
+    """Tokens a quantized stream given `held` tokens keeps uncoded: its window of the newest `window` and the part of
+    a block of `group` not yet full (plugin.cache.quantized codes whole blocks, whatever the appends were)."""
+    return held if held < window + group else window + (held - window) % group
 
 
 def head_ranks_of(table: RankTable) -> HeadRanks:
@@ -143,105 +179,159 @@ def keeps_floor(layer_ratios: Sequence[float], min_kept: float) -> bool:
     return max(layer_ratios) <= 1.0 - min_kept + 1e-9
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """What every byte count of one search shares: the budget, the lengths, the key block, the spread, the floor."""
+
+    byte_budget: float
+    context: int
+    scored: int
+    group: int
+    position_share: float
+    spread: float = 0.5
+    min_kept: float = 0.0
+
+    def bytes(self, layer_ratios: Sequence[float] | None, rates: Sequence[float], full_rates: Sequence[float],
+              window: int) -> float:
+        press = None if layer_ratios is None else SnapEviction(max(layer_ratios), layer_ratios=tuple(layer_ratios))
+        return formula_bytes(press, rates, self.position_share, self.context, self.scored, full_rates, window,
+                             self.group)
+
+    def fits(self, layer_ratios: Sequence[float] | None, rates: Sequence[float], full_rates: Sequence[float],
+             window: int) -> bool:
+        return self.bytes(layer_ratios, rates, full_rates, window) <= self.byte_budget + 1e-9
+
+    def spread_of(self, ratio: float, profile: str, layers: int) -> tuple[float, ...]:
+        if profile == "pyramid":
+            return SnapEviction.pyramid(ratio, layers, self.spread).layer_ratios
+        return (ratio,) * layers
+
+    def least_ratio(self, rates: Sequence[float], full_rates: Sequence[float], window: int,
+                    profile: str = "uniform") -> float | None:
+        """The least evicted share of the prompt (spread as `profile`) whose formula bytes fit: 0.0 when every token
+        fits, None when not even the scored tokens and one kept token per layer do."""
+        layers = len(rates)
+        if self.fits(None, rates, full_rates, window):
+            return 0.0
+        def fits(ratio: float) -> bool:
+            return self.fits(self.spread_of(ratio, profile, layers), rates, full_rates, window)
+        low, high = 0.0, 1.0 - 1e-9
+        if not fits(high):
+            return None
+        for _ in range(40):  # kept counts are whole tokens: the bytes step down as the ratio grows
+            middle = (low + high) / 2
+            low, high = (low, middle) if fits(middle) else (middle, high)
+        return high
+
+    def spreads(self, ratio: float, rates: Sequence[float], full_rates: Sequence[float], window: int,
+                profiles: Sequence[str]) -> list[tuple[tuple[float, ...], str]]:
+        """(layer ratios, profile) of each spread of `ratio` over the layers that keeps the floor and whose
+        formula bytes fit."""
+        out = []
+        for profile in profiles:
+            layer_ratios = self.spread_of(ratio, profile, len(rates))
+            if keeps_floor(layer_ratios, self.min_kept) and self.fits(layer_ratios, rates, full_rates, window):
+                out.append((layer_ratios, profile))
+        return out
+
+
 def candidates(model: Any, byte_budget: float, context: int, scored: int,
                choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES, shares: Sequence[float] = KEEP_SHARES,
                profiles: Sequence[str] = PROFILES, group: int = 64, spread: float = 0.5,
                min_rank_budget: float = 0.25, min_kept: float = 0.0,
-               head_tables: Sequence[RankTable] = (), tables_only: bool = False) -> list[Composition]:
+               head_tables: Sequence[RankTable] = (), tables_only: bool = False, window: int = 0) -> list[Composition]:
     """Every composition whose formula bytes at `context` fit `byte_budget`: per bit width, each kept share with
-    the largest grid rank that fits, and the kept share at which full rank fits exactly; per bit width and
-    per-head table of `head_tables`, the kept share at which that table fits (`tables_only`: those alone).
-    `min_kept` is a floor on the share of the prompt every layer keeps (a needle evicted at prefill cannot be
-    retrieved later)."""
+    the largest grid rank that fits, and the least eviction at which full rank fits; per bit width and per-head
+    table of `head_tables`, the least eviction at which that table fits (`tables_only`: those alone). `window`:
+    the newest tokens quantized caches hold at bfloat16. `min_kept` is a floor on the share of the prompt every
+    layer keeps (a needle evicted at prefill cannot be retrieved later)."""
     if not 0.0 < byte_budget <= 1.0:
         raise ValueError(f"the byte budget must lie in (0, 1] (a fraction of the bf16 full cache); got {byte_budget}")
     if not 0.0 <= min_kept <= 1.0:
         raise ValueError(f"the kept-token floor must lie in [0, 1] (a share of the prompt); got {min_kept}")
     if not 0 < scored < context:
         raise ValueError(f"--context {context} must exceed the {scored} scored tokens")
+    if window < 0:
+        raise ValueError(f"the window of newest tokens held at bfloat16 must be >= 0 tokens; got {window}")
     cfg = model.config
     d, layers, step = cfg.head_dim, cfg.num_hidden_layers, cfg.kv_rank_step
-    position_share = positions_share(model)
+    frame = _Frame(byte_budget, context, scored, group, positions_share(model), spread, min_kept)
+    grid = [k * step / d for k in range(d // step, 0, -1) if k * step / d >= max(min_rank_budget, step / d) - 1e-9]
     out: list[Composition] = []
     for kb, vb in choices:
-        full_rank = bytes_fraction({"key": [[d]], "value": [[d]]}, kb, vb, d, group)  # per token, of bf16 full
-        fit = byte_budget / (full_rank + position_share)  # the kept share at which full rank fits exactly
-        options = set() if tables_only else (
-            {min(1.0, share) for share in shares if share <= 1.0} | ({fit} if fit < 1.0 else set()))
-        for share in sorted(options, reverse=True):
-            evicts = share < 1.0
-            room = byte_budget / share - (position_share if evicts else 0.0)
-            rank = min(1.0, rank_budget_for(room, kb, vb, d, group))
-            rank = math.floor(rank * d / step + 1e-9) * step / d
-            if rank < max(min_rank_budget, step / d) or (share != fit and rank >= 1.0 and evicts):
-                continue  # too few dims, or full rank fits with more tokens kept (the `fit` share covers that)
-            if not evicts:
-                out.append(Composition(rank, kb, vb, (0.0,) * layers, "uniform"))
-                continue
-            if share * context <= scored:
-                continue  # the scored tokens alone would fill the budget
-            ratio = prefill_ratio(share, context - scored, scored)
-            per_token = bytes_fraction({"key": [[round(rank * d)]], "value": [[round(rank * d)]]}, kb, vb, d, group)
-            out += [Composition(rank, kb, vb, layer_ratios, profile) for layer_ratios, profile in _spreads(
-                ratio, [per_token] * layers, position_share, byte_budget, context, scored, profiles, spread, min_kept)]
+        recent = window if (kb, vb) != (FULL_PRECISION, FULL_PRECISION) else 0
+
+        def rates(rank: float, kb: int = kb, vb: int = vb) -> tuple[list[float], list[float]]:
+            dims = round(rank * d)
+            return ([bytes_fraction({"key": [[dims]], "value": [[dims]]}, kb, vb, d, group)] * layers,
+                    [dims / d] * layers)
+
+        fit = None if tables_only else frame.least_ratio(*rates(1.0), recent)
+        ratios = set() if tables_only else {0.0 if share >= 1.0 else prefill_ratio(share, context - scored, scored)
+                                            for share in shares if share * context > scored}
+        for ratio in sorted(ratios | ({fit} if fit else set())):
+            for rank in grid:
+                if ratio == 0.0:
+                    if frame.fits(None, *rates(rank), recent):
+                        out.append(Composition(rank, kb, vb, (0.0,) * layers, "uniform", window=recent))
+                        break
+                    continue
+                fitting = frame.spreads(ratio, *rates(rank), recent, profiles)
+                if not any(profile == "uniform" for _, profile in fitting):
+                    continue
+                if rank < 1.0 or ratio == fit:  # full rank at a grid share: the least eviction `fit` keeps more
+                    out += [Composition(rank, kb, vb, spread_, profile, window=recent) for spread_, profile in fitting]
+                break
         for table in head_tables:
-            out += _table_candidates(table, kb, vb, byte_budget, context, scored, profiles, group, spread, min_kept,
-                                     position_share, d, layers)
+            out += _table_candidates(table, kb, vb, frame, profiles, recent, d, layers)
     return out
 
 
-def _table_candidates(table: RankTable, kb: int, vb: int, byte_budget: float, context: int, scored: int,
-                      profiles: Sequence[str], group: int, spread: float, min_kept: float, position_share: float,
+def _table_candidates(table: RankTable, kb: int, vb: int, frame: _Frame, profiles: Sequence[str], window: int,
                       d: int, layers: int) -> list[Composition]:
-    """A per-head rank table at bits (kb, vb): every token when it fits, else the kept share that fills the budget."""
+    """A per-head rank table at bits (kb, vb): every token when it fits, else the least eviction that fits."""
     if len(table["key"]) != layers:
         raise ValueError(f"a per-head rank table has {len(table['key'])} layers, the model {layers}; search the "
                          "table on this model (`mkv search-budget --model ... --budget ...`)")
-    per_layer = _rows_rates(table["key"], table["value"], kb, vb, d, group)
-    mean = sum(per_layer) / layers
+    rates = _rows_rates(table["key"], table["value"], kb, vb, d, frame.group)
+    full_rates = _rows_rates(table["key"], table["value"], FULL_PRECISION, FULL_PRECISION, d, frame.group)
     budget = table_budget(table, d)
     heads = head_ranks_of(table)
-    if mean <= byte_budget + 1e-9:
-        return [Composition(budget, kb, vb, (0.0,) * layers, "uniform", heads)]
-    share = byte_budget / (mean + position_share)
-    if share * context <= scored:
+    ratio = frame.least_ratio(rates, full_rates, window)
+    if ratio is None:
         return []
-    ratio = prefill_ratio(share, context - scored, scored)
-    return [Composition(budget, kb, vb, layer_ratios, profile, heads) for layer_ratios, profile in _spreads(
-        ratio, per_layer, position_share, byte_budget, context, scored, profiles, spread, min_kept)]
+    if ratio == 0.0:
+        return [Composition(budget, kb, vb, (0.0,) * layers, "uniform", heads, window)]
+    return [Composition(budget, kb, vb, layer_ratios, profile, heads, window)
+            for layer_ratios, profile in frame.spreads(ratio, rates, full_rates, window, profiles)]
 
 
-def _spreads(ratio: float, rates: Sequence[float], position_share: float, byte_budget: float, context: int,
-             scored: int, profiles: Sequence[str], spread: float, min_kept: float) -> list[tuple[tuple[float, ...], str]]:
-    """(layer ratios, profile) of each spread of `ratio` over the layers that keeps the floor and whose
-    `formula_bytes` fit."""
+def formula_bytes(press: SnapEviction | None, rates: Sequence[float], position_share: float, context: int,
+                  scored: int, full_rates: Sequence[float] | None = None, window: int = 0, group: int = 64) -> float:
+    """Bytes a cache holds at `context` under `press` (None: it evicts nothing), as a fraction of bf16 full: per
+    layer the tokens it really keeps (whole tokens, at least one) and the scored ones after them, at that layer's
+    rate (`rates`, a fraction of bf16 per token), those a quantized layer still holds uncoded (`tail_tokens`) at
+    its bfloat16 rate (`full_rates`; None: the layers are not quantized), and the positions an evicted cache
+    stores."""
     layers = len(rates)
-    out = []
-    for profile in profiles:
-        press = (SnapEviction.pyramid(ratio, layers, spread) if profile == "pyramid"
-                 else SnapEviction(ratio, layer_ratios=(ratio,) * layers))
-        if keeps_floor(press.layer_ratios, min_kept) and formula_bytes(
-                press, rates, position_share, context, scored) <= byte_budget + 1e-9:
-            out.append((press.layer_ratios, profile))
-    return out
+    full_rates = rates if full_rates is None else full_rates
+    total = 0.0
+    for layer in range(layers):
+        held = (context if press is None else press.kept(context - scored, layer) + scored)
+        uncoded = tail_tokens(held, window, group) if rates[layer] < full_rates[layer] else 0
+        total += (held - uncoded) * rates[layer] + uncoded * full_rates[layer]
+        total += held * position_share if press is not None else 0.0
+    return total / (layers * context)
 
 
-def formula_bytes(press: SnapEviction, rates: Sequence[float], position_share: float, context: int,
-                  scored: int) -> float:
-    """Bytes a cache holds at `context` under `press`, as a fraction of bf16 full: per layer the tokens it really
-    keeps (whole tokens, at least one) and the scored ones after them, at that layer's rate (`rates`, a fraction of
-    bf16 per token)."""
-    layers = len(rates)
-    return sum((press.kept(context - scored, layer) + scored) * (rates[layer] + position_share)
-               for layer in range(layers)) / (layers * context)
-
-
-def composition_rates(option: Composition, d: int, layers: int, group: int) -> list[float]:
-    """Each layer's bytes per token of `option`'s ranks and bits, a fraction of bf16 full."""
+def composition_rates(option: Composition, d: int, layers: int, group: int,
+                      bits: tuple[int, int] | None = None) -> list[float]:
+    """Each layer's bytes per token of `option`'s ranks at its bits (or `bits`), a fraction of bf16 full."""
+    kb, vb = bits or (option.key_bits, option.value_bits)
     if option.head_ranks is not None:
-        return _rows_rates(*option.head_ranks, option.key_bits, option.value_bits, d, group)
+        return _rows_rates(*option.head_ranks, kb, vb, d, group)
     rank = round(option.rank_budget * d)
-    return _rows_rates([[rank]] * layers, [[rank]] * layers, option.key_bits, option.value_bits, d, group)
+    return _rows_rates([[rank]] * layers, [[rank]] * layers, kb, vb, d, group)
 
 
 def _rows_rates(key_rows: Sequence[Sequence[int]], value_rows: Sequence[Sequence[int]], kb: int, vb: int, d: int,
@@ -274,13 +364,20 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
             choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES, group: int = 64, finalists: int = 3,
             profiles: Sequence[str] = PROFILES, spread: float = 0.5, progress: bool = True,
             log: Callable[[str], None] = print, min_kept: float = 0.0,
-            head_tables: Sequence[RankTable] = ()) -> CompositionResult:
+            head_tables: Sequence[RankTable] = (), recent_window: int | None = None) -> CompositionResult:
     """The best composition within `byte_budget` at the windows' length (`windows` [n, L], calibration text).
-    `head_tables`: per-head rank tables to try besides uniform ranks (see `candidates`).
+    `head_tables`: per-head rank tables to try besides uniform ranks (see `candidates`). `recent_window`: the newest
+    tokens a quantized composition may hold at bfloat16 (None: `scored`, the tokens a decode of that length writes;
+    0: none).
 
     Every composition with eviction spread evenly is scored on the first window; the pyramid spread of the best
-    `finalists` of them joins; the best `finalists` of all are scored on every window, and the best of those wins.
+    `finalists` of them joins, then the best `finalists` quantized ones holding their newest `recent_window` tokens
+    at bfloat16 (evicting more where that is what fits); the best `finalists` of all are scored on every window, and
+    the best of those wins.
     """
+    recent = scored if recent_window is None else recent_window
+    if recent < 0:
+        raise ValueError(f"the window of newest tokens held at bfloat16 must be >= 0 tokens; got {recent}")
     context = windows.shape[-1]
     options = candidates(model, byte_budget, context, scored, choices, profiles=("uniform",), group=group,
                          spread=spread, min_kept=min_kept)
@@ -304,10 +401,12 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         per_option = time.perf_counter() - started
         rest = len(windows) - 1
         pyramids = finalists if "pyramid" in profiles else 0
+        windowed = finalists if recent else 0
         tabled = finalists * len(head_tables)  # at most: the tables at the bit widths of the best `finalists`
-        estimate = per_full * rest + per_option * (len(options) - 1 + tabled + pyramids + finalists * rest)
+        estimate = per_full * rest + per_option * (len(options) - 1 + tabled + pyramids + windowed + finalists * rest)
         log(f"{len(options)} compositions fit {byte_budget:g} of the bf16 cache at {context} tokens (+{pyramids} "
-            f"pyramid spreads" + (f", + up to {tabled} per-head rank tables" if tabled else "") + f"); about "
+            f"pyramid spreads, +{windowed} with the newest {recent} tokens at bf16"
+            + (f", + up to {tabled} per-head rank tables" if tabled else "") + f"); about "
             f"{estimate / 60:.1f} min more ({per_option:.0f} s a window: all on 1 window, the best {finalists} on "
             f"{len(windows)})")
         full += [window_nll(model, None, w, scored, group)[0] for w in windows[1:]]
@@ -329,11 +428,15 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
             score_first(candidates(model, byte_budget, context, scored, bits, profiles=("uniform",), group=group,
                                    spread=spread, min_kept=min_kept, head_tables=head_tables, tables_only=True),
                         "per-head rank tables")
+        frame = _Frame(byte_budget, context, scored, group, positions_share(model), spread, min_kept)
         if pyramids:
             evicting = [o for o in sorted(first, key=lambda o: float(first[o][0].mean())) if any(o.layer_ratios)]
-            spreads = [_pyramid_of(o, model, byte_budget, context, scored, group, spread, min_kept)
-                       for o in evicting[:pyramids]]
+            spreads = [_pyramid_of(o, model, frame) for o in evicting[:pyramids]]
             score_first([o for o in spreads if o is not None], "pyramid spreads")
+        if windowed:
+            coded = [o for o in sorted(first, key=lambda o: float(first[o][0].mean())) if o.quantized()]
+            variants = dict.fromkeys(_windowed_of(o, model, frame, recent) for o in coded[:windowed])
+            score_first([o for o in variants if o is not None and o not in first], "newest tokens at bf16")
         ranked = sorted(first, key=lambda o: float(first[o][0].mean()))
         scores: dict[Composition, torch.Tensor] = {}
         for option in tqdm(ranked[:finalists], desc="finalists", disable=not progress or rest == 0):
@@ -344,6 +447,7 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
             nll = scores.get(option, first[option][0])
             rows.append({"composition": option.label(), "rank_budget": option.rank_budget,
                          "key_bits": option.key_bits, "value_bits": option.value_bits, "profile": option.profile,
+                         "window": option.window,
                          "bytes_fraction": round(first[option][1], 6), "windows": len(windows) if option in scores else 1,
                          "perplexity": round(math.exp(float(nll.mean())), 4)})
         best = min(scores, key=lambda o: float(scores[o].mean()))
@@ -358,16 +462,34 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         model.train(was_training)
 
 
-def _pyramid_of(option: Composition, model: Any, byte_budget: float, context: int, scored: int, group: int,
-                spread: float, min_kept: float) -> Composition | None:
+def _pyramid_of(option: Composition, model: Any, frame: _Frame) -> Composition | None:
     """The same composition with its evicted tokens spread as a pyramid (same mean share), or None where that
     spread breaks the floor or its formula bytes exceed the budget (over per-head ranks, whose layers differ in rate,
     the same mean share can hold more)."""
     layers = len(option.layer_ratios)
     ratio = sum(option.layer_ratios) / layers
-    rates = composition_rates(option, model.config.head_dim, layers, group)
-    fits = _spreads(ratio, rates, positions_share(model), byte_budget, context, scored, ("pyramid",), spread, min_kept)
+    rates, full_rates = _option_rates(option, model, frame.group)
+    fits = frame.spreads(ratio, rates, full_rates, option.window, ("pyramid",))
     if not fits:
         return None
-    return Composition(option.rank_budget, option.key_bits, option.value_bits, fits[0][0], "pyramid",
-                       option.head_ranks)
+    return replace(option, layer_ratios=fits[0][0], profile="pyramid")
+
+
+def _windowed_of(option: Composition, model: Any, frame: _Frame, window: int) -> Composition | None:
+    """The same ranks, bits and spread holding the newest `window` tokens at bfloat16, at the least eviction that
+    fits the budget then (every token when it still fits), or None where nothing fits or it breaks the floor."""
+    rates, full_rates = _option_rates(option, model, frame.group)
+    ratio = frame.least_ratio(rates, full_rates, window, option.profile)
+    if ratio is None:
+        return None
+    layer_ratios = frame.spread_of(ratio, option.profile, len(rates)) if ratio else (0.0,) * len(rates)
+    if not keeps_floor(layer_ratios, frame.min_kept):
+        return None
+    return replace(option, layer_ratios=layer_ratios, profile=option.profile if ratio else "uniform", window=window)
+
+
+def _option_rates(option: Composition, model: Any, group: int) -> tuple[list[float], list[float]]:
+    """Each layer's bytes per token of `option`, coded and at bfloat16, a fraction of bf16 full."""
+    d, layers = model.config.head_dim, model.config.num_hidden_layers
+    return (composition_rates(option, d, layers, group),
+            composition_rates(option, d, layers, group, (FULL_PRECISION, FULL_PRECISION)))

@@ -262,6 +262,12 @@ class QuantizedPcaCacheLayer(TensorMapLayer):
     def nbytes(self) -> int:
         return sum(stream.nbytes() for stream in self.streams())
 
+    def uncoded_tokens(self) -> int:
+        """Tokens the quantized streams hold in full precision (the newest `residual` and a block not yet full),
+        0 when no stream is quantized."""
+        return max((stream.length() - stream.quantized for stream in self.streams() if stream.bits != FULL_PRECISION),
+                   default=0)
+
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for stream in self.streams():
             stream.map(fn)

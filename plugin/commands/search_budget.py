@@ -15,8 +15,10 @@ through the quantized cache; the file carries the winner's bits and loads wherev
 --bytes F --context L: tokens x ranks x bits for a cache of L tokens (plugin.budgets.composition): the share
 of the prompt each layer keeps at prefill (evenly or as a pyramid), uniform ranks and bit widths, every
 composition that fits scored by the perplexity of the last --score-last tokens of calibration windows of L
-tokens; the file also carries the eviction and the bytes measured at L.  --head-ranks adds per-head rank tables
-(a --budget search's files) as candidates, each at the kept share that fills the budget.
+tokens; the best few quantized ones are also tried holding their newest --recent-window tokens at bfloat16
+(paid for in their bytes); the file also carries the eviction, that window and the bytes measured at L.
+--head-ranks adds per-head rank tables (a --budget search's files) as candidates, each at the kept share that
+fills the budget.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--context: calibration windows; the best --finalists are scored on all (default 2)")
     parser.add_argument("--score-last", type=int, default=512, help="--context: tokens scored per window (512)")
     parser.add_argument("--finalists", type=int, default=3, help="--context: compositions scored on every window")
+    parser.add_argument("--recent-window", type=int, default=None,
+                        help="--context: the newest tokens a quantized composition may also hold at bfloat16, paid "
+                             "for in its bytes (the best few are tried with it; default: --score-last; 0: none)")
     parser.add_argument("--min-kept", type=float, default=0.0,
                         help="--context: keep at least this share of the prompt in every layer (e.g. 0.5), protecting "
                              "retrieval: a token evicted at prefill cannot be found later (default 0: no floor)")
@@ -209,6 +214,8 @@ def run_composition(args: argparse.Namespace, choices: list[tuple[int, int]], ou
     for name in ("windows", "score_last", "finalists"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.recent_window is not None and args.recent_window < 0:
+        raise ValueError(f"--recent-window must be 0 (none) or more tokens, got {args.recent_window}")
     if args.context <= args.score_last:
         raise ValueError(f"--context {args.context} must exceed --score-last {args.score_last}")
     texts = load_texts(args.data, split="calibration")
@@ -230,7 +237,8 @@ def run_composition(args: argparse.Namespace, choices: list[tuple[int, int]], ou
         raise ValueError(f"--data holds {len(windows)} windows of {args.context} tokens, not {args.windows}; give "
                          "more text or fewer --windows")
     result = compose(model, args.bytes, windows, scored=args.score_last, choices=choices, group=args.group,
-                     finalists=args.finalists, min_kept=args.min_kept, head_tables=head_tables)
+                     finalists=args.finalists, min_kept=args.min_kept, head_tables=head_tables,
+                     recent_window=args.recent_window)
     write_rank_file(out, result.ranks, cfg.head_dim, **result.file_fields(cfg.num_hidden_layers,
                                                                            cfg.num_key_value_heads),
                     model=args.model, data=args.data or "sotu:calibration", samples=len(windows), seq_len=args.context)
