@@ -45,41 +45,17 @@ def long_context_cells(model: str, budget: float) -> list[str]:
     return [_interval(_ks_row(data, model, budget, protocol)["vs_full"]) for protocol in _contexts(data)]
 
 
-EVICT_REFERENCE = "longctx 1 x 4b + evict <= 0.125"  # 4 bits x eviction at full rank: the row to beat at 1/8
-
-
-def evict_rows() -> list[dict]:
-    """Rows of the 1/8-of-the-bytes runs (none when they were not measured yet), with the per-head allocator's
-    (longctx_heads.json) where it was measured on the same windows: its full-cache rows must equal these."""
-    if not (DATA / "longctx_evict.json").is_file():
-        return []
-    rows = [r for r in _load("longctx_evict.json")["perplexity"] if "vs_full" in r]
-    if (DATA / "longctx_heads.json").is_file():
-        held = {(r["setting"], r["context"]) for r in rows}
-        full = {r["context"]: r["block_nll"] for r in rows if r["method"] == "full"}
-        heads = [r for r in _load("longctx_heads.json")["perplexity"] if "vs_full" in r]
-        for context in {r["context"] for r in heads}:
-            theirs = next(r["block_nll"] for r in heads if r["method"] == "full" and r["context"] == context)
-            mine = full.get(context)  # the same tokens read twice agree to float noise, not to the bit
-            if mine is None or len(mine) != len(theirs) or any(abs(a - b) > 1e-6 * abs(a) for a, b in zip(mine, theirs)):
-                raise ValueError(f"longctx_heads.json and longctx_evict.json were not scored on the same windows "
-                                 f"at {context} tokens")
-        rows += [r for r in heads if (r["setting"], r["context"]) not in held]
-    return rows
-
-
-def against_reference(rows: list[dict], row: dict) -> dict | None:
-    """`row` over 4 bits x eviction at full rank on the same windows (paired interval), None where not measured."""
-    from benchmarks.longctx import paired_ratio
-
-    reference = next((r for r in rows if r["setting"] == EVICT_REFERENCE and r["context"] == row["context"]), None)
-    return None if reference is None or reference is row else {**paired_ratio(row, reference), "against": EVICT_REFERENCE}
-
-
-def best_at(rows: list[dict], context: int, fraction: float) -> dict:
-    fitting = [r for r in rows if r["context"] == context and r["bytes_fraction"] <= fraction + 1e-9
-               and r["method"] != "full"]
-    return min(fitting, key=lambda r: r["last512_perplexity"])
+def eighth_points() -> dict[int, tuple[str, dict]]:
+    """Per context, the best line of the long-context frontier at 1/8 of the bytes (bytes read from the cache,
+    docs/data/longctx_frontier.json): (line, point), the allocator's file counted only where it holds its budget."""
+    best = {}
+    for entry in _load("longctx_frontier.json")["summary"]:
+        if entry["name"] != "1/8":
+            continue
+        within = {line: point for line, point in entry["lines"].items() if point["bytes"] <= 0.125 + 1e-6}
+        if within:
+            best[entry["context"]] = min(within.items(), key=lambda kv: kv[1]["perplexity"])
+    return best
 
 
 def passkey(model: str, setting: str, context: int) -> dict:
@@ -96,8 +72,7 @@ def readme_table() -> str:
     short_long = _ks_row(ks, "longctx", 0.5, "512 windows")
     frontier = {round(e["fraction"], 4): e for e in _load("frontier.json")["frontier"]}[0.25]
     decode = {(r["setting"], r["budget"]): r for r in ks["decode"]}
-    evict = evict_rows()
-    best = {c: best_at(evict, c, 0.125) for c in sorted({r["context"] for r in evict})}
+    best = eighth_points()
     keys = [passkey("longctx", "0.5", c) for c in (128, 256)]
     full_keys = [passkey("longctx", "1", c) for c in (128, 256)]
     serve = _load("serve.json")
@@ -116,10 +91,10 @@ def readme_table() -> str:
         ["pass-key retrieval at 128 / 256 tokens, 50% (long-context projections) vs full",
          " / ".join(f"{k['correct']}/{k['items']} vs {f['correct']}/{f['items']}" for k, f in zip(keys, full_keys)),
          "[long context](docs/longctx.md)"],
-        ["1/8 of a bfloat16 cache's bytes at long context, best configuration found",
-         " / ".join(f"{c // 1024}k: {r['setting'].removeprefix('longctx ')}, {r['vs_full']['ratio']:.2f}x full"
-                    for c, r in best.items()) or "not measured yet",
-         "[long context](docs/longctx.md#eighth-of-the-bytes)"],
+        ["1/8 of a bfloat16 cache's bytes at long context, best configuration measured",
+         " / ".join(f"{c // 1024}k: {line} at {point['bytes']:.3f}, {point['vs_full']['ratio']:.2f}x full"
+                    for c, (line, point) in sorted(best.items())) or "not measured yet",
+         "[long context](docs/longctx.md#the-frontier-12-to-116-of-the-bytes)"],
         ["1/4 of the bytes, 512-token windows: ranks x bits vs 4-bit quantization alone",
          f"{frontier['ranks x bits']['perplexity']:.1f} vs {frontier['quantization alone']['perplexity']:.1f}",
          "[frontier](docs/benchmarks.md#bytes-vs-quality-ranks-x-bits-against-kv-quantization)"],
@@ -159,21 +134,20 @@ def longctx_targets() -> str:
                      (f"{half['correct']}/{half['items']} vs {full['correct']}/{full['items']}: "
                      f"{diff['ratio']:+.2f} ({diff['low']:+.2f} to {diff['high']:+.2f})"),
                      "met" if half["correct"] >= full["correct"] else "missed"])
-    evict = evict_rows()
-    if not evict:
-        rows.append(["1/8 of the bytes at 4k and 8k", "best has ranks < 100% and beats 4 bits + eviction",
-                     "not measured yet", "open"])
-    for context in sorted({r["context"] for r in evict}):
-        best = best_at(evict, context, 0.125)
-        compared = against_reference(evict, best)
-        ranks_below_full = best["budget"] < 1.0  # the rank budget of the setting (a rank file's: its table's)
-        beats = compared is not None and compared["verdict"] == "lower"
-        rows.append([f"1/8 of the bytes at {context}", "best has ranks < 100% and beats 4 bits + eviction",
-                     f"{best['setting'].removeprefix('longctx ')}: {best['last512_perplexity']:.2f}"
-                     + (f", {_interval(compared)} of it" if compared else ""),
-                     "met" if ranks_below_full and beats else
-                     "met at the estimate (interval includes 1)" if ranks_below_full and compared
-                     and compared["ratio"] < 1 else "missed"])
+    for entry in (e for e in _load("longctx_frontier.json")["summary"] if e["name"] == "1/8"):
+        pick = entry["lines"].get("allocator")
+        wanted = "the allocator's pick has ranks < 100% and beats the best other line"
+        if pick is None or "allocator_over_budget" in entry:
+            why = "not searched" if pick is None else f"its file holds {entry['allocator_over_budget']:.3f}: search again"
+            rows.append([f"1/8 of the bytes at {entry['context']}", wanted, why, "open"])
+            continue
+        compared = entry.get("allocator_vs_best_other")
+        below = entry["allocator_uses_ranks_below_full"]
+        rows.append([f"1/8 of the bytes at {entry['context']}", wanted,
+                     f"{pick['setting'].removeprefix('longctx ')}: {pick['perplexity']:.2f}"
+                     + (f", {_interval(compared, 3)} of {entry['best_other']['line']}" if compared else ""),
+                     "met" if below and entry.get("strictly_better") else
+                     "missed: full rank" if not below else "missed"])
     return markdown_table(["target", "wanted", "measured (95%)", "verdict"], rows)
 
 

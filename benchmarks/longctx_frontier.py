@@ -293,7 +293,9 @@ def summarize(result: dict) -> list[dict]:
                                             "retrieval": retrieval_of(result, best["setting"])}
             pick = entry["lines"].get("allocator")
             others = {k: v for k, v in entry["lines"].items() if not k.startswith("allocator")}
-            if pick and others:
+            if pick and pick["bytes"] > budget + SLACK:  # searched before its bytes were counted as held: no verdict
+                entry["allocator_over_budget"] = pick["bytes"]
+            elif pick and others:
                 rival_line, rival = min(others.items(), key=lambda kv: kv[1]["perplexity"])
                 a = next(r for r in rows if r["setting"] == pick["setting"])
                 b = next(r for r in rows if r["setting"] == rival["setting"])
@@ -341,8 +343,9 @@ def render(result: dict, summary: list[dict], figure: str) -> str:
                              f"{vs.get('high', math.nan):.2f}) @ {point['bytes']:.3f}")
             vs = entry.get("allocator_vs_best_other")
             mark = {"lower": " ▼", "higher": " ▲", "tie": ""}.get(vs["verdict"], "") if vs else ""
+            over = entry.get("allocator_over_budget")
             cells.append(f"{vs['ratio']:.3f}x {entry['best_other']['line']} ({vs['low']:.3f}-{vs['high']:.3f}){mark}"
-                         if vs else "-")
+                         if vs else f"over its budget ({over:.3f} held): not compared" if over else "-")
             table.append([entry["name"], *cells])
         body += f"**{context} tokens** ({WINDOWS.get(context, '?')} held-out windows):\n\n"
         body += markdown_table(["bytes", *lines, "allocator vs best other"], table) + "\n\n"

@@ -427,7 +427,9 @@ def test_frontier_summary_reads_each_line_at_or_below_each_budget() -> None:
             row("longctx 1 x 4b + evict <= 0.125", "evict-ranks-bits", 0.125, 3.1),
             row("snapkv 0.125", "kvpress-snapkv", 0.1251, 2.9),  # a hair above 1/8: not a point at 1/8
             row("longctx alloc-1/8-kept-0.5 (ranks 0.5 x 4 bits x 0.7 of the prompt (uniform))", "composition",
-                0.125, 3.3)]
+                0.125, 3.3),
+            # a file whose cache holds more than its budget (searched when fewer bytes were counted): no verdict
+            row("longctx alloc-1/6 (ranks 1 x 4 bits x 0.5 of the prompt (uniform))", "composition", 0.177, 3.0)]
 
     def answers(setting: str, length: int, right: list[int]) -> list[dict]:  # two depths of five prompts
         parts = [right[:5], right[5:]]
@@ -467,6 +469,9 @@ def test_frontier_summary_reads_each_line_at_or_below_each_budget() -> None:
                             "machine": "m", "versions": "v", "date": "d"},
                            list(summary.values()), "f.png")
     assert "| 1/4 |" in text and "6/10" in text
+    sixth = summary["1/6"]
+    assert sixth["allocator_over_budget"] == 0.177 and "allocator_vs_best_other" not in sixth
+    assert "no_worse" not in sixth and "over its budget (0.177 held)" in text
 
 
 def test_quant_kernels_measures_ours_with_exact_bytes_and_bounded_error(tmp_path) -> None:
