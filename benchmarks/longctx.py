@@ -273,12 +273,15 @@ def main(argv: list[str] | None = None) -> int:
                                                              and not args.rank_file_prompts):
                 continue  # a rank file's eviction was allocated for its own context (unless asked for)
             start = time.perf_counter()
-            if setting.tiered is not None:
-                try:
+            try:
+                if setting.tiered is not None:  # too short to demote anything within the budget
                     setting.cache(context + ANSWER_TOKENS, args.tiered_budget)
-                except ValueError as err:  # too short to demote anything within the budget
-                    print(f"{setting.name}, {context} tokens: skipped ({err})", flush=True)
-                    continue
+                for item in items:  # too short to evict down to the bytes (a quantized layer's uncoded tokens)
+                    length = len(tokenizer(item.prompt, add_special_tokens=False)["input_ids"])
+                    setting.eviction_share(length, ANSWER_TOKENS)
+            except ValueError as err:
+                print(f"{setting.name}, {context} tokens: skipped ({err})", flush=True)
+                continue
             answers = passkey.generate_answers(setting.model, tokenizer, items, desc=f"{setting.name} @ {context}",
                                        cache_for=partial(setting.cache, budget=args.tiered_budget),
                                        context_for=setting.reading)

@@ -21,6 +21,7 @@ from plugin.budgets.composition import (
     composition_rates,
     formula_bytes,
     held_bytes,
+    layer_rates,
     positions_share,
     tail_tokens,
     window_nll,
@@ -188,6 +189,35 @@ def test_a_composition_file_round_trips_through_every_loader(tmp_path: Path) -> 
     assert main(["eval", "--model", str(out), "--budgets", "1", "--rank-file", str(comp), "--context", "96",
                  "--score-last", "16", "--windows", "1", "--data", str(text),
                  "--out", str(tmp_path / "ev")]) == 0
+
+
+@pytest.mark.parametrize("residual", [0, 24])
+def test_the_least_eviction_holds_the_budget_in_a_real_cache(residual: int) -> None:
+    """`least_eviction` (4 bits x eviction's share in the benchmarks): after a real prefill and read, the cache holds
+    at most the budget with its uncoded tokens at bf16, and one token more per layer would not fit; a budget the
+    read tokens alone exceed is one clear error."""
+    from plugin.budgets.composition import least_eviction
+
+    model = _model()
+    model.set_kv_bits(4, 4, group=16, residual=residual)
+    context, scored = 96, 16
+    full = model.full_cache_bytes_per_token(torch.bfloat16) * context
+    for budget in (0.25, 0.2):
+        ratio = least_eviction(model, budget, context, scored)
+        cache = model.model.new_cache()
+        with SnapEviction(ratio)(model):
+            model(input_ids=_ids(context)[:, :context - scored], past_key_values=cache, use_cache=True)
+        model(input_ids=_ids(context)[:, context - scored:], past_key_values=cache, use_cache=True)
+        assert held_bytes(model, cache) / full <= budget + 1e-9
+        kept = cache.layers[0].get_seq_length() - scored
+        assert 0 < ratio and kept == SnapEviction(ratio).kept(context - scored)
+        one_more = SnapEviction(1 - (kept + 1.5) / (context - scored))
+        assert one_more.kept(context - scored) == kept + 1
+        rates = [r / (full / context / 2) for r in layer_rates(model)]
+        bf16 = [1.0, 1.0]
+        assert formula_bytes(one_more, rates, positions_share(model), context, scored, bf16, residual, 16) > budget
+    with pytest.raises(ValueError, match="kept whole already"):
+        least_eviction(model, 0.05, context, scored)
 
 
 def test_a_window_of_newest_tokens_round_trips_through_the_rank_file(tmp_path: Path) -> None:
