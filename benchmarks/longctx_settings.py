@@ -43,7 +43,7 @@ class Setting:
         """The share of `context` prefill tokens this setting evicts (None: it does not evict); ValueError where
         the `after` tokens kept whole alone exceed its bytes."""
         if self.evict_to is not None:  # the bytes its cache holds, uncoded tokens and positions counted
-            from plugin.budgets.composition import least_eviction
+            from plugin.budgets.cache_bytes import least_eviction
 
             return least_eviction(self.model, self.evict_to, context + after, after) or None
         if self.press is not None:
@@ -83,20 +83,17 @@ class Setting:
     def bf16_fraction(self, cache: Any, tokens: int) -> float:
         """Cache bytes as a fraction of a bfloat16 full cache of `tokens` tokens.
 
-        Projected and tiered caches: measured bytes over the full-rank cache's (dtype-free). Quantized
-        caches: their rate, codes + float16 scales and zeros (ours: the formula, checked against the cache in
-        benchmarks/frontier.py; transformers': counted from the cache's quantized tensors).
+        Projected and tiered caches: measured bytes over the full-rank cache's (dtype-free). Our quantized,
+        evicting and rank-file caches: `held_bytes` (coded tokens at their rate, codes + float16 scales and zeros;
+        the tokens a quantized layer holds uncoded at bfloat16; stored key positions). transformers': counted from
+        the cache's quantized tensors and its bf16 window.
         """
         cfg = self.model.config
         full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
         import torch
 
-        if self.rank_file is not None:  # per layer: its tokens at its rate, plus stored positions
-            from plugin.budgets.composition import held_bytes
-
-            return held_bytes(self.model, cache) / (self.model.full_cache_bytes_per_token(torch.bfloat16) * tokens)
-        if self.bits is not None or self.evict_to is not None:  # coded tokens at their rate, uncoded at bf16
-            from plugin.budgets.composition import held_bytes
+        if self.rank_file is not None or self.bits is not None or self.evict_to is not None:
+            from plugin.budgets.cache_bytes import held_bytes  # per layer: coded tokens at its rate, uncoded at bf16
 
             return held_bytes(self.model, cache) / (self.model.full_cache_bytes_per_token(torch.bfloat16) * tokens)
         if self.hf_quant is not None:  # codes, float16 scales and zeros, and the bf16 residual window it keeps

@@ -11,19 +11,22 @@ from conftest import make_tiny_llama
 from helpers import forward_with_layer_masks, save_tiny_base, to_pca
 
 from plugin import SnapEviction
-from plugin.budgets.composition import (
+from plugin.budgets.cache_bytes import (
     POSITION_BYTES,
+    ByteFrame,
+    formula_bytes,
+    held_bytes,
+    layer_rates,
+    least_eviction,
+    positions_share,
+    tail_tokens,
+)
+from plugin.budgets.composition import (
     Composition,
-    _Frame,
     _pyramid_of,
     candidates,
     compose,
     composition_rates,
-    formula_bytes,
-    held_bytes,
-    layer_rates,
-    positions_share,
-    tail_tokens,
     window_nll,
 )
 from plugin.cache.eviction import prefill_ratio
@@ -196,8 +199,6 @@ def test_the_least_eviction_holds_the_budget_in_a_real_cache(residual: int) -> N
     """`least_eviction` (4 bits x eviction's share in the benchmarks): after a real prefill and read, the cache holds
     at most the budget with its uncoded tokens at bf16, and one token more per layer would not fit; a budget the
     read tokens alone exceed is one clear error."""
-    from plugin.budgets.composition import least_eviction
-
     model = _model()
     model.set_kv_bits(4, 4, group=16, residual=residual)
     context, scored = 96, 16
@@ -425,8 +426,8 @@ def test_pyramids_over_per_head_ranks_are_checked_by_the_formula_before_scoring(
     position = POSITION_BYTES / (4 * model.config.head_dim)  # pre-RoPE keys store their positions
     assert positions_share(model) == position
     assert formula_bytes(pyramid.press(), composition_rates(pyramid, 16, 2, 16), position, 96, 16) > 0.25
-    assert _pyramid_of(option, model, _Frame(0.25, 96, 16, 16, position)) is None  # refused before any window
-    assert _pyramid_of(option, model, _Frame(0.5, 96, 16, 16, position)).layer_ratios == pyramid.layer_ratios
+    assert _pyramid_of(option, model, ByteFrame(0.25, 96, 16, 16, position)) is None  # refused before any window
+    assert _pyramid_of(option, model, ByteFrame(0.5, 96, 16, 16, position)).layer_ratios == pyramid.layer_ratios
     assert window_nll(model, pyramid, _ids(96)[0], 16, 16)[1] > 0.25  # the real cache holds as much
     lines: list[str] = []
     result = compose(model, 0.25, _ids(96), scored=16, group=16, finalists=40, progress=False, log=lines.append,
