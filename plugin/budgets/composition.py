@@ -11,12 +11,15 @@ cost more than the tokens it frees where a cut at the heads the descent found ch
 long-context projections, docs/longctx.md: they win on the calibration windows and lose on held-out ones at 4k, so
 they are an option, not the default).  It scores each by the perplexity of the last ``scored`` tokens of
 calibration windows of L tokens read through its cache (the long-context protocol of plugin.evaluation): every
-evenly spread composition on one window, then the pyramid spread of the best few, then the best few of all on every
-window; the best of those wins.  Its cost (one window per composition) is measured and printed before the search.
+evenly spread composition on one window, then the pyramid spread of the best few, then the best few quantized ones
+holding their newest tokens at bfloat16 (the window transformers' QuantizedCache keeps, paid for in the bytes), then
+the best few of all on every window; the best of those wins.  Its cost (one window per composition) is measured and
+printed before the search.
 
-Bytes are what the cache holds at L: every layer's kept prompt tokens and the ``scored`` tokens read after them,
-at that layer's rate (codes, float16 scales and zeros when quantized), plus the key positions an evicted pre-RoPE
-cache stores; they are read from a real cache after a real prefill, never only from the formula.
+Bytes are what the cache holds at L (plugin.budgets.cache_bytes): every layer's kept prompt tokens and the
+``scored`` tokens read after them, coded ones at that layer's rate (codes, float16 scales and zeros), uncoded ones
+at bfloat16, plus the key positions an evicted pre-RoPE cache stores; they are read from a real cache after a real
+prefill, never only from the formula.
 """
 
 from __future__ import annotations
@@ -160,8 +163,8 @@ def candidates(model: Any, byte_budget: float, context: int, scored: int,
                         break
                     continue
                 fitting = frame.spreads(ratio, *rates(rank), recent, profiles)
-                if not any(profile == "uniform" for _, profile in fitting):
-                    continue
+                if not any(profile == profiles[0] for _, profile in fitting):
+                    continue  # the first profile (the even spread, by default) sets the largest rank that fits
                 if rank < 1.0 or ratio == fit:  # full rank at a grid share: the least eviction `fit` keeps more
                     out += [Composition(rank, kb, vb, spread_, profile, window=recent) for spread_, profile in fitting]
                 break
