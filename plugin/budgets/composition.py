@@ -43,7 +43,7 @@ from .cache_bytes import (
     positions_share,
     rows_rates,
 )
-from .rank_bits import DEFAULT_CHOICES, bytes_fraction
+from .rank_bits import DEFAULT_CHOICES
 from .ranks import RankTable, table_budget
 
 KEEP_SHARES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125)
@@ -148,9 +148,9 @@ def candidates(model: Any, byte_budget: float, context: int, scored: int,
         recent = window if (kb, vb) != (FULL_PRECISION, FULL_PRECISION) else 0
 
         def rates(rank: float, kb: int = kb, vb: int = vb) -> tuple[list[float], list[float]]:
-            dims = round(rank * d)
-            return ([bytes_fraction({"key": [[dims]], "value": [[dims]]}, kb, vb, d, group)] * layers,
-                    [dims / d] * layers)
+            rows = [[round(rank * d)]] * layers  # coded and bf16, as every other composition's rates
+            return (rows_rates(rows, rows, kb, vb, d, group),
+                    rows_rates(rows, rows, FULL_PRECISION, FULL_PRECISION, d, group))
 
         fit = None if tables_only else frame.least_ratio(*rates(1.0), recent)
         ratios = set() if tables_only else {0.0 if share >= 1.0 else prefill_ratio(share, context - scored, scored)
