@@ -17,7 +17,7 @@ _LAZY = {
     "PcaLlamaDistillationTrainer": "trainers",
     "PcaLlamaSeq2SeqTrainer": "trainers",
     "PcaLlamaSeq2SeqDistillationTrainer": "trainers",
-    "distillation_terms": "trainers",
+    "distillation_terms": "distillation_loss",
 }
 
 __all__ = [

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data-dir {str(data_dir)!r} is not a directory; create it or point at the YAMLs' dataset_dir")
     target = data_dir / "sotu_train.jsonl"
     if _fresh(target, args.force):
-        from plugin.storage.assets import write_corpus_jsonl
+        from plugin.storage.corpus import write_corpus_jsonl
 
         count = write_corpus_jsonl("training", target)
         print(f"wrote {count} lines to {target}")

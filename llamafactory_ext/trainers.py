@@ -33,18 +33,17 @@ Common behaviour (:class:`MatryoshkaTrainerMixin`):
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from llamafactory.extras import logging as lf_logging
 from llamafactory.train.pt.trainer import CustomTrainer
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
-from transformers import TrainerCallback
 
 from .arguments import MatryoshkaArguments, get_active, get_head_dim
+from .distillation_loss import distillation_terms
 from .distributed import BasesAcrossRanks
+from .heldout import HeldoutPerplexity
 from .projection_params import (
     PROJECTIONS_FILE,
     configure_trainable,
@@ -57,125 +56,6 @@ from .projection_params import (
 )
 
 logger = lf_logging.get_logger("llamafactory.matryoshka")  # under llamafactory: its handlers print it
-
-IGNORE_INDEX = -100
-
-
-CHUNK_TOKENS = 512
-# A chunk of at least this many logits (float32: 128 MiB a copy) is recomputed in the backward pass
-# rather than kept; below it keeping the few float32 copies is cheaper than computing them twice.
-RECOMPUTE_ELEMENTS = 2**25
-
-
-def _chunk_terms(student: torch.Tensor, p_teacher: torch.Tensor, targets: torch.Tensor, temperature: float,
-                 ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-sum p_teacher log p_student * T^2 (the KL's part that depends on the student) and CE of one row's token
-    chunk ``[C, V]``, ignored targets left out, in float32."""
-    counted = targets != ignore_index
-    student = student.float()
-    log_p = F.log_softmax(student, dim=-1)
-    log_p_t = log_p if temperature == 1.0 else F.log_softmax(student / temperature, dim=-1)
-    ce = -(log_p.gather(-1, targets.clamp(min=0)[:, None])[:, 0] * counted).sum()
-    cross = -((p_teacher * log_p_t).sum(-1) * counted).sum()
-    return cross * (temperature**2), ce
-
-
-def distillation_terms(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float = 1.0,
-    ignore_index: int = IGNORE_INDEX,
-    chunk_tokens: int = CHUNK_TOKENS,
-    recompute_above: int = RECOMPUTE_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed KL(teacher || student) * T^2, summed CE and the number of counted tokens.
-
-    Logits ``[B, S, V]`` predict the next token; labels ``[B, S]`` are shifted here (position t
-    predicts label t+1) and positions whose shifted label is ``ignore_index`` are left out of both
-    terms.  Computed in float32, `chunk_tokens` positions of one row at a time.  The teacher's side
-    (its probabilities and their entropy, the KL's constant part) is computed once without gradient;
-    CE reads the student's log-probabilities the KL uses (at T = 1, one log-softmax for both).  A chunk
-    of `recompute_above` logits or more is recomputed in the backward pass (activation checkpointing):
-    the float32 copies then never exist for more than one chunk, so memory does not grow with
-    sequence x vocabulary (2,048 tokens x a 128k vocabulary is 1 GiB per float32 copy).
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    shift_labels = labels[:, 1:]
-    count = (shift_labels != ignore_index).sum()
-    kl_sum = ce_sum = student_logits.sum() * 0.0
-    for row in range(student_logits.shape[0]):
-        for start in range(0, shift_labels.shape[1], chunk_tokens):
-            stop = min(start + chunk_tokens, shift_labels.shape[1])
-            targets = shift_labels[row, start:stop]
-            counted = targets != ignore_index
-            if not bool(counted.any()):
-                continue
-            with torch.no_grad():
-                log_q = F.log_softmax(teacher_logits[row, start:stop].float() / temperature, dim=-1)
-                p_teacher = log_q.exp()
-                negentropy = ((p_teacher * log_q).sum(-1) * counted).sum() * (temperature**2)
-                del log_q
-            args = (student_logits[row, start:stop], p_teacher, targets, temperature, ignore_index)
-            if torch.is_grad_enabled() and student_logits.requires_grad and p_teacher.numel() >= recompute_above:
-                cross, ce = checkpoint(_chunk_terms, *args, use_reentrant=False)
-            else:
-                cross, ce = _chunk_terms(*args)
-            kl_sum, ce_sum = kl_sum + (cross + negentropy), ce_sum + ce
-    return kl_sum, ce_sum, count
-
-
-class HeldoutPerplexity(TrainerCallback):
-    """Held-out perplexity at fixed budgets before training and every ``eval_steps`` (the learning curve)."""
-
-    def __init__(self, trainer: MatryoshkaTrainerMixin) -> None:
-        self.trainer = trainer
-        self._windows: torch.Tensor | None = None
-        self._done: set[int] = set()
-
-    def windows(self) -> torch.Tensor:
-        if self._windows is None:
-            from plugin.storage.texts import load_texts, token_windows
-
-            margs = self.trainer.matryoshka_args
-            tokenizer = self.trainer.processing_class
-            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps the tokenizer
-            texts = load_texts(margs.matryoshka_heldout_data, split="evaluation")
-            length = int(margs.matryoshka_heldout_context) or 512
-            self._windows = token_windows(tokenizer, texts, length, max(int(margs.matryoshka_heldout_tokens), length))
-        return self._windows
-
-    def measure(self, step: int) -> None:
-        if step in self._done:
-            return
-        self._done.add(step)
-        from plugin.evaluation.perplexity import long_context_nll, token_nll
-
-        trainer = self.trainer
-        logs: dict[str, float] = {}
-        context = int(trainer.matryoshka_args.matryoshka_heldout_context)
-        scored = min(512, context // 2)  # the last 512 tokens, or half of a shorter window
-        for budget in trainer.matryoshka_args.matryoshka_heldout_budgets:
-            with trainer.eval_budget(budget):
-                if context:  # the last tokens of each window, through the cache
-                    nll_tokens = long_context_nll(self.trainer._pca, self.windows(), scored, progress=False)
-                    nll, count = float(nll_tokens.sum()), nll_tokens.numel()
-                else:
-                    nll, count = token_nll(trainer.model, self.windows(), batch_size=4, progress=False)
-            logs[f"heldout_ppl_{budget:g}"] = round(math.exp(nll / count), 4)
-        logs["heldout_tokens"] = int(self.windows().numel())
-        trainer.log(logs)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.measure(state.global_step)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        every = args.eval_steps or args.logging_steps
-        if state.global_step % max(1, int(every)) == 0 or state.global_step >= state.max_steps:
-            should_log = control.should_log  # Trainer.log clears it: the step's own loss row must still be logged
-            self.measure(state.global_step)
-            control.should_log = should_log
 
 
 class MatryoshkaTrainerMixin:

@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-from plugin.storage import assets
+from plugin.commands.info import assets_state
+from plugin.storage import assets, corpus
 
 
 def test_splits_are_disjoint_and_cover_the_corpus():
-    names = list(assets.CORPUS_SPLITS)
+    names = list(corpus.CORPUS_SPLITS)
     assert names == ["calibration", "training", "evaluation"]
-    files = {name: set(assets.corpus_files(name)) for name in names}
+    files = {name: set(corpus.corpus_files(name)) for name in names}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not files[a] & files[b], f"{a} and {b} overlap"
@@ -20,19 +21,19 @@ def test_splits_are_disjoint_and_cover_the_corpus():
 
 
 def test_split_years():
-    cal, train, ev = (assets.corpus_years(s) for s in ("calibration", "training", "evaluation"))
+    cal, train, ev = (corpus.corpus_years(s) for s in ("calibration", "training", "evaluation"))
     assert cal == sorted(cal) and train == sorted(train) and ev == sorted(ev)
     assert cal[0] == 1790 and cal[-1] <= 1899
     assert 1900 <= train[0] and train[-1] <= 1999
     assert ev[0] >= 2000 and ev[-1] >= 2024
     assert max(cal) < min(train) and max(train) < min(ev)
-    texts = assets.corpus_texts("evaluation")
+    texts = corpus.corpus_texts("evaluation")
     assert len(texts) == len(ev) and all(len(t) > 1000 for t in texts)
     # enough held-out text: ~100k tokens is at least ~400k characters of English
     assert sum(len(t) for t in texts) > 400_000
 
 
-@pytest.mark.parametrize("fn", [assets.corpus_texts, assets.corpus_years, assets.corpus_files])
+@pytest.mark.parametrize("fn", [corpus.corpus_texts, corpus.corpus_years, corpus.corpus_files])
 def test_bad_split_name(fn):
     with pytest.raises(ValueError, match="calibration, training, evaluation"):
         fn("test")
@@ -40,11 +41,11 @@ def test_bad_split_name(fn):
 
 def test_chunking_and_jsonl(tmp_path):
     text = "First paragraph.\n\n" + ("A long sentence here. " * 300) + "\n\nLast one."
-    chunks = assets.chunk_text(text, max_chars=500)
+    chunks = corpus.chunk_text(text, max_chars=500)
     assert all(0 < len(c) <= 500 for c in chunks)
     assert " ".join(" ".join(chunks).split()) == " ".join(text.split())
     out = tmp_path / "d" / "eval.jsonl"
-    n = assets.write_corpus_jsonl("evaluation", out, max_chars=2000)
+    n = corpus.write_corpus_jsonl("evaluation", out, max_chars=2000)
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == n > 50
     assert all(set(r) == {"text"} and 0 < len(r["text"]) <= 2000 for r in rows)
@@ -57,7 +58,7 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv("MKV_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert assets.cache_root() == tmp_path / "xdg" / "matryoshka-kv"
-    state = assets.assets_state(tmp_path / "nothing")
+    state = assets_state(tmp_path / "nothing")
     assert state["model_cached"] is False and state["corpus_speeches"] == 249
 
 
@@ -71,7 +72,7 @@ def test_embedded_model_cache_rebuilds_when_corrupt(tmp_path, monkeypatch, caplo
     shutil.copytree(assets.embedded_model_dir(), model_dir)
     for name in ("config.json", "model.safetensors", "tokenizer.json", assets.MARKER_FILE):
         assert (model_dir / name).is_file()
-    assert assets.assets_state(tmp_path)["model_cached"] is True
+    assert assets_state(tmp_path)["model_cached"] is True
     stamp = (model_dir / assets.MARKER_FILE).stat().st_mtime_ns
     with caplog.at_level("WARNING", logger="plugin.storage.assets"):
         assert assets.embedded_model_dir(tmp_path) == model_dir  # cached: no rebuild
@@ -83,7 +84,7 @@ def test_embedded_model_cache_rebuilds_when_corrupt(tmp_path, monkeypatch, caplo
     with weights.open("r+b") as fh:
         fh.seek(size - 16)
         fh.write(b"\xff" * 16)
-    assert assets.assets_state(tmp_path)["model_cached"] is False
+    assert assets_state(tmp_path)["model_cached"] is False
     with caplog.at_level("WARNING", logger="plugin.storage.assets"):
         assert assets.embedded_model_dir(tmp_path) == model_dir
     assert "rebuilding" in caplog.text

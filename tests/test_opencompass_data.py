@@ -5,6 +5,7 @@ import os
 import pytest
 
 from opencompass_ext import datasets as ds
+from opencompass_ext.mcq_rows import convert_mcq_row
 
 
 # ----------------------------------------------------------------------------- row conversion
@@ -13,7 +14,7 @@ def _row(question, options, answer, **extra):
 
 
 def test_clean_csqa_row():
-    rec, status = ds.convert_mcq_row(
+    rec, status = convert_mcq_row(
         "csqa", _row("Where is a bank?", "\nA. bank\nB. library\nC. mall\nD. shop\nE. park",
                      "A. bank"), 5)
     assert status == "ok"
@@ -22,7 +23,7 @@ def test_clean_csqa_row():
 
 
 def test_options_spilled_into_question_are_moved_back():
-    rec, status = ds.convert_mcq_row("csqa", _row(
+    rec, status = convert_mcq_row("csqa", _row(
         "what is important if you are committed to eliminating preconceived notions"
         "\nA. newness\nB. loss of innocence",
         "\nC. enlightenment\nD. open mind\nE. smartness?", "D. open mind"), 5)
@@ -35,7 +36,7 @@ def test_options_spilled_into_question_are_moved_back():
 
 
 def test_stray_punctuation_goes_back_to_the_question():
-    rec, status = ds.convert_mcq_row("csqa", _row(
+    rec, status = convert_mcq_row("csqa", _row(
         "He had to settle for what?", ".\nA. shelf\nB. game\nC. keg\nD. can\nE. fridge",
         "D. can"), 5)
     assert status == "repaired:stray_punctuation"
@@ -50,22 +51,22 @@ def test_stray_punctuation_goes_back_to_the_question():
     ({"question": "q?", "options": "\nA. x"}, "missing_field"),
 ])
 def test_malformed_rows_are_dropped_with_a_reason(row, why):
-    rec, status = ds.convert_mcq_row("csqa", row, 5)
+    rec, status = convert_mcq_row("csqa", row, 5)
     assert rec is None and status == f"dropped:{why}"
 
 
 def test_duplicate_distractors_are_kept_and_flagged():
-    rec, status = ds.convert_mcq_row(
+    rec, status = convert_mcq_row(
         "csqa", _row("q?", "\nA. x\nB. y\nC. x\nD. w\nE. v", "E. v"), 5)
     assert rec["answer"] == "E" and status == "repaired:duplicate_distractors_kept"
 
 
 def test_siqa_and_boolq_rows():
-    rec, _ = ds.convert_mcq_row("siqa", {"passage": "Tracy  left.", "question": "Why?",
+    rec, _ = convert_mcq_row("siqa", {"passage": "Tracy  left.", "question": "Why?",
                                              "options": "A. a\nB. b\nC. c", "answer": "C. c"}, 3)
     assert rec == {"context": "Tracy left.", "question": "Why?", "A": "a", "B": "b", "C": "c",
                    "answer": "C"}
-    rec, _ = ds.convert_mcq_row("boolq", {"question": "is it", "passage": "P.", "title": "t",
+    rec, _ = convert_mcq_row("boolq", {"question": "is it", "passage": "P.", "title": "t",
                                               "answer": "True"}, 2)
     assert rec == {"passage": "P.", "question": "is it", "A": "No", "B": "Yes", "answer": "B"}
 

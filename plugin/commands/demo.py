@@ -61,13 +61,13 @@ def windowed_perplexity(model: object, ids: torch.Tensor, window: int) -> tuple[
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from plugin.storage import assets
+    from plugin.storage import assets, corpus
 
     if args.tokens < 2:
         raise ValueError(f"--tokens must be at least 2, got {args.tokens}")
     if args.window < 2:
         raise ValueError(f"--window must be at least 2, got {args.window}")
-    text = assets.corpus_text(args.split)  # ValueError on an unknown split
+    text = corpus.corpus_text(args.split)  # ValueError on an unknown split
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     t0 = time.perf_counter()
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     available = ids.numel()
     ids = ids[: args.tokens]
     n_windows = math.ceil(ids.numel() / args.window)
-    years = assets.corpus_years(args.split)
+    years = corpus.corpus_years(args.split)
     print(f"text       {args.split} split of the SOTU corpus ({years[0]}-{years[-1]}, "
           f"{len(years)} speeches, {available} tokens); scoring the first {ids.numel()}")
 

