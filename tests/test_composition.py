@@ -23,6 +23,8 @@ from plugin.budgets.cache_bytes import (
 )
 from plugin.budgets.composition import (
     Composition,
+    _filled_of,
+    _option_rates,
     _pyramid_of,
     candidates,
     compose,
@@ -153,7 +155,10 @@ def test_the_allocator_picks_the_best_it_scored_and_leaves_the_model_as_it_was()
     finals = [r for r in result.candidates if r["windows"] == 2]
     assert len(finals) == 2 and result.perplexity == pytest.approx(min(r["perplexity"] for r in finals), rel=1e-4)
     windowed = [r for r in result.candidates if r["window"]]
-    assert windowed and all(r["window"] == 16 and r["key_bits"] < 16 for r in windowed)  # default: the scored tokens
+    assert windowed and all(r["key_bits"] < 16 for r in windowed)
+    assert any(r["window"] == 16 for r in windowed)  # default: the scored tokens
+    filled = [r for r in windowed if r["window"] != 16]  # every token kept, the spare bytes' newest tokens at bf16
+    assert all(r["window"] >= 16 and "all tokens" in r["composition"] for r in filled)
     assert all(r["bytes_fraction"] <= 0.25 + 1e-9 for r in result.candidates)
     plain = compose(model, 0.25, windows, scored=16, group=16, finalists=2, progress=False, log=lambda _: None,
                     recent_window=0)
@@ -375,6 +380,9 @@ def test_the_allocator_can_pick_a_per_head_table_and_writes_it(tmp_path: Path) -
     options = {o.label(): o for window in (0, 16)  # the best few are also tried with the newest 16 at bf16
                for o in candidates(model, 0.25, 96, 16, group=16, head_tables=[table], profiles=("uniform",),
                                    window=window) if o.head_ranks}
+    frame = ByteFrame(0.25, 96, 16, 16, positions_share(model))  # and those keeping every token, filled
+    options.update({o.label(): o for o in (_filled_of(o, model, frame) for o in list(options.values())
+                                           if not any(o.layer_ratios) and not o.window) if o is not None})
     for row in rows:
         nll = torch.cat([window_nll(model, options[row["composition"]], w, 16, 16)[0] for w in windows])
         assert row["perplexity"] == pytest.approx(float(torch.exp(nll.mean())), rel=1e-4)
@@ -435,3 +443,22 @@ def test_pyramids_over_per_head_ranks_are_checked_by_the_formula_before_scoring(
     assert not [line for line in lines if "left out" in line], lines
     assert all(row["bytes_fraction"] <= 0.25 + 1e-9 for row in result.candidates)
     assert pyramid.label() not in {row["composition"] for row in result.candidates}
+
+
+def test_a_composition_keeping_every_token_spends_its_spare_bytes_on_newest_tokens_at_bf16() -> None:
+    """The filled variant holds the largest window of newest tokens at bf16 that fits: one more block does not, the
+    real cache holds what the formula says, within the budget; with no block's worth of bytes to spare, none."""
+    model, context, scored, group = _model(), 96, 16, 16
+    frame = ByteFrame(0.5, context, scored, group, positions_share(model))
+    option = Composition(1.0, 4, 4, (0.0, 0.0), "uniform")
+    filled = _filled_of(option, model, frame)
+    assert filled is not None and filled.window >= group and not any(filled.layer_ratios)
+    rates, full_rates = _option_rates(filled, model, group)
+    assert frame.fits(None, rates, full_rates, filled.window)
+    assert not frame.fits(None, rates, full_rates, filled.window + group)
+    _, used = window_nll(model, filled, _ids(context)[0], scored, group)
+    assert used <= 0.5 + 1e-9
+    assert used == pytest.approx(frame.bytes(None, rates, full_rates, filled.window), rel=1e-6)
+    tight = ByteFrame(frame.bytes(None, rates, full_rates, 0) + 1e-6, context, scored, group, positions_share(model))
+    assert _filled_of(option, model, tight) is None
+    assert _filled_of(option, model, ByteFrame(0.05, context, scored, group, positions_share(model))) is None

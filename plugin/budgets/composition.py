@@ -12,8 +12,9 @@ long-context projections, docs/longctx.md: they win on the calibration windows a
 they are an option, not the default).  It scores each by the perplexity of the last ``scored`` tokens of
 calibration windows of L tokens read through its cache (the long-context protocol of plugin.evaluation): every
 evenly spread composition on one window, then the pyramid spread of the best few, then the best few quantized ones
-holding their newest tokens at bfloat16 (the window transformers' QuantizedCache keeps, paid for in the bytes), then
-the best few of all on every window; the best of those wins.  Its cost (one window per composition) is measured and
+holding their newest tokens at bfloat16 (the window transformers' QuantizedCache keeps, paid for in the bytes) and
+the best few that keep every token holding as many of their newest at bfloat16 as the bytes they leave unspent pay
+for, then the best few of all on every window; the best of those wins.  Its cost (one window per composition) is measured and
 printed before the search.
 
 Bytes are what the cache holds at L (plugin.budgets.cache_bytes): every layer's kept prompt tokens and the
@@ -233,8 +234,9 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
 
     Every composition with eviction spread evenly is scored on the first window; the pyramid spread of the best
     `finalists` of them joins, then the best `finalists` quantized ones holding their newest `recent_window` tokens
-    at bfloat16 (evicting more where that is what fits); the best `finalists` of all are scored on every window, and
-    the best of those wins.
+    at bfloat16 (evicting more where that is what fits), and the best `finalists` quantized ones that keep every token
+    holding the largest window of newest tokens at bfloat16 that still fits (unless `recent_window` is 0); the best
+    `finalists` of all are scored on every window, and the best of those wins.
     """
     recent = scored if recent_window is None else recent_window
     if recent < 0:
@@ -262,11 +264,13 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         per_option = time.perf_counter() - started
         rest = len(windows) - 1
         pyramids = finalists if "pyramid" in profiles else 0
-        windowed = finalists if recent else 0
+        windowed = finalists if recent else 0  # each of windowed and filled: at most `finalists`
         tabled = finalists * len(head_tables)  # at most: the tables at the bit widths of the best `finalists`
-        estimate = per_full * rest + per_option * (len(options) - 1 + tabled + pyramids + windowed + finalists * rest)
+        estimate = per_full * rest + per_option * (len(options) - 1 + tabled + pyramids + 2 * windowed
+                                                   + finalists * rest)
         log(f"{len(options)} compositions fit {byte_budget:g} of the bf16 cache at {context} tokens (+{pyramids} "
-            f"pyramid spreads, +{windowed} with the newest {recent} tokens at bf16"
+            f"pyramid spreads, +{windowed} with the newest {recent} tokens at bf16, + up to {windowed} keeping every "
+            "token with the newest that the bytes left pay for at bf16"
             + (f", + up to {tabled} per-head rank tables" if tabled else "") + f"); about "
             f"{estimate / 60:.1f} min more ({per_option:.0f} s a window: all on 1 window, the best {finalists} on "
             f"{len(windows)})")
@@ -296,7 +300,9 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
             score_first([o for o in spreads if o is not None], "pyramid spreads")
         if windowed:
             coded = [o for o in sorted(first, key=lambda o: float(first[o][0].mean())) if o.quantized()]
-            variants = dict.fromkeys(_windowed_of(o, model, frame, recent) for o in coded[:windowed])
+            whole = [o for o in coded if not any(o.layer_ratios) and not o.window]
+            variants = dict.fromkeys([_windowed_of(o, model, frame, recent) for o in coded[:windowed]]
+                                     + [_filled_of(o, model, frame) for o in whole[:windowed]])
             score_first([o for o in variants if o is not None and o not in first], "newest tokens at bf16")
         ranked = sorted(first, key=lambda o: float(first[o][0].mean()))
         scores: dict[Composition, torch.Tensor] = {}
@@ -347,6 +353,24 @@ def _windowed_of(option: Composition, model: Any, frame: ByteFrame, window: int)
     if not keeps_floor(layer_ratios, frame.min_kept):
         return None
     return replace(option, layer_ratios=layer_ratios, profile=option.profile if ratio else "uniform", window=window)
+
+
+def _filled_of(option: Composition, model: Any, frame: ByteFrame) -> Composition | None:
+    """A quantized composition that keeps every token, holding at bfloat16 as many of the newest tokens as the bytes
+    it leaves unspent pay for (the largest window whose formula bytes fit), or None where they pay for none beyond
+    the block a quantized layer holds uncoded anyway."""
+    rates, full_rates = _option_rates(option, model, frame.group)
+    if not frame.fits(None, rates, full_rates, 0):
+        return None
+    low, high = 0, frame.context  # uncoded tokens grow with the window, a block of `group` at a time
+    if frame.fits(None, rates, full_rates, high):
+        low = high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if frame.fits(None, rates, full_rates, middle) else (low, middle)
+    if low < frame.group:
+        return None
+    return replace(option, window=low)
 
 
 def _option_rates(option: Composition, model: Any, group: int) -> tuple[list[float], list[float]]:

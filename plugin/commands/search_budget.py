@@ -16,7 +16,8 @@ through the quantized cache; the file carries the winner's bits and loads wherev
 of the prompt each layer keeps at prefill (evenly or as a pyramid), uniform ranks and bit widths, every
 composition that fits scored by the perplexity of the last --score-last tokens of calibration windows of L
 tokens; the best few quantized ones are also tried holding their newest --recent-window tokens at bfloat16
-(paid for in their bytes); the file also carries the eviction, that window and the bytes measured at L.
+(paid for in their bytes), and the best few keeping every token holding as many newest tokens at bfloat16 as their
+spare bytes pay for; the file also carries the eviction, that window and the bytes measured at L.
 --head-ranks adds per-head rank tables (a --budget search's files) as candidates, each at the kept share that
 fills the budget.
 """
@@ -65,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finalists", type=int, default=3, help="--context: compositions scored on every window")
     parser.add_argument("--recent-window", type=int, default=None,
                         help="--context: the newest tokens a quantized composition may also hold at bfloat16, paid "
-                             "for in its bytes (the best few are tried with it; default: --score-last; 0: none)")
+                             "for in its bytes (the best few are tried with it; default: --score-last; 0: none, and no window "
+                             "filling spare bytes either)")
     parser.add_argument("--min-kept", type=float, default=0.0,
                         help="--context: keep at least this share of the prompt in every layer (e.g. 0.5), protecting "
                              "retrieval: a token evicted at prefill cannot be found later (default 0: no floor)")
