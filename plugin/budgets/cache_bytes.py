@@ -30,29 +30,30 @@ def positions_share(model: Any) -> float:
     return POSITION_BYTES / (4 * model.config.head_dim) if stores_positions(model) else 0.0
 
 
+def bf16_rates(model: Any) -> list[float]:
+    """Bytes per token of each layer's cache at the model's ranks, unquantized, at bfloat16."""
+    ranks = model.config.resolved_kv_ranks()
+    return [float(sum(row_k) + sum(row_v)) * BF16_BYTES for row_k, row_v in zip(ranks["key"], ranks["value"])]
+
+
 def layer_rates(model: Any) -> list[float]:
     """Bytes per token of each layer's cache at the model's ranks and bits, unquantized states counted at bfloat16."""
-    ranks = model.config.resolved_kv_ranks()
     spec = model.model.kv_quant
-    quantized = spec is not None and not spec.is_identity()
-    rates = []
-    for layer, (row_k, row_v) in enumerate(zip(ranks["key"], ranks["value"])):
-        if quantized:
-            rates.append(spec.layer_bytes_per_token(layer, row_k, row_v, BF16_BYTES))
-        else:
-            rates.append(float(sum(row_k) + sum(row_v)) * BF16_BYTES)
-    return rates
+    if spec is None or spec.is_identity():
+        return bf16_rates(model)
+    ranks = model.config.resolved_kv_ranks()
+    return [spec.layer_bytes_per_token(layer, row_k, row_v, BF16_BYTES)
+            for layer, (row_k, row_v) in enumerate(zip(ranks["key"], ranks["value"]))]
 
 
 def held_bytes(model: Any, cache: Any) -> float:
     """Bytes `cache` holds, counted at bfloat16 for unquantized states: per layer its coded tokens at its own rate
     (per-head ranks differ by layer) and the tokens its quantized streams still hold uncoded (the newest ones, a
     block not yet full) at bfloat16, plus the stored key positions."""
-    ranks = model.config.resolved_kv_ranks()
     held = 0.0
-    for rate, layer, row_k, row_v in zip(layer_rates(model), cache.layers, ranks["key"], ranks["value"]):
+    for rate, full_rate, layer in zip(layer_rates(model), bf16_rates(model), cache.layers):
         uncoded = layer.uncoded_tokens() if hasattr(layer, "uncoded_tokens") else 0
-        held += rate * (layer.get_seq_length() - uncoded) + (sum(row_k) + sum(row_v)) * BF16_BYTES * uncoded
+        held += rate * (layer.get_seq_length() - uncoded) + full_rate * uncoded
     return held + (cache._position_bytes() if hasattr(cache, "_position_bytes") else 0)
 
 
@@ -64,9 +65,8 @@ def least_eviction(model: Any, byte_budget: float, context: int, scored: int) ->
     group, window = (spec.group, spec.residual) if spec is not None else (64, 0)
     cfg = model.config
     full = 2 * cfg.num_key_value_heads * cfg.head_dim * BF16_BYTES  # one layer's bf16 bytes per full token
-    ranks = cfg.resolved_kv_ranks()
     rates = [rate / full for rate in layer_rates(model)]
-    full_rates = [(sum(row_k) + sum(row_v)) * BF16_BYTES / full for row_k, row_v in zip(ranks["key"], ranks["value"])]
+    full_rates = [rate / full for rate in bf16_rates(model)]
     frame = ByteFrame(byte_budget, context, scored, group, positions_share(model))
     ratio = frame.least_ratio(rates, full_rates, window)
     if ratio is None:
