@@ -130,6 +130,19 @@ class ByteFrame:
             low, high = (low, middle) if fits(middle) else (middle, high)
         return high
 
+    def largest_window(self, rates: Sequence[float], full_rates: Sequence[float]) -> int | None:
+        """The most newest tokens a composition keeping every token may hold at bfloat16 and still fit (None when
+        not even none fits); the uncoded tokens grow with the window a block of `group` at a time."""
+        if not self.fits(None, rates, full_rates, 0):
+            return None
+        low, high = 0, self.context
+        if self.fits(None, rates, full_rates, high):
+            return high
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.fits(None, rates, full_rates, middle) else (low, middle)
+        return low
+
     def spreads(self, ratio: float, rates: Sequence[float], full_rates: Sequence[float], window: int,
                 profiles: Sequence[str]) -> list[tuple[tuple[float, ...], str]]:
         """(layer ratios, profile) of each spread of `ratio` over the layers that keeps the floor and whose

@@ -359,18 +359,8 @@ def _filled_of(option: Composition, model: Any, frame: ByteFrame) -> Composition
     """A quantized composition that keeps every token, holding at bfloat16 as many of the newest tokens as the bytes
     it leaves unspent pay for (the largest window whose formula bytes fit), or None where they pay for none beyond
     the block a quantized layer holds uncoded anyway."""
-    rates, full_rates = _option_rates(option, model, frame.group)
-    if not frame.fits(None, rates, full_rates, 0):
-        return None
-    low, high = 0, frame.context  # uncoded tokens grow with the window, a block of `group` at a time
-    if frame.fits(None, rates, full_rates, high):
-        low = high
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if frame.fits(None, rates, full_rates, middle) else (low, middle)
-    if low < frame.group:
-        return None
-    return replace(option, window=low)
+    window = frame.largest_window(*_option_rates(option, model, frame.group))
+    return None if window is None or window < frame.group else replace(option, window=window)
 
 
 def _option_rates(option: Composition, model: Any, group: int) -> tuple[list[float], list[float]]:
