@@ -21,16 +21,8 @@ from plugin.budgets.cache_bytes import (
     positions_share,
     tail_tokens,
 )
-from plugin.budgets.composition import (
-    Composition,
-    _filled_of,
-    _option_rates,
-    _pyramid_of,
-    candidates,
-    compose,
-    composition_rates,
-    window_nll,
-)
+from plugin.budgets.composition import _filled_of, _finalists, _option_rates, _pyramid_of, compose, window_nll
+from plugin.budgets.composition_grid import Composition, candidates, composition_rates, value_cut
 from plugin.cache.eviction import prefill_ratio
 from plugin.cli import main
 
@@ -153,7 +145,9 @@ def test_the_allocator_picks_the_best_it_scored_and_leaves_the_model_as_it_was()
     result = compose(model, 0.25, windows, scored=16, group=16, finalists=2, progress=False, log=lambda _: None)
     assert result.bytes_fraction <= 0.25 + 1e-9
     finals = [r for r in result.candidates if r["windows"] == 2]
-    assert len(finals) == 2 and result.perplexity == pytest.approx(min(r["perplexity"] for r in finals), rel=1e-4)
+    kinds = {"dims)" in r["composition"] for r in result.candidates}  # uniform ranks, and keys/values split
+    assert len(finals) <= 2 + len(kinds) - 1  # the best two, and the best of a kind not among them
+    assert len(finals) >= 2 and result.perplexity == pytest.approx(min(r["perplexity"] for r in finals), rel=1e-4)
     windowed = [r for r in result.candidates if r["window"]]
     assert windowed and all(r["key_bits"] < 16 for r in windowed)
     assert any(r["window"] == 16 for r in windowed)  # default: the scored tokens
@@ -177,6 +171,11 @@ def test_a_composition_file_round_trips_through_every_loader(tmp_path: Path) -> 
                  "--windows", "1", "--group", "16", "--bits", "16,4", "--data", str(text), "--out", str(comp)]) == 0
     data = json.loads(comp.read_text())
     assert data["context"] == 96 and data["bytes_fraction"] <= 0.25 and len(data["eviction"]["layer_ratios"]) == 2
+    for bad in ("half", "1.5"):  # not a number, not a share of head_dim: one error line, no file
+        assert main(["search-budget", "--model", str(out), "--bytes", "0.25", "--context", "96", "--score-last", "16",
+                     "--windows", "1", "--group", "16", "--bits", "16,4", "--data", str(text), "--value-ranks", bad,
+                     "--out", str(tmp_path / "bad.json")]) == 2
+        assert not (tmp_path / "bad.json").exists()
 
     from transformers import AutoModelForCausalLM
 
@@ -462,3 +461,39 @@ def test_a_composition_keeping_every_token_spends_its_spare_bytes_on_newest_toke
     tight = ByteFrame(frame.bytes(None, rates, full_rates, 0) + 1e-6, context, scored, group, positions_share(model))
     assert _filled_of(option, model, tight) is None
     assert _filled_of(option, model, ByteFrame(0.05, context, scored, group, positions_share(model))) is None
+
+
+def test_value_cuts_keep_keys_whole_and_are_tried_at_the_best_uniform_bit_width() -> None:
+    """Keys at full rank, values cut on the grid: scored at the bit width of the best uniform composition, labelled
+    as a split (not per head), held within the budget by the real cache; none with `value_ranks=()`."""
+    model = _model()
+    d = model.config.head_dim
+    cut = value_cut(model, 0.5)
+    assert cut == {"key": [[d, d], [d, d]], "value": [[d // 2, d // 2], [d // 2, d // 2]]}
+    with pytest.raises(ValueError, match="value rank"):
+        value_cut(model, 1.5)
+    windows = _ids(96)
+    kwargs = {"scored": 16, "group": 16, "finalists": 1, "progress": False, "log": lambda _: None,
+              "profiles": ("uniform",)}
+    result = compose(model, 0.25, windows, value_ranks=(0.5,), **kwargs)
+    split = [r for r in result.candidates if f"(keys {d}, values {d // 2} dims)" in r["composition"]]
+    uniform = [r for r in result.candidates if "dims)" not in r["composition"] and not r["window"]]
+    best_uniform = min(uniform, key=lambda r: r["perplexity"])
+    assert split and all(r["rank_budget"] == 0.75 and r["bytes_fraction"] <= 0.25 + 1e-9 for r in split)
+    assert {(r["key_bits"], r["value_bits"]) for r in split} == {(best_uniform["key_bits"], best_uniform["value_bits"])}
+    plain = compose(model, 0.25, windows, value_ranks=(), **kwargs)
+    assert not [r for r in plain.candidates if "dims)" in r["composition"]]
+
+
+def test_the_best_of_each_kind_of_ranks_meets_the_rest_on_every_window() -> None:
+    """Where the first window ranks one kind of ranks on top, the best of every other kind still reaches the final
+    round, once, after the best `count`."""
+    key, half = ((16, 16), (16, 16)), ((8, 8), (8, 8))
+    split = [Composition(0.75, 4, 4, (0.0, 0.0), "uniform", (key, half), window=w) for w in (0, 64, 128)]
+    uniform = [Composition(1.0, 4, 4, (r, r), "uniform") for r in (0.2, 0.4)]
+    per_head = Composition(0.75, 4, 4, (0.0, 0.0), "uniform", (((16, 8), (16, 8)), half))
+    assert [o.ranks_kind() for o in (split[0], uniform[0], per_head)] == ["split", "uniform", "per head"]
+    ranked = [*split, uniform[0], per_head, uniform[1]]
+    assert _finalists(ranked, 2) == [split[0], split[1], uniform[0], per_head]
+    assert _finalists(ranked, 5) == ranked[:5]
+    assert split[0].label() == "ranks 0.75 (keys 16, values 8 dims) x 4 bits x all tokens"

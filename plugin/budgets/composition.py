@@ -9,13 +9,15 @@ plugin.budgets.greedy_search, `mkv search-budget --budget`) join as candidates o
 that fills the budget and at the bit widths of the best few uniform compositions: a uniform cut of every head may
 cost more than the tokens it frees where a cut at the heads the descent found cheapest does not (measured on the
 long-context projections, docs/longctx.md: they win on the calibration windows and lose on held-out ones at 4k, so
-they are an option, not the default).  It scores each by the perplexity of the last ``scored`` tokens of
+they are an option, not the default).  Keys at full rank with values cut (``VALUE_RANKS``) join the same way, at the
+bit width of the best uniform composition: on the long-context projections a cut of values costs less than the same
+cut of keys, so a uniform cut of both spends dims where they are dearest.  It scores each by the perplexity of the last ``scored`` tokens of
 calibration windows of L tokens read through its cache (the long-context protocol of plugin.evaluation): every
 evenly spread composition on one window, then the pyramid spread of the best few, then the best few quantized ones
 holding their newest tokens at bfloat16 (the window transformers' QuantizedCache keeps, paid for in the bytes) and
 the best few that keep every token holding as many of their newest at bfloat16 as the bytes they leave unspent pay
-for, then the best few of all on every window; the best of those wins.  Its cost (one window per composition) is measured and
-printed before the search.
+for, then the best few of all and the best of each kind of ranks on every window; the best of those wins.  Its cost
+(one window per composition) is measured and printed before the search.
 
 Bytes are what the cache holds at L (plugin.budgets.cache_bytes): every layer's kept prompt tokens and the
 ``scored`` tokens read after them, coded ones at that layer's rate (codes, float16 scales and zeros), uncoded ones
@@ -35,60 +37,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache.base import full_cache_bytes_per_token
-from ..cache.eviction import SnapEviction, prefill_ratio
 from ..cache.quant_codec import FULL_PRECISION
-from .cache_bytes import (
-    ByteFrame,
-    held_bytes,
-    keeps_floor,
-    positions_share,
-    rows_rates,
-)
+from .cache_bytes import ByteFrame, held_bytes, keeps_floor, positions_share
+from .composition_grid import PROFILES, VALUE_RANKS, Composition, candidates, composition_rates, value_cut
 from .rank_bits import DEFAULT_CHOICES
-from .ranks import RankTable, table_budget
-
-KEEP_SHARES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125)
-HeadRanks = tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]  # (key rows, value rows), hashable
-PROFILES = ("uniform", "pyramid")
-
-
-@dataclass(frozen=True)
-class Composition:
-    """One point of the search: uniform ranks and bits, and each layer's share of the prompt evicted."""
-
-    rank_budget: float
-    key_bits: int
-    value_bits: int
-    layer_ratios: tuple[float, ...]  # evicted share of a prompt of context - scored tokens, per layer
-    profile: str
-    head_ranks: HeadRanks | None = None  # a per-head table (its mean is rank_budget); None: uniform ranks
-    window: int = 0  # newest tokens held unquantized (the quantized cache's residual), counted at bfloat16
-
-    def label(self) -> str:
-        bits = f"{self.key_bits}" if self.key_bits == self.value_bits else f"{self.key_bits}/{self.value_bits}"
-        kept = 1.0 - sum(self.layer_ratios) / len(self.layer_ratios)
-        tokens = "all tokens" if not any(self.layer_ratios) else f"{kept:.3g} of the prompt ({self.profile})"
-        per_head = " per head" if self.head_ranks is not None else ""
-        recent = f" + the newest {self.window} at bf16" if self.window else ""
-        return f"ranks {self.rank_budget:g}{per_head} x {bits} bits x {tokens}{recent}"
-
-    def press(self) -> SnapEviction | None:
-        return SnapEviction(max(self.layer_ratios), layer_ratios=self.layer_ratios) if any(self.layer_ratios) else None
-
-    def apply(self, model: Any, group: int) -> None:
-        """Set the model's ranks and bits (not its eviction: `press()` is entered around a prefill)."""
-        if self.head_ranks is not None:
-            model.set_kv_ranks({"key": [list(row) for row in self.head_ranks[0]],
-                                "value": [list(row) for row in self.head_ranks[1]]})
-        else:
-            model.set_kv_budget(self.rank_budget)
-        if (self.key_bits, self.value_bits) == (FULL_PRECISION, FULL_PRECISION):
-            model.clear_kv_bits()
-        else:
-            model.set_kv_bits(self.key_bits, self.value_bits, group=group, residual=self.window)
-
-    def quantized(self) -> bool:
-        return (self.key_bits, self.value_bits) != (FULL_PRECISION, FULL_PRECISION)
+from .ranks import RankTable
 
 
 @dataclass
@@ -117,92 +70,6 @@ class CompositionResult:
         }
 
 
-def head_ranks_of(table: RankTable) -> HeadRanks:
-    """A rank table as nested tuples, so that a Composition holding it can key a dict."""
-    return (tuple(tuple(row) for row in table["key"]), tuple(tuple(row) for row in table["value"]))
-
-
-def candidates(model: Any, byte_budget: float, context: int, scored: int,
-               choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES, shares: Sequence[float] = KEEP_SHARES,
-               profiles: Sequence[str] = PROFILES, group: int = 64, spread: float = 0.5,
-               min_rank_budget: float = 0.25, min_kept: float = 0.0,
-               head_tables: Sequence[RankTable] = (), tables_only: bool = False, window: int = 0) -> list[Composition]:
-    """Every composition whose formula bytes at `context` fit `byte_budget`: per bit width, each kept share with
-    the largest grid rank that fits, and the least eviction at which full rank fits; per bit width and per-head
-    table of `head_tables`, the least eviction at which that table fits (`tables_only`: those alone). `window`:
-    the newest tokens quantized caches hold at bfloat16. `min_kept` is a floor on the share of the prompt every
-    layer keeps (a needle evicted at prefill cannot be retrieved later)."""
-    if not 0.0 < byte_budget <= 1.0:
-        raise ValueError(f"the byte budget must lie in (0, 1] (a fraction of the bf16 full cache); got {byte_budget}")
-    if not 0.0 <= min_kept <= 1.0:
-        raise ValueError(f"the kept-token floor must lie in [0, 1] (a share of the prompt); got {min_kept}")
-    if not 0 < scored < context:
-        raise ValueError(f"--context {context} must exceed the {scored} scored tokens")
-    if window < 0:
-        raise ValueError(f"the window of newest tokens held at bfloat16 must be >= 0 tokens; got {window}")
-    cfg = model.config
-    d, layers, step = cfg.head_dim, cfg.num_hidden_layers, cfg.kv_rank_step
-    frame = ByteFrame(byte_budget, context, scored, group, positions_share(model), spread, min_kept)
-    grid = [k * step / d for k in range(d // step, 0, -1) if k * step / d >= max(min_rank_budget, step / d) - 1e-9]
-    out: list[Composition] = []
-    for kb, vb in choices:
-        recent = window if (kb, vb) != (FULL_PRECISION, FULL_PRECISION) else 0
-
-        def rates(rank: float, kb: int = kb, vb: int = vb) -> tuple[list[float], list[float]]:
-            rows = [[round(rank * d)]] * layers  # coded and bf16, as every other composition's rates
-            return (rows_rates(rows, rows, kb, vb, d, group),
-                    rows_rates(rows, rows, FULL_PRECISION, FULL_PRECISION, d, group))
-
-        fit = None if tables_only else frame.least_ratio(*rates(1.0), recent)
-        ratios = set() if tables_only else {0.0 if share >= 1.0 else prefill_ratio(share, context - scored, scored)
-                                            for share in shares if share * context > scored}
-        for ratio in sorted(ratios | ({fit} if fit else set())):
-            for rank in grid:
-                if ratio == 0.0:
-                    if frame.fits(None, *rates(rank), recent):
-                        out.append(Composition(rank, kb, vb, (0.0,) * layers, "uniform", window=recent))
-                        break
-                    continue
-                fitting = frame.spreads(ratio, *rates(rank), recent, profiles)
-                if not any(profile == profiles[0] for _, profile in fitting):
-                    continue  # the first profile (the even spread, by default) sets the largest rank that fits
-                if rank < 1.0 or ratio == fit:  # full rank at a grid share: the least eviction `fit` keeps more
-                    out += [Composition(rank, kb, vb, spread_, profile, window=recent) for spread_, profile in fitting]
-                break
-        for table in head_tables:
-            out += _table_candidates(table, kb, vb, frame, profiles, recent, d, layers)
-    return out
-
-
-def _table_candidates(table: RankTable, kb: int, vb: int, frame: ByteFrame, profiles: Sequence[str], window: int,
-                      d: int, layers: int) -> list[Composition]:
-    """A per-head rank table at bits (kb, vb): every token when it fits, else the least eviction that fits."""
-    if len(table["key"]) != layers:
-        raise ValueError(f"a per-head rank table has {len(table['key'])} layers, the model {layers}; search the "
-                         "table on this model (`mkv search-budget --model ... --budget ...`)")
-    rates = rows_rates(table["key"], table["value"], kb, vb, d, frame.group)
-    full_rates = rows_rates(table["key"], table["value"], FULL_PRECISION, FULL_PRECISION, d, frame.group)
-    budget = table_budget(table, d)
-    heads = head_ranks_of(table)
-    ratio = frame.least_ratio(rates, full_rates, window)
-    if ratio is None:
-        return []
-    if ratio == 0.0:
-        return [Composition(budget, kb, vb, (0.0,) * layers, "uniform", heads, window)]
-    return [Composition(budget, kb, vb, layer_ratios, profile, heads, window)
-            for layer_ratios, profile in frame.spreads(ratio, rates, full_rates, window, profiles)]
-
-
-def composition_rates(option: Composition, d: int, layers: int, group: int,
-                      bits: tuple[int, int] | None = None) -> list[float]:
-    """Each layer's bytes per token of `option`'s ranks at its bits (or `bits`), a fraction of bf16 full."""
-    kb, vb = bits or (option.key_bits, option.value_bits)
-    if option.head_ranks is not None:
-        return rows_rates(*option.head_ranks, kb, vb, d, group)
-    rank = round(option.rank_budget * d)
-    return rows_rates([[rank]] * layers, [[rank]] * layers, kb, vb, d, group)
-
-
 @torch.no_grad()
 def window_nll(model: Any, composition: Composition | None, window: torch.Tensor, scored: int,
                group: int) -> tuple[torch.Tensor, float]:
@@ -226,9 +93,11 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
             choices: Sequence[tuple[int, int]] = DEFAULT_CHOICES, group: int = 64, finalists: int = 3,
             profiles: Sequence[str] = PROFILES, spread: float = 0.5, progress: bool = True,
             log: Callable[[str], None] = print, min_kept: float = 0.0,
-            head_tables: Sequence[RankTable] = (), recent_window: int | None = None) -> CompositionResult:
+            head_tables: Sequence[RankTable] = (), recent_window: int | None = None,
+            value_ranks: Sequence[float] = VALUE_RANKS) -> CompositionResult:
     """The best composition within `byte_budget` at the windows' length (`windows` [n, L], calibration text).
-    `head_tables`: per-head rank tables to try besides uniform ranks (see `candidates`). `recent_window`: the newest
+    `head_tables`: per-head rank tables to try besides uniform ranks (see `candidates`). `value_ranks`: value ranks
+    tried with keys at full rank, at the bit width of the best uniform composition (empty: none). `recent_window`: the newest
     tokens a quantized composition may hold at bfloat16 (None: `scored`, the tokens a decode of that length writes;
     0: none).
 
@@ -236,7 +105,8 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
     `finalists` of them joins, then the best `finalists` quantized ones holding their newest `recent_window` tokens
     at bfloat16 (evicting more where that is what fits), and the best `finalists` quantized ones that keep every token
     holding the largest window of newest tokens at bfloat16 that still fits (unless `recent_window` is 0); the best
-    `finalists` of all are scored on every window, and the best of those wins.
+    `finalists` of all, and the best of each kind of ranks (uniform, split, per head) not among them, are scored on
+    every window, and the best of those wins.
     """
     recent = scored if recent_window is None else recent_window
     if recent < 0:
@@ -266,12 +136,14 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         pyramids = finalists if "pyramid" in profiles else 0
         windowed = finalists if recent else 0  # each of windowed and filled: at most `finalists`
         tabled = finalists * len(head_tables)  # at most: the tables at the bit widths of the best `finalists`
-        estimate = per_full * rest + per_option * (len(options) - 1 + tabled + pyramids + 2 * windowed
+        cuts = [value_cut(model, r) for r in value_ranks]
+        estimate = per_full * rest + per_option * (len(options) - 1 + tabled + len(cuts) + pyramids + 2 * windowed
                                                    + finalists * rest)
         log(f"{len(options)} compositions fit {byte_budget:g} of the bf16 cache at {context} tokens (+{pyramids} "
             f"pyramid spreads, +{windowed} with the newest {recent} tokens at bf16, + up to {windowed} keeping every "
             "token with the newest that the bytes left pay for at bf16"
-            + (f", + up to {tabled} per-head rank tables" if tabled else "") + f"); about "
+            + (f", + up to {tabled} per-head rank tables" if tabled else "")
+            + (f", + up to {len(cuts)} value rank cuts" if cuts else "") + f"); about "
             f"{estimate / 60:.1f} min more ({per_option:.0f} s a window: all on 1 window, the best {finalists} on "
             f"{len(windows)})")
         full += [window_nll(model, None, w, scored, group)[0] for w in windows[1:]]
@@ -293,6 +165,11 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
             score_first(candidates(model, byte_budget, context, scored, bits, profiles=("uniform",), group=group,
                                    spread=spread, min_kept=min_kept, head_tables=head_tables, tables_only=True),
                         "per-head rank tables")
+        if cuts:  # keys at full rank, values cut, at the bit width of the best uniform composition
+            best = min(first, key=lambda o: float(first[o][0].mean()))
+            score_first(candidates(model, byte_budget, context, scored, [(best.key_bits, best.value_bits)],
+                                   profiles=("uniform",), group=group, spread=spread, min_kept=min_kept,
+                                   head_tables=cuts, tables_only=True), "value rank cuts")
         frame = ByteFrame(byte_budget, context, scored, group, positions_share(model), spread, min_kept)
         if pyramids:
             evicting = [o for o in sorted(first, key=lambda o: float(first[o][0].mean())) if any(o.layer_ratios)]
@@ -306,7 +183,7 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
             score_first([o for o in variants if o is not None and o not in first], "newest tokens at bf16")
         ranked = sorted(first, key=lambda o: float(first[o][0].mean()))
         scores: dict[Composition, torch.Tensor] = {}
-        for option in tqdm(ranked[:finalists], desc="finalists", disable=not progress or rest == 0):
+        for option in tqdm(_finalists(ranked, finalists), desc="finalists", disable=not progress or rest == 0):
             parts = [first[option][0]] + [window_nll(model, option, w, scored, group)[0] for w in windows[1:]]
             scores[option] = torch.cat(parts)
         rows: list[dict[str, Any]] = []
@@ -327,6 +204,19 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         model.set_kv_quant(saved_bits)
         model.set_kv_eviction(saved_eviction)
         model.train(was_training)
+
+
+def _finalists(ranked: Sequence[Composition], count: int) -> list[Composition]:
+    """The best `count` of `ranked` (best first), and the best of each kind of ranks (uniform, keys and values split,
+    per head) not among them: one window can favour a kind that others undo, so each kind meets the rest on every
+    window."""
+    chosen = list(ranked[:count])
+    kinds = {o.ranks_kind() for o in chosen}
+    for option in ranked[count:]:
+        if option.ranks_kind() not in kinds:
+            chosen.append(option)
+            kinds.add(option.ranks_kind())
+    return chosen
 
 
 def _pyramid_of(option: Composition, model: Any, frame: ByteFrame) -> Composition | None:

