@@ -7,7 +7,8 @@ block-bootstrap 95% interval against the full cache), with the shipped long-cont
 * the allocator: `mkv search-budget --bytes F --context L` at each budget F (its files go to
   docs/data/composition/longctx-F-Lk.json; a file already there is reused, not searched again); with
   --per-head, the per-head rank tables of one greedy descent join its candidates (docs/data/composition/heads-R.json,
-  made by the first such search that finds them missing; its files go to docs/data/composition/per-head/);
+  made by the first such search that finds them missing; its files go to docs/data/composition/per-head/); with
+  --value-cuts, keys at full rank with values cut (`--value-ranks`, VALUE_CUTS) join them (files in value-cuts/);
 * ranks alone (the projections at uniform ranks on their grid);
 * bits alone: ours (quant-only, KIVI-style, identity bases) and transformers' QuantizedCache (optimum-quanto);
 * ours bits x eviction at full rank (4 bits, the project's SnapEviction down to each budget);
@@ -76,9 +77,13 @@ HEAD_BUDGETS = (0.875, 0.75)
 DESCENT = ("--seq-len", "256", "--samples", "2", "--mode", "fast")
 
 
-def composition_file(budget: float, context: int, min_kept: float = 0.0, per_head: bool = False) -> Path:
+VARIANTS = ("", "per-head", "value-cuts")  # the searches' extra candidates, each in a folder of its own
+VALUE_CUTS = "0.875,0.75,0.625"
+
+
+def composition_file(budget: float, context: int, min_kept: float = 0.0, variant: str = "") -> Path:
     floor = f"-kept-{min_kept:g}" if min_kept else ""
-    return DATA / "composition" / ("per-head" if per_head else "") / f"longctx-{budget:.4g}-{context // 1024}k{floor}.json"
+    return DATA / "composition" / variant / f"longctx-{budget:.4g}-{context // 1024}k{floor}.json"
 
 
 def head_file(budget: float) -> Path:
@@ -132,20 +137,21 @@ def chosen_floors(budgets: tuple[float, ...], floors: bool) -> list[tuple[float,
 
 
 def search(context: int, windows: int, budgets: tuple[float, ...] = BUDGETS, floors: bool = True,
-           per_head: bool = False) -> None:
+           variant: str = "") -> None:
     """One allocator search per budget, and per (budget, kept-token floor) of FLOORS among `budgets` (skipping
-    files that exist)."""
+    files that exist); `variant` (VARIANTS) adds per-head rank tables or value cuts to the candidates."""
     from plugin.cli import main as mkv
 
-    heads = ["--head-ranks", ",".join(_shown(path) for path in descend())] if per_head else []
+    extra = {"per-head": lambda: ["--head-ranks", ",".join(_shown(path) for path in descend())],
+             "value-cuts": lambda: ["--value-ranks", VALUE_CUTS]}.get(variant, list)()
     for budget, floor in [(b, 0.0) for b in budgets] + chosen_floors(budgets, floors):
-        path = composition_file(budget, context, floor, per_head)
+        path = composition_file(budget, context, floor, variant)
         if path.is_file():
             print(f"{NAMES[budget]} at {context}: {path} is there, not searched again", flush=True)
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         code = mkv(["search-budget", "--model", MODEL, "--bytes", repr(budget), "--context", str(context),
-                    "--windows", str(windows), "--min-kept", str(floor), *heads, "--out", _shown(path)])
+                    "--windows", str(windows), "--min-kept", str(floor), *extra, "--out", _shown(path)])
         if code != 0:
             raise SystemExit(f"the search at {NAMES[budget]} of the bytes and {context} tokens failed ({code})")
 
@@ -158,10 +164,10 @@ def _has_quanto() -> bool:
     return True
 
 
-def allocator_files(context: int, budgets: tuple[float, ...], floors: bool, per_head: bool) -> list[Path]:
+def allocator_files(context: int, budgets: tuple[float, ...], floors: bool, variant: str) -> list[Path]:
     """The allocator's files that `measure` reads at `context` (those that exist)."""
-    paths = [composition_file(b, context, per_head=per_head) for b in budgets]
-    paths += [composition_file(b, context, floor, per_head) for b, floor in chosen_floors(budgets, floors)]
+    paths = [composition_file(b, context, variant=variant) for b in budgets]
+    paths += [composition_file(b, context, floor, variant) for b, floor in chosen_floors(budgets, floors)]
     return [path for path in paths if path.is_file()]
 
 
@@ -182,7 +188,7 @@ def independent_rows_note(context: int, paths: list[Path]) -> str:
 
 
 def measure(context: int, kvpress: bool, out: Path, passkey: bool = False, budgets: tuple[float, ...] = BUDGETS,
-            floors: bool = True, narrow: bool = False, per_head: bool = False) -> None:
+            floors: bool = True, narrow: bool = False, variant: str = "") -> None:
     """The rows of one context through benchmarks.longctx (--append: rows already measured are kept); with
     `passkey`, pass-key retrieval at PASSKEY_LENGTHS instead of perplexity, for the same settings (the allocator's
     compositions with their kept shares applied to each prompt)."""
@@ -197,7 +203,7 @@ def measure(context: int, kvpress: bool, out: Path, passkey: bool = False, budge
         presses = ",".join(f"{press}:{budget!r}" for press in PRESSES for budget in budgets)
         longctx.main(["--kvpress", presses, *common])
         return
-    missing = [NAMES[b] for b in budgets if not composition_file(b, context, per_head=per_head).is_file()]
+    missing = [NAMES[b] for b in budgets if not composition_file(b, context, variant=variant).is_file()]
     if missing:
         raise SystemExit(f"no allocator file at {', '.join(missing)} of the bytes for {context} tokens: run "
                          f"`python -m benchmarks.longctx_frontier --context {context} --search` first")
@@ -213,9 +219,9 @@ def measure(context: int, kvpress: bool, out: Path, passkey: bool = False, budge
     evict = [f"1@{EVICT_BITS}:{budget!r}" for budget in budgets if budget < 0.3]  # 4 bits alone holds ~0.28
     args += ["--evict", ",".join(evict)]
     for budget in budgets:
-        args += ["--rank-file", f"alloc-{NAMES[budget]}={_shown(composition_file(budget, context, per_head=per_head))}"]
+        args += ["--rank-file", f"alloc-{NAMES[budget]}={_shown(composition_file(budget, context, variant=variant))}"]
     for budget, floor in chosen_floors(budgets, floors):
-        path = composition_file(budget, context, floor, per_head)
+        path = composition_file(budget, context, floor, variant)
         if path.is_file():
             args += ["--rank-file", f"alloc-{NAMES[budget]}-kept-{floor:g}={_shown(path)}"]
     longctx.main(args + common)
@@ -394,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-head", action="store_true",
                         help="searches with the per-head rank tables of one greedy descent among their candidates, "
                              "into docs/data/composition/per-head/ (and rows of those files)")
+    parser.add_argument("--value-cuts", action="store_true",
+                        help=f"searches that also try keys at full rank with values cut (--value-ranks {VALUE_CUTS}), "
+                             "into docs/data/composition/value-cuts/ (and rows of those files)")
     parser.add_argument("--narrow", action="store_true",
                         help="measure only the full cache, the allocator and 4 bits x eviction at full rank")
     parser.add_argument("--render", action="store_true", help="only write the docs section and figure from --out")
@@ -405,18 +414,21 @@ def main(argv: list[str] | None = None) -> int:
     if wrong:
         parser.error(f"--budgets: {', '.join(wrong)} is not one of {', '.join(NAMES.values())} (e.g. 1/4,1/8,1/16)")
     budgets = tuple(sorted({by_name[b.strip()] for b in args.budgets.split(",")}, reverse=True))
+    if args.per_head and args.value_cuts:
+        parser.error("--per-head and --value-cuts search into folders of their own: give one of them")
+    variant = "per-head" if args.per_head else "value-cuts" if args.value_cuts else ""
     independent = ""
     if not args.render and not args.kvpress and (why := mixed_projections(out)):
-        files = allocator_files(args.context, budgets, not args.no_floors, args.per_head)
+        files = allocator_files(args.context, budgets, not args.no_floors, variant)
         if args.search or not args.narrow or not all(full_rank(path) for path in files):
             parser.error(why + "; or measure with --narrow the rows that do not depend on the projections (the full "
                          "cache, 4 bits x eviction, allocator files that keep full rank)")
         independent = independent_rows_note(args.context, files)
     if args.search:
-        search(args.context, args.search_windows, budgets, not args.no_floors, args.per_head)
+        search(args.context, args.search_windows, budgets, not args.no_floors, variant)
         return 0
     if not args.render:
-        measure(args.context, args.kvpress, out, args.passkey, budgets, not args.no_floors, args.narrow, args.per_head)
+        measure(args.context, args.kvpress, out, args.passkey, budgets, not args.no_floors, args.narrow, variant)
     if not out.is_file():
         parser.error(f"{out} does not exist: measure first (python -m benchmarks.longctx_frontier --context 4096)")
     result = json.loads(out.read_text())

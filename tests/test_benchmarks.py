@@ -749,10 +749,19 @@ def test_frontier_budgets_option_limits_searches_and_rows(tmp_path, monkeypatch)
     assert all("per-head" in argv[argv.index("--out") + 1] for argv in searches)
     calls.clear()
     for budget in (0.25, 0.0625):
-        frontier.composition_file(budget, 8192, per_head=True).parent.mkdir(parents=True, exist_ok=True)
-        frontier.composition_file(budget, 8192, per_head=True).write_text("{}")
-    frontier.search(8192, 2, (0.25, 0.0625), floors=False, per_head=True)
+        frontier.composition_file(budget, 8192, variant="per-head").parent.mkdir(parents=True, exist_ok=True)
+        frontier.composition_file(budget, 8192, variant="per-head").write_text("{}")
+    frontier.search(8192, 2, (0.25, 0.0625), floors=False, variant="per-head")
     assert calls == []  # the tables and the files are there: nothing searched again
+    # --value-cuts: the value ranks in every search, the files in a folder of their own; not with --per-head
+    assert frontier.main(["--context", "8192", "--search", "--budgets", "1/4", "--no-floors", "--value-cuts",
+                          "--out", str(tmp_path / "f.json")]) == 0
+    assert len(calls) == 1 and calls[0][calls[0].index("--value-ranks") + 1] == frontier.VALUE_CUTS
+    assert calls[0][calls[0].index("--out") + 1] == str(frontier.composition_file(0.25, 8192, variant="value-cuts"))
+    assert "value-cuts" in calls[0][calls[0].index("--out") + 1]
+    calls.clear()
+    with pytest.raises(SystemExit):
+        frontier.main(["--context", "8192", "--search", "--per-head", "--value-cuts", "--out", str(tmp_path / "f.json")])
     for budget in (0.25, 0.0625):
         frontier.composition_file(budget, 8192).parent.mkdir(parents=True, exist_ok=True)
         frontier.composition_file(budget, 8192).write_text("{}")
@@ -762,7 +771,7 @@ def test_frontier_budgets_option_limits_searches_and_rows(tmp_path, monkeypatch)
     assert [a.split("=")[0] for a in args if a.startswith("alloc-")] == ["alloc-1/4", "alloc-1/16"]
     assert args[args.index("--evict") + 1] == "1@4:0.25,1@4:0.0625"
     frontier.measure(8192, False, tmp_path / "f.json", budgets=(0.25, 0.0625), floors=False, narrow=True,
-                     per_head=True)
+                     variant="per-head")
     narrow = measured[-1]
     assert all("per-head" in a for a in narrow if a.startswith("alloc-"))
     assert narrow[narrow.index("--budgets") + 1] == "" and "--quant-bits" not in narrow and "--hf-quant" not in narrow

@@ -9,14 +9,15 @@ plugin.budgets.greedy_search, `mkv search-budget --budget`) join as candidates o
 that fills the budget and at the bit widths of the best few uniform compositions: a uniform cut of every head may
 cost more than the tokens it frees where a cut at the heads the descent found cheapest does not (measured on the
 long-context projections, docs/longctx.md: they win on the calibration windows and lose on held-out ones at 4k, so
-they are an option, not the default).  Keys at full rank with values cut (``VALUE_RANKS``) join the same way, at the
-bit width of the best uniform composition: on the long-context projections a cut of values costs less than the same
-cut of keys, so a uniform cut of both spends dims where they are dearest.  It scores each by the perplexity of the last ``scored`` tokens of
+they are an option, not the default).  Keys at full rank with values cut (``value_ranks``, e.g. ``VALUE_RANKS``)
+join the same way, at the bit width of the best uniform composition: a cut of values costs less than the same cut
+of keys on the long-context projections; an option too (at 4k they lead on one calibration window and lose on
+two, docs/longctx.md).  It scores each by the perplexity of the last ``scored`` tokens of
 calibration windows of L tokens read through its cache (the long-context protocol of plugin.evaluation): every
 evenly spread composition on one window, then the pyramid spread of the best few, then the best few quantized ones
 holding their newest tokens at bfloat16 (the window transformers' QuantizedCache keeps, paid for in the bytes) and
 the best few that keep every token holding as many of their newest at bfloat16 as the bytes they leave unspent pay
-for, then the best few of all and the best of each kind of ranks on every window; the best of those wins.  Its cost
+for, then the best few of each kind of ranks on every window; the best of those wins.  Its cost
 (one window per composition) is measured and printed before the search.
 
 Bytes are what the cache holds at L (plugin.budgets.cache_bytes): every layer's kept prompt tokens and the
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 from ..cache.base import full_cache_bytes_per_token
 from ..cache.quant_codec import FULL_PRECISION
 from .cache_bytes import ByteFrame, held_bytes, keeps_floor, positions_share
-from .composition_grid import PROFILES, VALUE_RANKS, Composition, candidates, composition_rates, value_cut
+from .composition_grid import PROFILES, Composition, candidates, composition_rates, value_cut
 from .rank_bits import DEFAULT_CHOICES
 from .ranks import RankTable
 
@@ -94,10 +95,10 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
             profiles: Sequence[str] = PROFILES, spread: float = 0.5, progress: bool = True,
             log: Callable[[str], None] = print, min_kept: float = 0.0,
             head_tables: Sequence[RankTable] = (), recent_window: int | None = None,
-            value_ranks: Sequence[float] = VALUE_RANKS) -> CompositionResult:
+            value_ranks: Sequence[float] = ()) -> CompositionResult:
     """The best composition within `byte_budget` at the windows' length (`windows` [n, L], calibration text).
     `head_tables`: per-head rank tables to try besides uniform ranks (see `candidates`). `value_ranks`: value ranks
-    tried with keys at full rank, at the bit width of the best uniform composition (empty: none). `recent_window`: the newest
+    tried with keys at full rank, at the bit width of the best uniform composition (e.g. VALUE_RANKS; empty: none). `recent_window`: the newest
     tokens a quantized composition may hold at bfloat16 (None: `scored`, the tokens a decode of that length writes;
     0: none).
 
@@ -105,8 +106,8 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
     `finalists` of them joins, then the best `finalists` quantized ones holding their newest `recent_window` tokens
     at bfloat16 (evicting more where that is what fits), and the best `finalists` quantized ones that keep every token
     holding the largest window of newest tokens at bfloat16 that still fits (unless `recent_window` is 0); the best
-    `finalists` of all, and the best of each kind of ranks (uniform, split, per head) not among them, are scored on
-    every window, and the best of those wins.
+    `finalists` of each kind of ranks (uniform, split, per head) are scored on every window, and the best of those
+    wins.
     """
     recent = scored if recent_window is None else recent_window
     if recent < 0:
@@ -137,8 +138,9 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         windowed = finalists if recent else 0  # each of windowed and filled: at most `finalists`
         tabled = finalists * len(head_tables)  # at most: the tables at the bit widths of the best `finalists`
         cuts = [value_cut(model, r) for r in value_ranks]
+        kinds = 1 + bool(head_tables) + bool(cuts)  # each kind of ranks sends its best `finalists` to every window
         estimate = per_full * rest + per_option * (len(options) - 1 + tabled + len(cuts) + pyramids + 2 * windowed
-                                                   + finalists * rest)
+                                                   + kinds * finalists * rest)
         log(f"{len(options)} compositions fit {byte_budget:g} of the bf16 cache at {context} tokens (+{pyramids} "
             f"pyramid spreads, +{windowed} with the newest {recent} tokens at bf16, + up to {windowed} keeping every "
             "token with the newest that the bytes left pay for at bf16"
@@ -207,15 +209,16 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
 
 
 def _finalists(ranked: Sequence[Composition], count: int) -> list[Composition]:
-    """The best `count` of `ranked` (best first), and the best of each kind of ranks (uniform, keys and values split,
-    per head) not among them: one window can favour a kind that others undo, so each kind meets the rest on every
-    window."""
-    chosen = list(ranked[:count])
-    kinds = {o.ranks_kind() for o in chosen}
-    for option in ranked[count:]:
-        if option.ranks_kind() not in kinds:
+    """The best `count` of each kind of ranks (uniform, keys and values split, per head) in `ranked` (best first):
+    one window can favour a kind that others undo, and an optional kind must not push out of the final round what
+    the search without it would have scored there."""
+    chosen: list[Composition] = []
+    per_kind: dict[str, int] = {}
+    for option in ranked:
+        kind = option.ranks_kind()
+        if per_kind.get(kind, 0) < count:
             chosen.append(option)
-            kinds.add(option.ranks_kind())
+            per_kind[kind] = per_kind.get(kind, 0) + 1
     return chosen
 
 

@@ -74,9 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-ranks", default="",
                         help="--context: per-head rank files (a `--budget` search's output; comma-separated) to try "
                              "besides uniform ranks, each at the kept share that fills the byte budget")
-    parser.add_argument("--value-ranks", default="0.875,0.75,0.625",
-                        help="--context: value ranks (shares of head_dim) tried with keys at full rank, at the bit "
-                             "width of the best uniform composition (default 0.875,0.75,0.625; '' for none)")
+    parser.add_argument("--value-ranks", default="",
+                        help="--context: value ranks (shares of head_dim, e.g. 0.875,0.75,0.625) tried with keys at "
+                             "full rank, at the bit width of the best uniform composition (default: none)")
     target.add_argument("--budget",
                         help="target budget in (0, 1], e.g. 0.375; a comma list (0.5,0.375) reads every "
                              "target off one descent and writes one rank file each")
