@@ -98,9 +98,9 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
             value_ranks: Sequence[float] = ()) -> CompositionResult:
     """The best composition within `byte_budget` at the windows' length (`windows` [n, L], calibration text).
     `head_tables`: per-head rank tables to try besides uniform ranks (see `candidates`). `value_ranks`: value ranks
-    tried with keys at full rank, at the bit width of the best uniform composition (e.g. VALUE_RANKS; empty: none). `recent_window`: the newest
-    tokens a quantized composition may hold at bfloat16 (None: `scored`, the tokens a decode of that length writes;
-    0: none).
+    tried with keys at full rank, at the bit width of the best uniform composition (e.g. VALUE_RANKS; empty: none).
+    `recent_window`: the newest tokens a quantized composition may hold at bfloat16 (None: `scored`, the tokens a
+    decode of that length writes; 0: none).
 
     Every composition with eviction spread evenly is scored on the first window; the pyramid spread of the best
     `finalists` of them joins, then the best `finalists` quantized ones holding their newest `recent_window` tokens
@@ -168,7 +168,7 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
                                    spread=spread, min_kept=min_kept, head_tables=head_tables, tables_only=True),
                         "per-head rank tables")
         if cuts:  # keys at full rank, values cut, at the bit width of the best uniform composition
-            best = min(first, key=lambda o: float(first[o][0].mean()))
+            best = min((o for o in first if o.head_ranks is None), key=lambda o: float(first[o][0].mean()))
             score_first(candidates(model, byte_budget, context, scored, [(best.key_bits, best.value_bits)],
                                    profiles=("uniform",), group=group, spread=spread, min_kept=min_kept,
                                    head_tables=cuts, tables_only=True), "value rank cuts")

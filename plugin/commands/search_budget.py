@@ -19,7 +19,8 @@ tokens; the best few quantized ones are also tried holding their newest --recent
 (paid for in their bytes), and the best few keeping every token holding as many newest tokens at bfloat16 as their
 spare bytes pay for; the file also carries the eviction, that window and the bytes measured at L.
 --head-ranks adds per-head rank tables (a --budget search's files) as candidates, each at the kept share that
-fills the budget.
+fills the budget; --value-ranks adds keys at full rank with values cut (with --min-kept 1, the cheapest way found
+to keep every token at 1/4 of a 4k cache, docs/longctx.md).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ examples:
   mkv search-budget --model embedded-matryoshka-longctx --bytes 0.125 --context 8192 \
       --head-ranks heads-0.875.json,heads-0.75.json --out comp-8k.json
       the same with per-head ranks (cut where the descent found it cheapest) among the candidates
+  mkv search-budget --model embedded-matryoshka-longctx --bytes 0.25 --context 4096 --min-kept 1 \
+      --value-ranks 0.875,0.75,0.625 --out keep-all-4k.json
+      1/4 of a 4k cache keeping every token (retrieval), values cut before keys
 """
 
 
