@@ -17,7 +17,7 @@ from ..cache.eviction import SnapEviction, prefill_ratio
 from ..cache.quant_codec import FULL_PRECISION
 from .cache_bytes import ByteFrame, positions_share, rows_rates
 from .rank_bits import DEFAULT_CHOICES
-from .ranks import RankTable, table_budget
+from .ranks import RankTable, check_budget, full_ranks, table_budget, uniform_ranks
 
 KEEP_SHARES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125)
 VALUE_RANKS = (0.875, 0.75, 0.625)  # value ranks tried under full-rank keys (a share of head_dim)
@@ -78,15 +78,11 @@ class Composition:
 
 
 def value_cut(model: Any, value_rank: float) -> RankTable:
-    """Every head's keys at full rank and its values at `value_rank` of head_dim (on the rank grid)."""
+    """Every head's keys at full rank and its values at `value_rank` of head_dim (the largest grid rank not above)."""
     cfg = model.config
-    d, step = cfg.head_dim, cfg.kv_rank_step
-    if not 0.0 < value_rank <= 1.0:
-        raise ValueError(f"a value rank must lie in (0, 1] (a share of head_dim); got {value_rank}")
-    dims = max(step, round(value_rank * d / step) * step)
-    heads = cfg.num_key_value_heads
-    return {"key": [[d] * heads for _ in range(cfg.num_hidden_layers)],
-            "value": [[dims] * heads for _ in range(cfg.num_hidden_layers)]}
+    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    values = uniform_ranks(*shape, check_budget(value_rank, "a value rank"), cfg.kv_rank_step)
+    return {"key": full_ranks(*shape)["key"], "value": values["value"]}
 
 
 def head_ranks_of(table: RankTable) -> HeadRanks:

@@ -230,7 +230,7 @@ def run_composition(args: argparse.Namespace, choices: list[tuple[int, int]], ou
     texts = load_texts(args.data, split="calibration")
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
     from ..budgets.composition import compose
-    from ..budgets.ranks import read_rank_file
+    from ..budgets.ranks import parse_budgets, read_rank_file
     from ..model.modeling import PcaLlamaForCausalLM
 
     if not isinstance(model, PcaLlamaForCausalLM):
@@ -241,11 +241,7 @@ def run_composition(args: argparse.Namespace, choices: list[tuple[int, int]], ou
     cfg = model.config
     head_tables = [read_rank_file(path.strip(), cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
                    for path in args.head_ranks.split(",") if path.strip()]
-    try:
-        value_ranks = [float(r) for r in args.value_ranks.split(",") if r.strip()]
-    except ValueError:
-        raise ValueError(f"--value-ranks {args.value_ranks!r} is not a comma list of shares of head_dim, e.g. "
-                         "0.875,0.75") from None
+    value_ranks = parse_budgets(args.value_ranks, "--value-ranks", "value rank") if args.value_ranks.strip() else []
     windows = token_windows(tokenizer, texts, args.context, args.windows * args.context)[: args.windows]
     if len(windows) < args.windows:
         raise ValueError(f"--data holds {len(windows)} windows of {args.context} tokens, not {args.windows}; give "
