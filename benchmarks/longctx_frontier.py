@@ -9,6 +9,7 @@ block-bootstrap 95% interval against the full cache), with the shipped long-cont
   --per-head, the per-head rank tables of one greedy descent join its candidates (docs/data/composition/heads-R.json,
   made by the first such search that finds them missing; its files go to docs/data/composition/per-head/); with
   --value-cuts, keys at full rank with values cut (`--value-ranks`, VALUE_CUTS) join them (files in value-cuts/);
+  with --attention, kept tokens spread over the layers by their attention (`--attention-spread`, files in attention/);
 * ranks alone (the projections at uniform ranks on their grid);
 * bits alone: ours (quant-only, KIVI-style, identity bases) and transformers' QuantizedCache (optimum-quanto);
 * ours bits x eviction at full rank (4 bits, the project's SnapEviction down to each budget);
@@ -65,7 +66,7 @@ HEAD_BUDGETS = (0.875, 0.75)
 DESCENT = ("--seq-len", "256", "--samples", "2", "--mode", "fast")
 
 
-VARIANTS = ("", "per-head", "value-cuts")  # the searches' extra candidates, each in a folder of its own
+VARIANTS = ("", "per-head", "value-cuts", "attention")  # the searches' extra candidates, each in a folder of its own
 VALUE_CUTS = "0.875,0.75,0.625"
 
 
@@ -131,7 +132,8 @@ def search(context: int, windows: int, budgets: tuple[float, ...] = BUDGETS, flo
     from plugin.cli import main as mkv
 
     extra = {"per-head": lambda: ["--head-ranks", ",".join(_shown(path) for path in descend())],
-             "value-cuts": lambda: ["--value-ranks", VALUE_CUTS]}.get(variant, list)()
+             "value-cuts": lambda: ["--value-ranks", VALUE_CUTS],
+             "attention": lambda: ["--attention-spread"]}.get(variant, list)()
     for budget, floor in [(b, 0.0) for b in budgets] + chosen_floors(budgets, floors):
         path = composition_file(budget, context, floor, variant)
         if path.is_file():
@@ -234,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--value-cuts", action="store_true",
                         help=f"searches that also try keys at full rank with values cut (--value-ranks {VALUE_CUTS}), "
                              "into docs/data/composition/value-cuts/ (and rows of those files)")
+    parser.add_argument("--attention", action="store_true",
+                        help="searches that also try kept tokens spread over the layers by their attention "
+                             "(--attention-spread), into docs/data/composition/attention/ (and rows of those files)")
     parser.add_argument("--narrow", action="store_true",
                         help="measure only the full cache, the allocator and 4 bits x eviction at full rank")
     parser.add_argument("--render", action="store_true", help="only write the docs section and figure from --out")
@@ -245,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     if wrong:
         parser.error(f"--budgets: {', '.join(wrong)} is not one of {', '.join(NAMES.values())} (e.g. 1/4,1/8,1/16)")
     budgets = tuple(sorted({by_name[b.strip()] for b in args.budgets.split(",")}, reverse=True))
-    if args.per_head and args.value_cuts:
-        parser.error("--per-head and --value-cuts search into folders of their own: give one of them")
-    variant = "per-head" if args.per_head else "value-cuts" if args.value_cuts else ""
+    chosen = [name for name, given in (("per-head", args.per_head), ("value-cuts", args.value_cuts),
+                                       ("attention", args.attention)) if given]
+    if len(chosen) > 1:
+        parser.error(f"--{' and --'.join(chosen)} search into folders of their own: give one of them")
+    variant = chosen[0] if chosen else ""
     independent = ""
     if not args.render and not args.kvpress and (why := mixed_projections(out)):
         files = allocator_files(args.context, budgets, not args.no_floors, variant)

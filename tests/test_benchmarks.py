@@ -761,8 +761,16 @@ def test_frontier_budgets_option_limits_searches_and_rows(tmp_path, monkeypatch)
     assert calls[0][calls[0].index("--out") + 1] == str(frontier.composition_file(0.25, 8192, variant="value-cuts"))
     assert "value-cuts" in calls[0][calls[0].index("--out") + 1]
     calls.clear()
+    # --attention: the attention spread in every search, the files in a folder of their own
+    assert frontier.main(["--context", "8192", "--search", "--budgets", "1/4", "--no-floors", "--attention",
+                          "--out", str(tmp_path / "f.json")]) == 0
+    assert len(calls) == 1 and "--attention-spread" in calls[0] and "--value-ranks" not in calls[0]
+    assert calls[0][calls[0].index("--out") + 1] == str(frontier.composition_file(0.25, 8192, variant="attention"))
+    calls.clear()
     with pytest.raises(SystemExit):
         frontier.main(["--context", "8192", "--search", "--per-head", "--value-cuts", "--out", str(tmp_path / "f.json")])
+    with pytest.raises(SystemExit):
+        frontier.main(["--context", "8192", "--search", "--value-cuts", "--attention", "--out", str(tmp_path / "f.json")])
     for budget in (0.25, 0.0625):
         frontier.composition_file(budget, 8192).parent.mkdir(parents=True, exist_ok=True)
         frontier.composition_file(budget, 8192).write_text("{}")

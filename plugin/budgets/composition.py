@@ -3,9 +3,11 @@
 Three axes shrink a cache: the share of a prompt's tokens each layer keeps at prefill (SnapEviction), the kept
 dims of every head (ranks) and the bit widths of their codes.  For a byte budget F, a fraction of a bfloat16 full
 cache holding L tokens, the allocator lists the compositions that fit: for every bit width and kept-token share,
-the largest rank on the grid that fits what is left, the kept tokens spread evenly over the layers or as a pyramid
-(more in the lower layers, as PyramidKV keeps).  Per-head rank tables (the greedy descent of
-plugin.budgets.greedy_search, `mkv search-budget --budget`) join as candidates of their own, each at the kept share
+the largest rank on the grid that fits what is left, the kept tokens spread evenly over the layers, as a pyramid
+(more in the lower layers, as PyramidKV keeps) or, when asked, by each layer's own attention
+(plugin.budgets.attention_spread: its curves are read while the full cache reads the calibration windows, so they
+cost no forward of their own).  Per-head rank tables (the greedy descent of plugin.budgets.greedy_search,
+`mkv search-budget --budget`) join as candidates of their own, each at the kept share
 that fills the budget and at the bit widths of the best few uniform compositions: a uniform cut of every head may
 cost more than the tokens it frees where a cut at the heads the descent found cheapest does not (measured on the
 long-context projections, docs/longctx.md: they win on the calibration windows and lose on held-out ones at 4k, so
@@ -14,10 +16,10 @@ join the same way, at the bit width of the best uniform composition: a cut of va
 of keys on the long-context projections; an option too (at 4k they lead on one calibration window and lose on
 two, docs/longctx.md).  It scores each by the perplexity of the last ``scored`` tokens of
 calibration windows of L tokens read through its cache (the long-context protocol of plugin.evaluation): every
-evenly spread composition on one window, then the pyramid spread of the best few, then the best few quantized ones
-holding their newest tokens at bfloat16 (the window transformers' QuantizedCache keeps, paid for in the bytes) and
-the best few that keep every token holding as many of their newest at bfloat16 as the bytes they leave unspent pay
-for, then the best few of each kind of ranks on every window; the best of those wins.  Its cost
+evenly spread composition on one window, then the pyramid (and attention) spreads of the best few, then the best
+few quantized ones holding their newest tokens at bfloat16 (the window transformers' QuantizedCache keeps, paid
+for in the bytes) and the best few that keep every token holding as many of their newest at bfloat16 as the bytes
+they leave unspent pay for, then the best few of each kind of ranks on every window; the best of those wins.  Its cost
 (one window per composition) is measured and printed before the search.
 
 Bytes are what the cache holds at L (plugin.budgets.cache_bytes): every layer's kept prompt tokens and the
@@ -28,6 +30,7 @@ prefill, never only from the formula.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -39,10 +42,13 @@ from tqdm.auto import tqdm
 
 from ..cache.base import full_cache_bytes_per_token
 from ..cache.quant_codec import FULL_PRECISION
+from .attention_spread import AttentionCurves, attention_ratios
 from .cache_bytes import ByteFrame, held_bytes, keeps_floor, positions_share
 from .composition_grid import PROFILES, Composition, candidates, composition_rates, value_cut
 from .rank_bits import DEFAULT_CHOICES
 from .ranks import RankTable
+
+SPREADS = (*PROFILES, "attention")  # how compose may spread evicted tokens over the layers
 
 
 @dataclass
@@ -97,13 +103,16 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
             head_tables: Sequence[RankTable] = (), recent_window: int | None = None,
             value_ranks: Sequence[float] = ()) -> CompositionResult:
     """The best composition within `byte_budget` at the windows' length (`windows` [n, L], calibration text).
+    `profiles`: how evicted tokens may spread over the layers, of SPREADS (the even spread is always tried; the
+    attention spread only when asked: on held-out windows it ties the even one, docs/longctx.md).
     `head_tables`: per-head rank tables to try besides uniform ranks (see `candidates`). `value_ranks`: value ranks
     tried with keys at full rank, at the bit width of the best uniform composition (e.g. VALUE_RANKS; empty: none).
     `recent_window`: the newest tokens a quantized composition may hold at bfloat16 (None: `scored`, the tokens a
     decode of that length writes; 0: none).
 
-    Every composition with eviction spread evenly is scored on the first window; the pyramid spread of the best
-    `finalists` of them joins, then the best `finalists` quantized ones holding their newest `recent_window` tokens
+    Every composition with eviction spread evenly is scored on the first window; the pyramid spread and the
+    attention spread (plugin.budgets.attention_spread, from the full cache's prefills of the windows) of the best
+    `finalists` of them join, then the best `finalists` quantized ones holding their newest `recent_window` tokens
     at bfloat16 (evicting more where that is what fits), and the best `finalists` quantized ones that keep every token
     holding the largest window of newest tokens at bfloat16 that still fits (unless `recent_window` is 0); the best
     `finalists` of each kind of ranks (uniform, split, per head) are scored on every window, and the best of those
@@ -124,9 +133,12 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
     was_training = model.training
     model.eval()
     model.set_kv_eviction(None)  # each composition brings its own
+    curves = AttentionCurves()
+    record = curves.recording if "attention" in profiles else lambda _: contextlib.nullcontext()
     try:
         started = time.perf_counter()
-        full = [window_nll(model, None, windows[0], scored, group)[0]]
+        with record(model):
+            full = [window_nll(model, None, windows[0], scored, group)[0]]
         per_full = time.perf_counter() - started
         probe = min(options, key=lambda o: o.rank_budget)  # low ranks run the slowest path: time one of those
         started = time.perf_counter()
@@ -135,20 +147,22 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
         per_option = time.perf_counter() - started
         rest = len(windows) - 1
         pyramids = finalists if "pyramid" in profiles else 0
+        attended = finalists if "attention" in profiles else 0
         windowed = finalists if recent else 0  # each of windowed and filled: at most `finalists`
         tabled = finalists * len(head_tables)  # at most: the tables at the bit widths of the best `finalists`
         cuts = [value_cut(model, r) for r in value_ranks]
         kinds = 1 + bool(head_tables) + bool(cuts)  # each kind of ranks sends its best `finalists` to every window
-        estimate = per_full * rest + per_option * (len(options) - 1 + tabled + len(cuts) + pyramids + 2 * windowed
-                                                   + kinds * finalists * rest)
+        estimate = per_full * rest + per_option * (len(options) - 1 + tabled + len(cuts) + pyramids + attended
+                                                   + 2 * windowed + kinds * finalists * rest)
         log(f"{len(options)} compositions fit {byte_budget:g} of the bf16 cache at {context} tokens (+{pyramids} "
-            f"pyramid spreads, +{windowed} with the newest {recent} tokens at bf16, + up to {windowed} keeping every "
-            "token with the newest that the bytes left pay for at bf16"
+            f"pyramid spreads, +{attended} attention spreads, +{windowed} with the newest {recent} tokens at bf16, + "
+            f"up to {windowed} keeping every token with the newest that the bytes left pay for at bf16"
             + (f", + up to {tabled} per-head rank tables" if tabled else "")
             + (f", + up to {len(cuts)} value rank cuts" if cuts else "") + f"); about "
             f"{estimate / 60:.1f} min more ({per_option:.0f} s a window: all on 1 window, the best {finalists} on "
             f"{len(windows)})")
-        full += [window_nll(model, None, w, scored, group)[0] for w in windows[1:]]
+        with record(model):
+            full += [window_nll(model, None, w, scored, group)[0] for w in windows[1:]]
 
         def score_first(batch: list[Composition], desc: str) -> None:
             for option in tqdm(batch, desc=desc, disable=not progress):
@@ -173,10 +187,15 @@ def compose(model: Any, byte_budget: float, windows: torch.Tensor, scored: int =
                                    profiles=("uniform",), group=group, spread=spread, min_kept=min_kept,
                                    head_tables=cuts, tables_only=True), "value rank cuts")
         frame = ByteFrame(byte_budget, context, scored, group, positions_share(model), spread, min_kept)
+        evicting = [o for o in sorted(first, key=lambda o: float(first[o][0].mean())) if any(o.layer_ratios)]
         if pyramids:
-            evicting = [o for o in sorted(first, key=lambda o: float(first[o][0].mean())) if any(o.layer_ratios)]
             spreads = [_pyramid_of(o, model, frame) for o in evicting[:pyramids]]
             score_first([o for o in spreads if o is not None], "pyramid spreads")
+        if attended:
+            density = curves.density()
+            spreads = [_attention_of(o, model, frame, density, curves.press.window)
+                       for o in [o for o in evicting if o.profile == "uniform"][:attended]]
+            score_first([o for o in dict.fromkeys(spreads) if o is not None and o not in first], "attention spreads")
         if windowed:
             coded = [o for o in sorted(first, key=lambda o: float(first[o][0].mean())) if o.quantized()]
             whole = [o for o in coded if not any(o.layer_ratios) and not o.window]
@@ -235,9 +254,21 @@ def _pyramid_of(option: Composition, model: Any, frame: ByteFrame) -> Compositio
     return replace(option, layer_ratios=fits[0][0], profile="pyramid")
 
 
+def _attention_of(option: Composition, model: Any, frame: ByteFrame, density: torch.Tensor,
+                  observed: int) -> Composition | None:
+    """The same composition with as many kept tokens spread over the layers by their attention (fewer where the
+    formula bytes need it), or None where none fits."""
+    rates, full_rates = _option_rates(option, model, frame.group)
+    ratios = attention_ratios(density, option.layer_ratios, frame, rates, full_rates, option.window, observed)
+    return None if ratios is None else replace(option, layer_ratios=ratios, profile="attention")
+
+
 def _windowed_of(option: Composition, model: Any, frame: ByteFrame, window: int) -> Composition | None:
     """The same ranks, bits and spread holding the newest `window` tokens at bfloat16, at the least eviction that
-    fits the budget then (every token when it still fits), or None where nothing fits or it breaks the floor."""
+    fits the budget then (every token when it still fits), or None where nothing fits or it breaks the floor (or
+    its spread is measured, not a profile a share sets: an attention spread)."""
+    if option.profile not in PROFILES:
+        return None
     rates, full_rates = _option_rates(option, model, frame.group)
     ratio = frame.least_ratio(rates, full_rates, window, option.profile)
     if ratio is None:

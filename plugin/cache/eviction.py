@@ -96,15 +96,24 @@ class SnapEviction:
         recent = torch.arange(length - min(keep, window), length, device=key.device)
         if keep <= window:
             return recent.expand(*key.shape[:2], keep)
+        pooled = self.scores(query, key, scale)
+        best = pooled.topk(keep - window, dim=-1).indices
+        batch, groups = pooled.shape[:2]
+        return torch.cat([best.sort(dim=-1).values, recent.expand(batch, groups, window)], dim=-1)
+
+    @torch.no_grad()
+    def scores(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+        """``[B, G, L - window]``: the attention the last ``window`` queries give each earlier token, averaged over
+        the window and the head group's query heads and smoothed over ``kernel`` neighbours (what `select` ranks)."""
+        length = key.shape[-2]
+        window = min(self.window, length)
         logits = torch.matmul(query[..., -window:, :].float(), key.float().unsqueeze(2).transpose(-1, -2)) * scale
         causal = torch.ones(window, window, dtype=torch.bool, device=key.device).tril()
         logits[..., -window:] = logits[..., -window:].masked_fill(~causal, float("-inf"))
-        scores = torch.softmax(logits, dim=-1)[..., : length - window].mean(dim=(2, 3))  # [B, G, L - window]
+        scores = torch.softmax(logits, dim=-1)[..., : length - window].mean(dim=(2, 3))
         batch, groups, older = scores.shape
-        pooled = F.avg_pool1d(scores.reshape(batch * groups, 1, older), self.kernel, stride=1,
-                              padding=self.kernel // 2, count_include_pad=False).view(batch, groups, older)
-        best = pooled.topk(keep - window, dim=-1).indices
-        return torch.cat([best.sort(dim=-1).values, recent.expand(batch, groups, window)], dim=-1)
+        return F.avg_pool1d(scores.reshape(batch * groups, 1, older), self.kernel, stride=1,
+                            padding=self.kernel // 2, count_include_pad=False).view(batch, groups, older)
 
     def evict(
         self, query_groups: list[torch.Tensor], key_groups: list[torch.Tensor], value_groups: list[torch.Tensor],

@@ -20,7 +20,8 @@ tokens; the best few quantized ones are also tried holding their newest --recent
 spare bytes pay for; the file also carries the eviction, that window and the bytes measured at L.
 --head-ranks adds per-head rank tables (a --budget search's files) as candidates, each at the kept share that
 fills the budget; --value-ranks adds keys at full rank with values cut (with --min-kept 1, the cheapest way found
-to keep every token at 1/4 of a 4k cache, docs/longctx.md).
+to keep every token at 1/4 of a 4k cache, docs/longctx.md); --attention-spread adds the best few spread over the
+layers by each layer's own attention on the calibration windows (plugin.budgets.attention_spread).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ examples:
   mkv search-budget --model embedded-matryoshka-longctx --bytes 0.25 --context 4096 --min-kept 1 \
       --value-ranks 0.875,0.75,0.625 --out keep-all-4k.json
       1/4 of a 4k cache keeping every token (retrieval), values cut before keys
+  mkv search-budget --model embedded-matryoshka-longctx --bytes 0.0625 --context 4096 --attention-spread \
+      --out spread-4k.json
+      each layer's kept tokens set by how its attention spreads over the calibration windows
 """
 
 
@@ -81,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--value-ranks", default="",
                         help="--context: value ranks (shares of head_dim, e.g. 0.875,0.75,0.625) tried with keys at "
                              "full rank, at the bit width of the best uniform composition (default: none)")
+    parser.add_argument("--attention-spread", action="store_true",
+                        help="--context: also try the best few evicting compositions with their kept tokens spread "
+                             "over the layers by each layer's attention on the calibration windows (default: even "
+                             "and pyramid spreads only)")
     target.add_argument("--budget",
                         help="target budget in (0, 1], e.g. 0.375; a comma list (0.5,0.375) reads every "
                              "target off one descent and writes one rank file each")
@@ -229,7 +237,8 @@ def run_composition(args: argparse.Namespace, choices: list[tuple[int, int]], ou
         raise ValueError(f"--context {args.context} must exceed --score-last {args.score_last}")
     texts = load_texts(args.data, split="calibration")
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device)
-    from ..budgets.composition import compose
+    from ..budgets.composition import SPREADS, compose
+    from ..budgets.composition_grid import PROFILES
     from ..budgets.ranks import parse_budgets, read_rank_file
     from ..model.modeling import PcaLlamaForCausalLM
 
@@ -248,7 +257,8 @@ def run_composition(args: argparse.Namespace, choices: list[tuple[int, int]], ou
                          "more text or fewer --windows")
     result = compose(model, args.bytes, windows, scored=args.score_last, choices=choices, group=args.group,
                      finalists=args.finalists, min_kept=args.min_kept, head_tables=head_tables,
-                     recent_window=args.recent_window, value_ranks=value_ranks)
+                     recent_window=args.recent_window, value_ranks=value_ranks,
+                     profiles=SPREADS if args.attention_spread else PROFILES)
     write_rank_file(out, result.ranks, cfg.head_dim, **result.file_fields(cfg.num_hidden_layers,
                                                                            cfg.num_key_value_heads),
                     model=args.model, data=args.data or "sotu:calibration", samples=len(windows), seq_len=args.context)
