@@ -9,7 +9,7 @@ from helpers import to_pca
 
 from plugin import SnapEviction
 from plugin.budgets.attention_spread import AttentionCurves, attention_ratios, attention_spread
-from plugin.budgets.cache_bytes import ByteFrame, positions_share
+from plugin.budgets.cache_bytes import ByteFrame, keeps_floor, positions_share
 from plugin.budgets.composition import SPREADS, _attention_of, _option_rates, compose, window_nll
 from plugin.budgets.composition_grid import Composition
 
@@ -130,3 +130,16 @@ def test_search_budget_attention_spread_writes_a_file_every_loader_reads(tmp_pat
     press = model.get_kv_eviction()
     if any(data["eviction"]["layer_ratios"]):
         assert list(press.layer_ratios) == pytest.approx(data["eviction"]["layer_ratios"])
+
+
+@pytest.mark.parametrize("min_kept", [0.25, 0.5, 0.77])
+def test_every_layer_keeps_the_floor_to_the_token(min_kept: float) -> None:
+    prompt, observed = 3584, 64
+    frame = ByteFrame(min_kept + 0.1, prompt + 512, 512, 64, 0.0, min_kept=min_kept)  # the sharp layer at its floor
+    sharp = torch.zeros(prompt - observed)
+    sharp[0] = 0.9  # every token past the first catches nothing: the floor alone keeps this layer's
+    density = torch.stack([torch.full((prompt - observed,), 1 / prompt), sharp])
+    ratios = attention_ratios(density, (1 - min_kept - 0.05,) * 2, frame, [1.0, 1.0], [1.0, 1.0], 0, observed)
+    assert ratios is not None and keeps_floor(ratios, min_kept)
+    press = SnapEviction(max(ratios), layer_ratios=ratios)
+    assert min(press.kept(prompt, layer) for layer in range(2)) >= min_kept * prompt

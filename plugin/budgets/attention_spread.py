@@ -18,6 +18,7 @@ composition it might spread this way keeps its keys).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -115,8 +116,9 @@ def attention_ratios(density: torch.Tensor, layer_ratios: Sequence[float], frame
     kept_older = [SnapEviction(ratio).kept(prompt) - observed for ratio in layer_ratios]
     if min(kept_older) < 1:  # a layer keeping no more than its observation window has nothing to spread
         return None
-    floor = max(0, min(older, -(-int(frame.min_kept * prompt * (1 - 1e-9)) // 1) - observed))
-    order = (attention_order(density, _split(sum(kept_older), layers), floor) // older).tolist()
+    # the fewest earlier tokens whose ratio (below) keeps `min_kept` of the prompt, as keeps_floor reads it
+    floor = max(0, min(older, math.ceil(frame.min_kept * prompt - observed - 0.5)))
+    order = attention_order(density, _split(sum(kept_older), layers), floor) // older
 
     def ratios_of(counts: Sequence[int]) -> tuple[float, ...]:
         # the half token keeps int(prompt * (1 - ratio)) at exactly the count, whatever the float rounding
@@ -124,10 +126,7 @@ def attention_ratios(density: torch.Tensor, layer_ratios: Sequence[float], frame
                      for count in counts)
 
     def counts_at(total: int) -> list[int]:
-        counts = [0] * layers
-        for layer in order[:total]:
-            counts[layer] += 1
-        return counts
+        return torch.bincount(order[:total], minlength=layers).tolist()
 
     def coded_only(total: int) -> bool:  # the bytes without the uncoded tail a quantized layer holds: a lower bound
         return frame.fits(ratios_of(counts_at(total)), rates, rates, window)
@@ -147,7 +146,7 @@ def attention_ratios(density: torch.Tensor, layer_ratios: Sequence[float], frame
         if frame.fits(ratios_of(counts), rates, full_rates, window):
             return ratios_of(counts)
         if total > low:
-            counts[order[total - 1]] -= 1
+            counts[int(order[total - 1])] -= 1
     return None
 
 
